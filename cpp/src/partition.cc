@@ -1,0 +1,1 @@
+#include "geocell/s2.h"

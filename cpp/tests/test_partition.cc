@@ -1,0 +1,2 @@
+// Tests of the partitioner core.
+#include "test_util.h"

@@ -1,0 +1,2 @@
+// Tests of the S2 core.
+#include "test_util.h"
