@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -170,7 +171,8 @@ def draw_probability_map(
         polygons, _ = cell_plot_polygons(cells[np.asarray(region, dtype=np.int64)])
         ax.add_collection(PolyCollection(polygons, facecolors="none", edgecolors="cyan",
                                          linewidths=0.6, zorder=3))
-    if truth is not None and top1 is not None:
+    if truth is not None and top1 is not None and abs(truth[1] - top1[1]) <= 180:
+        # a straight line in plate carrée; left out when the short way crosses the antimeridian
         ax.plot([top1[1], truth[1]], [top1[0], truth[0]], color="white", lw=0.8, ls="--", zorder=4)
     if top1 is not None:
         ax.plot(top1[1], top1[0], marker="*", ms=16, mfc="yellow", mec="black", ls="none",
@@ -196,13 +198,18 @@ def draw_probability_map(
     return os.fspath(path)
 
 
-def numbered_map_paths(map_path: str | os.PathLike, n: int) -> list[str]:
+def numbered_map_paths(map_path: str | os.PathLike, n: int, names: Sequence[str] | None = None
+                       ) -> list[str]:
     """Where to write n maps: the path itself for one image; out.png → out_0.png, … for
-    several; inside the folder when ``map_path`` is a directory or ends with a separator."""
+    several; inside the folder (named after the images when ``names`` are given) when
+    ``map_path`` is a directory or ends with a separator."""
     map_path = os.fspath(map_path)
-    if map_path.endswith(os.sep) or os.path.isdir(map_path):
+    if map_path.endswith(("/", os.sep)) or os.path.isdir(map_path):
         os.makedirs(map_path, exist_ok=True)
-        return [os.path.join(map_path, f"map_{i}.png") for i in range(n)]
+        stems = [os.path.splitext(os.path.basename(x))[0] for x in names] if names else []
+        if len(stems) != n or len(set(stems)) != n:  # unnamed or clashing: number them
+            stems = [f"map_{i}" for i in range(n)]
+        return [os.path.join(map_path, f"{s}.png") for s in stems]
     if n == 1:
         return [map_path]
     stem, ext = os.path.splitext(map_path)

@@ -1,0 +1,544 @@
+"""Locate photos with a trained checkpoint: the Python API (:class:`Geolocator`) and ``geocell predict``.
+
+For each image: the top-k fine cells of the hierarchical prediction (fine probability ×
+the probabilities of the coarser cells containing it, renormalised), each partitioning's
+own top-k, and the 90 % credible region (fewest fine cells holding 90 % of the
+probability) with its area in km². Optionally a probability map per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+TTA_MODES = ("none", "five")
+TTA_COMBINE = ("max", "mean")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class CellGuess:
+    """One candidate location: the mean training location of a cell and its probability."""
+
+    lat: float
+    lng: float
+    probability: float
+    cell: str            # S2 token
+    partitioning: str
+    level: int
+
+    def to_dict(self) -> dict:
+        return {"lat": self.lat, "lng": self.lng, "probability": self.probability,
+                "cell": self.cell, "partitioning": self.partitioning, "level": self.level}
+
+
+@dataclass
+class Prediction:
+    """Everything predicted for one image (``to_dict()`` is the JSON record)."""
+
+    image: str
+    top_k: list[CellGuess]                      # hierarchical, most probable first
+    hierarchical_top1: CellGuess
+    per_partitioning: dict[str, list[CellGuess]]
+    region_mass: float
+    region_covered: float
+    region_area_km2: float
+    region_cells: list[str]
+    scenes: list[tuple[str, float]] = field(default_factory=list)
+    fine_probs: np.ndarray | None = field(default=None, repr=False)  # kept only when asked (maps)
+    fine_index: np.ndarray | None = field(default=None, repr=False)  # credible region, fine indices
+
+    def to_dict(self) -> dict:
+        return {
+            "image": self.image,
+            "top_k": [g.to_dict() for g in self.top_k],
+            "hierarchical_top1": self.hierarchical_top1.to_dict(),
+            "per_partitioning": {name: [g.to_dict() for g in guesses]
+                                 for name, guesses in self.per_partitioning.items()},
+            "credible_region": {"mass": self.region_mass, "covered": self.region_covered,
+                                "num_cells": len(self.region_cells), "area_km2": self.region_area_km2,
+                                "cells": list(self.region_cells)},
+            "scenes": [{"name": n, "probability": p} for n, p in self.scenes],
+        }
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _to_pil(image):
+    """A PIL RGB image from a PIL image, HWC uint8 array or CHW tensor (uint8, or float in [0, 1])."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        from torchvision.transforms.functional import to_pil_image
+
+        t = image.detach().cpu()
+        if t.ndim != 3 or t.shape[0] not in (1, 3):
+            raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(t.shape)}")
+        if t.is_floating_point():
+            t = t.clamp(0, 1)
+        return to_pil_image(t).convert("RGB")
+    if isinstance(image, np.ndarray):
+        a = image
+        if a.ndim == 2:
+            a = np.stack([a] * 3, axis=-1)
+        if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+            raise ValueError(f"expected an (H, W, 3) array, got shape {a.shape}")
+        if a.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 (H, W, 3) array, got dtype {a.dtype}")
+        return Image.fromarray(a.squeeze(2) if a.shape[2] == 1 else a).convert("RGB")
+    raise TypeError(f"cannot read an image from {type(image).__name__}")
+
+
+def _open_image(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def make_transform(preprocess: dict, tta: str = "none"):
+    """Resize the shorter side to resize_size, then the centre crop (tta="none") or the four
+    corner crops + centre (tta="five") of image_size, normalised. Returns PIL -> tensor
+    (3, H, W), or (5, 3, H, W) for five crops."""
+    from torchvision import transforms as T
+
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    size = int(preprocess["image_size"])
+    resize = int(preprocess.get("resize_size") or round(size * 256 / 224))
+    normalize = T.Normalize(mean=list(preprocess["mean"]), std=list(preprocess["std"]))
+    if tta == "none":
+        return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), normalize])
+    to_tensor = T.Compose([T.ToTensor(), normalize])
+    return T.Compose([T.Resize(resize), T.FiveCrop(size),
+                      T.Lambda(lambda crops: torch.stack([to_tensor(c) for c in crops]))])
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images by path; an unreadable file yields its error instead of failing the batch."""
+
+    def __init__(self, paths: Sequence[str], transform):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(_open_image(self.paths[i])), i, None
+        except Exception as exc:  # a corrupt/missing/unsupported file: report, don't abort
+            return None, i, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(items):
+    good = [(x, i) for x, i, err in items if err is None]
+    failed = [(i, err) for _, i, err in items if err is not None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, [i for _, i in good], failed
+
+
+def stream_files(paths: Sequence[str], transform, *, batch_size: int = 16, num_workers: int = 2
+                 ) -> Iterator[tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]]:
+    """Batches (images, indices into paths, [(index, error), ...]) in the order of ``paths``."""
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=_collate,
+        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    yield from loader
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[str]:
+    """Files as given; folders replaced by the image files under them (recursively, sorted)."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = []
+            for root, dirs, files in os.walk(item):
+                dirs.sort()
+                found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+            paths += sorted(found)
+        else:
+            paths.append(item)  # a missing file is reported as unreadable, not dropped
+    return paths
+
+
+# ----------------------------------------------------------------------------- the predictor
+
+
+def combine_crops(probs: torch.Tensor, n_crops: int, how: str) -> torch.Tensor:
+    """(B * n_crops, C) per-crop probabilities -> (B, C), by max or mean over the crops.
+    The max is renormalised so each row stays a distribution (argmax unchanged)."""
+    if how not in TTA_COMBINE:
+        raise ValueError(f"unknown tta combine {how!r}; choose one of {', '.join(TTA_COMBINE)}")
+    p = probs.reshape(-1, n_crops, probs.shape[-1])
+    if how == "mean":
+        return p.mean(dim=1)
+    p = p.amax(dim=1)
+    return p / p.sum(dim=1, keepdim=True)
+
+
+class Geolocator:
+    """Predicts where photos were taken, from a self-contained geocell checkpoint.
+
+    >>> geo = Geolocator.from_checkpoint("model.pt")
+    >>> result = geo.predict("photo.jpg")            # one Prediction
+    >>> results = geo.predict(["a.jpg", pil_image])  # a list
+    >>> result.hierarchical_top1.lat, result.region_area_km2
+
+    Images may be paths, PIL images, (H, W, 3) uint8 arrays or (3, H, W) tensors
+    (uint8, or float in [0, 1], not normalised); a 4-D array/tensor is a batch.
+    """
+
+    def __init__(self, model: torch.nn.Module, partitions: Sequence, hierarchy, *,
+                 partition_names: Sequence[str] | None = None, scene_names: Sequence[str] = (),
+                 preprocess: dict | None = None, device=None):
+        self.device = torch.device(device if device is not None else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.partitions = list(partitions)
+        self.hierarchy = np.asarray(hierarchy, dtype=np.int64)
+        self.partition_names = list(partition_names or [f"p{i}" for i in range(len(self.partitions))])
+        self.scene_names = list(scene_names)
+        self.preprocess = dict(preprocess or {"image_size": 224, "resize_size": 256,
+                                              "mean": [0.485, 0.456, 0.406],
+                                              "std": [0.229, 0.224, 0.225]})
+        if self.hierarchy.shape != (len(self.partitions[-1]), len(self.partitions)):
+            raise ValueError(f"hierarchy shape {self.hierarchy.shape} does not match "
+                             f"{len(self.partitions)} partitionings with "
+                             f"{len(self.partitions[-1])} fine cells")
+        self._tokens: list[np.ndarray] | None = None
+        self._fine_areas: np.ndarray | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path, device=None) -> "Geolocator":
+        """Load a checkpoint safely (tensors and plain data only; nothing is executed)."""
+        from geocell.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+        ckpt = load_checkpoint(path, map_location="cpu")
+        model, partitions, hierarchy = model_from_checkpoint(ckpt)
+        names = [str(p.get("name", f"p{i}")) for i, p in enumerate(ckpt["partitions"])]
+        return cls(model, partitions, hierarchy, partition_names=names,
+                   scene_names=ckpt.get("scene_names", []), preprocess=ckpt.get("preprocess"),
+                   device=device)
+
+    # -- cached per-cell data
+
+    @property
+    def fine(self):
+        return self.partitions[-1]
+
+    def tokens(self, p: int) -> np.ndarray:
+        if self._tokens is None:
+            import geocell
+
+            self._tokens = [np.asarray(geocell.cell_to_token(np.asarray(q.cells, dtype=np.uint64)))
+                            for q in self.partitions]
+        return self._tokens[p]
+
+    @property
+    def fine_areas_km2(self) -> np.ndarray:
+        if self._fine_areas is None:
+            from geocell.train.regions import cell_area_km2
+
+            self._fine_areas = cell_area_km2(np.asarray(self.fine.cells, dtype=np.uint64))
+        return self._fine_areas
+
+    def transform(self, tta: str = "none"):
+        return make_transform(self.preprocess, tta)
+
+    # -- the network
+
+    @torch.inference_mode()
+    def distributions(self, images: torch.Tensor, *, tta_combine: str = "max"
+                      ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+        """Normalised images (B, 3, H, W) or crops (B, n, 3, H, W) ->
+        (per-partitioning probabilities [(B, C_p)], hierarchical (B, n_fine) renormalised,
+        scene probabilities (B, S) or None)."""
+        from geocell.train.metrics import hierarchical_probs
+
+        n_crops = 1
+        if images.ndim == 5:
+            n_crops = images.shape[1]
+            images = images.flatten(0, 1)
+        x = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        geo_logits, scene_logits = self.model(x)
+        probs = [torch.softmax(g.float(), dim=1) for g in geo_logits]
+        scenes = torch.softmax(scene_logits.float(), dim=1) if scene_logits is not None else None
+        if n_crops > 1:
+            probs = [combine_crops(p, n_crops, tta_combine) for p in probs]
+            scenes = combine_crops(scenes, n_crops, tta_combine) if scenes is not None else None
+        probs_np = [p.double().cpu().numpy() for p in probs]
+        hier = hierarchical_probs(probs_np, self.hierarchy)
+        hier = hier.detach().cpu().numpy() if isinstance(hier, torch.Tensor) else np.asarray(hier)
+        hier = hier.astype(np.float64)
+        hier /= hier.sum(axis=1, keepdims=True)
+        return probs_np, hier, (scenes.double().cpu().numpy() if scenes is not None else None)
+
+    # -- results
+
+    def _guess(self, p: int, index: int, probability: float) -> CellGuess:
+        part = self.partitions[p]
+        return CellGuess(lat=float(part.centroids[index, 0]), lng=float(part.centroids[index, 1]),
+                         probability=float(probability), cell=str(self.tokens(p)[index]),
+                         partitioning=self.partition_names[p], level=int(part.levels[index]))
+
+    def _top(self, p: int, probs: np.ndarray, k: int) -> list[CellGuess]:
+        k = min(k, probs.size)
+        idx = np.argpartition(-probs, k - 1)[:k]
+        idx = idx[np.argsort(-probs[idx], kind="stable")]
+        return [self._guess(p, int(i), probs[i]) for i in idx]
+
+    def describe(self, image: str, probs: list[np.ndarray], hier: np.ndarray,
+                 scenes: np.ndarray | None, *, top_k: int = 5, mass: float = 0.9,
+                 keep_probs: bool = False) -> Prediction:
+        """The Prediction for one image from its distributions (rows of :meth:`distributions`)."""
+        from geocell.train.regions import credible_region
+
+        fine_p = len(self.partitions) - 1
+        top = self._top(fine_p, hier, top_k)
+        region = credible_region(hier, self.fine_areas_km2, mass)
+        scene_list = []
+        if scenes is not None and self.scene_names:
+            order = np.argsort(-scenes)[: min(3, scenes.size)]
+            scene_list = [(self.scene_names[i], float(scenes[i])) for i in order]
+        return Prediction(
+            image=image, top_k=top, hierarchical_top1=top[0],
+            per_partitioning={self.partition_names[p]: self._top(p, probs[p], top_k)
+                              for p in range(len(self.partitions))},
+            region_mass=region.mass, region_covered=region.covered,
+            region_area_km2=region.area_km2,
+            region_cells=[str(t) for t in self.tokens(fine_p)[region.indices]],
+            scenes=scene_list,
+            fine_probs=hier.copy() if keep_probs else None,
+            fine_index=region.indices if keep_probs else None)
+
+    def predict(self, images_or_paths, top_k: int = 5, *, mass: float = 0.9, tta: str = "none",
+                tta_combine: str = "max", batch_size: int = 16, keep_probs: bool = False):
+        """Predict one image (-> Prediction) or a sequence/batch of images (-> list[Prediction]).
+        An unreadable path raises here; ``geocell predict`` skips and reports it instead."""
+        single = isinstance(images_or_paths, (str, os.PathLike)) or (
+            not isinstance(images_or_paths, (list, tuple))
+            and not (isinstance(images_or_paths, (np.ndarray, torch.Tensor)) and images_or_paths.ndim == 4))
+        items = [images_or_paths] if single else list(images_or_paths)
+        transform = self.transform(tta)
+        results = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            names, tensors = [], []
+            for j, item in enumerate(chunk):
+                if isinstance(item, (str, os.PathLike)):
+                    names.append(os.fspath(item))
+                    tensors.append(transform(_open_image(item)))
+                else:
+                    names.append(f"<image {start + j}>")
+                    tensors.append(transform(_to_pil(item)))
+            probs, hier, scenes = self.distributions(torch.stack(tensors), tta_combine=tta_combine)
+            for j, name in enumerate(names):
+                results.append(self.describe(
+                    name, [p[j] for p in probs], hier[j], None if scenes is None else scenes[j],
+                    top_k=top_k, mass=mass, keep_probs=keep_probs))
+        return results[0] if single else results
+
+    def predict_files(self, paths: Sequence[str], top_k: int = 5, *, mass: float = 0.9,
+                      tta: str = "none", tta_combine: str = "max", batch_size: int = 16,
+                      num_workers: int = 2, keep_probs: bool = False, progress: bool = False
+                      ) -> Iterator[tuple[str, Prediction | None, str | None]]:
+        """Stream (path, Prediction or None, error or None) for every path, in order; an
+        unreadable image gives its error and the stream goes on."""
+        batches = stream_files(paths, self.transform(tta), batch_size=batch_size,
+                               num_workers=num_workers)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(paths), unit="img", file=sys.stderr, dynamic_ncols=True)
+        try:
+            for images, indices, failed in batches:
+                out: dict[int, tuple] = {i: (paths[i], None, err) for i, err in failed}
+                if images is not None:
+                    probs, hier, scenes = self.distributions(images, tta_combine=tta_combine)
+                    for j, i in enumerate(indices):
+                        out[i] = (paths[i], self.describe(
+                            paths[i], [p[j] for p in probs], hier[j],
+                            None if scenes is None else scenes[j],
+                            top_k=top_k, mass=mass, keep_probs=keep_probs), None)
+                for i in sorted(out):
+                    yield out[i]
+                if bar is not None:
+                    bar.update(len(indices) + len(failed))
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def csv_header(top_k: int) -> list[str]:
+    cols = ["image", "lat", "lng", "probability", "cell", "partitioning", "level",
+            "region_cells", "region_area_km2", "region_covered"]
+    for r in range(1, top_k + 1):
+        cols += [f"top{r}_lat", f"top{r}_lng", f"top{r}_probability", f"top{r}_cell"]
+    return cols + ["error"]
+
+
+def csv_row(path: str, pred: Prediction | None, error: str | None, top_k: int) -> list:
+    if pred is None:
+        return [path] + [""] * (len(csv_header(top_k)) - 2) + [error or ""]
+    t = pred.hierarchical_top1
+    row = [path, f"{t.lat:.6f}", f"{t.lng:.6f}", f"{t.probability:.6g}", t.cell, t.partitioning,
+           t.level, len(pred.region_cells), f"{pred.region_area_km2:.6g}", f"{pred.region_covered:.6f}"]
+    for r in range(top_k):
+        if r < len(pred.top_k):
+            g = pred.top_k[r]
+            row += [f"{g.lat:.6f}", f"{g.lng:.6f}", f"{g.probability:.6g}", g.cell]
+        else:
+            row += ["", "", "", ""]
+    return row + [""]
+
+
+def format_prediction(pred: Prediction) -> str:
+    t = pred.hierarchical_top1
+    lines = [pred.image,
+             f"  best guess: {t.lat:.4f}, {t.lng:.4f}  (p = {t.probability:.3g}, cell {t.cell}, "
+             f"{t.partitioning}, level {t.level})",
+             f"  {pred.region_mass:.0%} credible region: {len(pred.region_cells)} cells, "
+             f"{pred.region_area_km2:,.0f} km² (holds {pred.region_covered:.1%})",
+             "  top-k:"]
+    for r, g in enumerate(pred.top_k, 1):
+        lines.append(f"    {r}. {g.lat:9.4f} {g.lng:10.4f}  p = {g.probability:.4f}  cell {g.cell}")
+    if pred.scenes:
+        lines.append("  scene: " + ", ".join(f"{n} {p:.2f}" for n, p in pred.scenes))
+    return "\n".join(lines)
+
+
+def _parse_truth(text: str) -> tuple[float, float]:
+    try:
+        lat, lng = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAT,LNG, got {text!r}") from None
+    if not (-90 <= lat <= 90 and -180 <= lng <= 180):
+        raise argparse.ArgumentTypeError(f"LAT,LNG out of range: {text!r}")
+    return lat, lng
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="geocell predict",
+        description="Estimate where photos were taken: top-k S2 cells, the hierarchical best "
+                    "guess and the 90%% credible region with its area. Folders are searched "
+                    "for images. Unreadable images are reported and skipped.")
+    ap.add_argument("images", nargs="+", metavar="IMG", help="image files or folders")
+    ap.add_argument("--checkpoint", required=True, help="a geocell checkpoint (.pt)")
+    ap.add_argument("--top-k", type=int, default=5, help="candidates per image (default 5)")
+    ap.add_argument("--mass", type=float, default=0.9, help="credible region mass (default 0.9)")
+    ap.add_argument("--json", action="store_true", help="print JSON to stdout instead of text")
+    ap.add_argument("--out", help="write all predictions to a .csv or .json file")
+    ap.add_argument("--map", metavar="PNG", help="probability map; several images: "
+                    "out.png -> out_0.png, out_1.png, ... (or give a folder)")
+    ap.add_argument("--truth", type=_parse_truth, metavar="LAT,LNG",
+                    help="true location to mark on the map(s)")
+    ap.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time crops")
+    ap.add_argument("--tta-combine", choices=TTA_COMBINE, default="max")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.top_k < 1:
+        print("geocell predict: --top-k must be at least 1", file=sys.stderr)
+        return 2
+    if args.out and not args.out.lower().endswith((".csv", ".json")):
+        print(f"geocell predict: --out must end in .csv or .json, got {args.out}", file=sys.stderr)
+        return 2
+    try:
+        geo = Geolocator.from_checkpoint(args.checkpoint, device=args.device)
+    except Exception as exc:  # unreadable, unsafe or incompatible file: say which and why
+        print(f"geocell predict: cannot load {args.checkpoint}: {exc}", file=sys.stderr)
+        return 1
+
+    paths = expand_inputs(args.images)
+    if not paths:
+        print("geocell predict: no images found", file=sys.stderr)
+        return 1
+    map_paths = None
+    if args.map:
+        from geocell.train.maps import numbered_map_paths
+
+        map_paths = numbered_map_paths(args.map, len(paths), names=paths)
+
+    records, skipped, csv_rows = [], [], []
+    show_text = not args.json and not args.out
+    progress = not args.no_progress and len(paths) > 1 and sys.stderr.isatty()
+    for i, (path, pred, error) in enumerate(geo.predict_files(
+            paths, args.top_k, mass=args.mass, tta=args.tta, tta_combine=args.tta_combine,
+            batch_size=args.batch_size, num_workers=args.num_workers,
+            keep_probs=map_paths is not None, progress=progress)):
+        if pred is None:
+            skipped.append((path, error))
+            print(f"geocell predict: skipped {path}: {error}", file=sys.stderr)
+            csv_rows.append(csv_row(path, None, error, args.top_k))
+            continue
+        if map_paths is not None:
+            from geocell.train.maps import draw_probability_map
+
+            top = pred.hierarchical_top1
+            draw_probability_map(
+                map_paths[i], np.asarray(geo.fine.cells, dtype=np.uint64), pred.fine_probs,
+                top1=(top.lat, top.lng), truth=args.truth, region=pred.fine_index,
+                title=f"{os.path.basename(path)}: best guess {top.lat:.3f}, {top.lng:.3f}; "
+                      f"{pred.region_mass:.0%} region {pred.region_area_km2:,.0f} km²")
+            pred.fine_probs = pred.fine_index = None  # don't hold n_fine floats per image
+        records.append(pred.to_dict())
+        csv_rows.append(csv_row(path, pred, None, args.top_k))
+        if show_text:
+            print(format_prediction(pred))
+
+    document = {"checkpoint": os.fspath(args.checkpoint), "predictions": records,
+                "skipped": [{"image": p, "error": e} for p, e in skipped]}
+    if args.out:
+        if args.out.lower().endswith(".json"):
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(document, f, indent=1)
+        else:
+            with open(args.out, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(csv_header(args.top_k))
+                writer.writerows(csv_rows)
+    if args.json:
+        json.dump(document, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    summary = f"predicted {len(records)} of {len(paths)} images"
+    if skipped:
+        summary += f"; skipped {len(skipped)} unreadable"
+    if args.out:
+        summary += f"; wrote {args.out}"
+    if map_paths is not None and records:
+        summary += f"; maps: {map_paths[0]}" + (" ..." if len(map_paths) > 1 else "")
+    print(summary, file=sys.stderr)
+    return 0 if records or not skipped else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
