@@ -48,6 +48,10 @@ class Manifest:
     scene_probs: Optional[np.ndarray] = None
     report: list = field(default_factory=list)
     source: Optional[str] = None
+    # Shard-backed manifests (see geocell.train.shards): the packed folder and each row's
+    # sample id in its tars.
+    shards: Optional[str] = None
+    ids: Optional[np.ndarray] = None
 
     def __post_init__(self):
         n = len(self.paths)
@@ -85,6 +89,8 @@ class Manifest:
             scene_probs=None if self.scene_probs is None else self.scene_probs[idx],
             report=list(self.report),
             source=self.source,
+            shards=self.shards,
+            ids=None if self.ids is None else np.asarray(self.ids)[idx],
         )
 
     def with_split(self, name: str) -> "Manifest":
@@ -138,9 +144,16 @@ def read_manifest(path, image_root=None, check_files: bool = True) -> Manifest:
     """Reads a GeoEstimation or plain manifest; bad rows go to ``Manifest.report``.
 
     Relative image paths are resolved against ``image_root`` (default: the manifest's folder).
-    ``check_files=False`` skips the per-row existence check (e.g. for shard-backed data).
+    ``check_files=False`` skips the per-row existence check. A folder written by
+    ``geocell data pack`` is read as a shard-backed manifest.
     """
     path = Path(path)
+    if path.is_dir():
+        from geocell.train.shards import is_shard_dir, read_shards
+
+        if is_shard_dir(path):
+            return read_shards(path)
+        raise ManifestError(f"{path} is a folder but not a packed dataset (no shards.json)")
     root = Path(image_root) if image_root is not None else path.resolve().parent
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
@@ -258,7 +271,7 @@ def _is_int(text: str) -> bool:
         return False
 
 
-def write_manifest(manifest: Manifest, path, relative_to=None) -> Path:
+def write_manifest(manifest: Manifest, path, relative_to=None, relative: bool = True) -> Path:
     """Writes the plain layout ``path,lat,lng,scene[,split][,scene_prob_<name>...]``.
 
     Image paths under the manifest's folder (or ``relative_to``) are written relative to it,
@@ -281,7 +294,7 @@ def write_manifest(manifest: Manifest, path, relative_to=None) -> Path:
         for i, p in enumerate(manifest.paths):
             ap = Path(p)
             try:
-                shown = ap.resolve().relative_to(base).as_posix() if ap.is_absolute() else p
+                shown = ap.resolve().relative_to(base).as_posix() if relative and ap.is_absolute() else p
             except ValueError:
                 shown = str(p)
             s = int(manifest.scene[i])

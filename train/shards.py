@@ -1,0 +1,292 @@
+"""WebDataset tar shards for large datasets, with the index files DALI's webdataset reader needs.
+
+``pack(manifest, out_dir)`` decodes every image once, re-encodes it with the shorter side at
+most ``shorter_side`` px (and the longer at most ``max_side``), and writes
+``<split>-NNNNNN.tar`` shards whose samples are ``KEY.jpg`` + ``KEY.cls`` (the sample id as
+text, the WebDataset convention) + ``KEY.id`` (the same id as little-endian int64, which DALI
+reads without parsing) + ``KEY.json`` (id, source row, lat, lng, scene, path). The sample id is
+the row of ``out_dir/manifest.csv``, the manifest of the packed samples, so labels come from
+that manifest. Broken images are never packed; they are listed in ``out_dir/pack_report.csv``.
+
+Index files follow DALI's ``wds2idx`` format v1.2: a header line ``v1.2 <samples>``, then one
+line per sample of ``<ext> <data offset> <size> <member name>`` groups.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import struct
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+INDEX_VERSION = "v1.2"
+SHARDS_META = "shards.json"
+EXTENSIONS = ("jpg", "cls", "id", "json")
+
+
+@dataclass
+class ShardInfo:
+    tar: str
+    index: str
+    first_id: int
+    count: int
+    split: str
+
+
+def _encode(path: str, shorter_side: Optional[int], max_side: Optional[int], quality: int) -> bytes:
+    """Decodes once and re-encodes as RGB JPEG within the size limits; raises on bad images."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        w, h = img.size
+        scale = 1.0
+        if shorter_side:
+            scale = min(scale, shorter_side / min(w, h))
+        if max_side:
+            scale = min(scale, max_side / max(w, h))
+        target = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if scale < 1.0:
+            # DCT-domain downscaling while decoding JPEGs: the decode stays the only one.
+            img.draft("RGB", target)
+        img.load()
+        img = img.convert("RGB")
+        if img.size != target:
+            img = img.resize(target, Image.BILINEAR, reducing_gap=3.0)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    """Adds a member; returns the offset of its data (ustar headers are one 512-byte block)."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    header_at = tar.offset
+    tar.addfile(info, io.BytesIO(data))
+    return header_at + tarfile.BLOCKSIZE
+
+
+def _pack_shard(task):
+    (tar_path, idx_path, ids, rows, paths, lats, lngs, scenes, shorter_side, max_side,
+     quality) = task
+    skipped = []
+    lines = []
+    tmp_tar = tar_path + ".tmp"
+    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+        next_id = ids
+        for row, path, lat, lng, scene in zip(rows, paths, lats, lngs, scenes):
+            try:
+                jpg = _encode(path, shorter_side, max_side, quality)
+            except Exception as e:  # Pillow raises many types for broken files
+                skipped.append((int(row), path, f"{type(e).__name__}: {e}"))
+                continue
+            key = f"{next_id:09d}"
+            meta = json.dumps({"id": next_id, "row": int(row), "lat": float(lat), "lng": float(lng),
+                               "scene": int(scene), "path": path}).encode()
+            parts = []
+            for ext, data in (("jpg", jpg), ("cls", str(next_id).encode()),
+                              ("id", struct.pack("<q", next_id)), ("json", meta)):
+                name = f"{key}.{ext}"
+                parts.append(f"{ext} {_add_member(tar, name, data)} {len(data)} {name}")
+            lines.append(" ".join(parts))
+            next_id += 1
+    packed = len(lines)
+    if packed:
+        with open(idx_path + ".tmp", "w") as f:
+            f.write(f"{INDEX_VERSION} {packed}\n")
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp_tar, tar_path)
+        os.replace(idx_path + ".tmp", idx_path)
+    else:
+        os.remove(tmp_tar)
+    return packed, skipped
+
+
+def pack(manifest, out_dir, *, shard_size: int = 5000, shorter_side: Optional[int] = 320,
+         max_side: Optional[int] = None, quality: int = 90, workers: int = 2,
+         progress: bool = True) -> dict:
+    """Packs ``manifest`` into shards under ``out_dir``; returns the summary written to
+    ``out_dir/shards.json`` (also: ``skipped`` list of (row, path, reason))."""
+    from geocell.train.manifest import Manifest, write_manifest
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = len(manifest)
+    split = manifest.split if manifest.split is not None else np.full(n, "all")
+    # Shards hold one split each, so a split of a packed dataset is a set of whole shards.
+    groups = []
+    for name in sorted(set(split.tolist())):
+        rows = np.flatnonzero(split == name)
+        for k, s in enumerate(range(0, len(rows), shard_size)):
+            groups.append((name, k, rows[s:s + shard_size]))
+    # Each shard reserves an id range as long as its rows; packed samples take ids from its
+    # start, so skipped images leave a gap at the end of the range and ids stay unique
+    # without the workers talking to each other.
+    tasks = []
+    first = 0
+    for name, k, rows in groups:
+        tar_path = str(out_dir / f"{name}-{k:06d}.tar")
+        tasks.append((tar_path, tar_path[:-4] + ".idx", first, rows,
+                      [manifest.paths[i] for i in rows], manifest.lat[rows], manifest.lng[rows],
+                      manifest.scene[rows], shorter_side, max_side, quality))
+        first += len(rows)
+    bar = _progress(n, progress)
+    results = []
+    if workers <= 1 or len(tasks) == 1:
+        for t in tasks:
+            results.append(_pack_shard(t))
+            bar.update(len(t[3]))
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context("spawn")) as ex:
+            for t, r in zip(tasks, ex.map(_pack_shard, tasks)):
+                results.append(r)
+                bar.update(len(t[3]))
+    bar.close()
+
+    # The packed manifest lists the samples in id order; ids.npy maps its rows to sample ids.
+    shards, skipped, keep_rows, ids = [], [], [], []
+    for t, (packed, skip) in zip(tasks, results):
+        skipped += skip
+        if not packed:
+            continue
+        bad = {r for r, _, _ in skip}
+        rows = [int(r) for r in t[3] if int(r) not in bad]
+        keep_rows += rows
+        ids += list(range(t[2], t[2] + packed))
+        shards.append(ShardInfo(tar=os.path.basename(t[0]), index=os.path.basename(t[1]),
+                                first_id=t[2], count=packed,
+                                split=str(split[t[3][0]])).__dict__)
+    packed_manifest = manifest.subset(np.array(keep_rows, dtype=np.int64))
+    packed_manifest.report = []
+    write_manifest(packed_manifest, out_dir / "manifest.csv", relative=False)
+    np.save(out_dir / "ids.npy", np.array(ids, dtype=np.int64))
+    with open(out_dir / "pack_report.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["manifest_row", "path", "reason"])
+        w.writerows(sorted(skipped))
+    summary = {"format": "geocell-webdataset", "version": 1, "count": len(keep_rows),
+               "skipped": len(skipped), "shorter_side": shorter_side, "max_side": max_side,
+               "quality": quality, "scene_names": list(manifest.scene_names), "shards": shards}
+    with open(out_dir / SHARDS_META, "w") as f:
+        json.dump(summary, f, indent=1)
+    summary["skipped_rows"] = sorted(skipped)
+    return summary
+
+
+def is_shard_dir(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / SHARDS_META).is_file()
+
+
+def read_shards(path):
+    """The manifest of a packed folder; ``manifest.shards`` points at the folder and
+    ``manifest.ids`` holds each row's sample id (the ``KEY.id`` in the tar)."""
+    from geocell.train.manifest import read_manifest
+
+    path = Path(path)
+    m = read_manifest(path / "manifest.csv", check_files=False)
+    m.shards = str(path.resolve())
+    m.ids = np.load(path / "ids.npy")
+    if len(m.ids) != len(m):
+        raise ValueError(f"{path}: ids.npy has {len(m.ids)} entries, manifest.csv {len(m)} rows")
+    return m
+
+
+def shard_meta(path) -> dict:
+    with open(Path(path) / SHARDS_META) as f:
+        return json.load(f)
+
+
+def read_index(idx_path) -> list:
+    """Parses a DALI webdataset index: list of {ext: (offset, size)} per sample."""
+    with open(idx_path) as f:
+        header = f.readline().split()
+        if not header or header[0] != INDEX_VERSION:
+            raise ValueError(f"{idx_path}: not a DALI webdataset index {INDEX_VERSION}")
+        samples = []
+        for line in f:
+            fields = line.split()
+            if not fields:
+                continue
+            sample = {}
+            for k in range(0, len(fields), 4):
+                sample[fields[k]] = (int(fields[k + 1]), int(fields[k + 2]))
+            samples.append(sample)
+    if len(samples) != int(header[1]):
+        raise ValueError(f"{idx_path}: header says {header[1]} samples, found {len(samples)}")
+    return samples
+
+
+def sample_locations(manifest) -> tuple:
+    """For a shard-backed manifest: (tar paths, tar_of_row, offset, size) of each row's JPEG,
+    read from the index files; rows whose id is not in the shards raise."""
+    meta = shard_meta(manifest.shards)
+    id_to_row = {int(i): r for r, i in enumerate(manifest.ids)}
+    tars = []
+    tar_of = np.full(len(manifest), -1, dtype=np.int64)
+    offset = np.zeros(len(manifest), dtype=np.int64)
+    size = np.zeros(len(manifest), dtype=np.int64)
+    for s in meta["shards"]:
+        rows_here = [id_to_row.get(i) for i in range(s["first_id"], s["first_id"] + s["count"])]
+        if all(r is None for r in rows_here):
+            continue
+        t = len(tars)
+        tars.append(str(Path(manifest.shards) / s["tar"]))
+        for r, sample in zip(rows_here, read_index(Path(manifest.shards) / s["index"])):
+            if r is not None:
+                tar_of[r] = t
+                offset[r], size[r] = sample["jpg"]
+    if (tar_of < 0).any():
+        raise ValueError(f"{int((tar_of < 0).sum())} manifest rows are not in the shards of {manifest.shards}")
+    return tars, tar_of, offset, size
+
+
+def whole_shards(manifest) -> list:
+    """The shards (tar, idx) exactly covering a shard-backed manifest, for DALI's reader.
+    A manifest subset must consist of whole shards (e.g. one split)."""
+    meta = shard_meta(manifest.shards)
+    ids = set(int(i) for i in manifest.ids)
+    out = []
+    covered = 0
+    for s in meta["shards"]:
+        shard_ids = range(s["first_id"], s["first_id"] + s["count"])
+        inside = sum(1 for i in shard_ids if i in ids)
+        if inside == 0:
+            continue
+        if inside != s["count"]:
+            raise ValueError(f"manifest covers {inside} of the {s['count']} samples of shard {s['tar']}; "
+                             "a packed dataset can only be used whole or by split")
+        out.append((str(Path(manifest.shards) / s["tar"]), str(Path(manifest.shards) / s["index"])))
+        covered += inside
+    if covered != len(manifest):
+        raise ValueError(f"{len(manifest) - covered} manifest rows are not in the shards")
+    return out
+
+
+class _NoBar:
+    def update(self, k=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, enabled):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="packing", unit="img")
