@@ -1,0 +1,195 @@
+"""Batches of normalized images and their targets, from a manifest (or packed shards).
+
+``make_loader`` picks NVIDIA DALI when it is importable (``backend="auto"``) and the torchvision
+DataLoader otherwise; both yield ``(images, targets)`` with images float32 (B, 3, S, S)
+normalized with ImageNet ``MEAN``/``STD`` on ``device`` and targets a dict of tensors on
+``device``: ``geo`` int64 (B, P), ``scene`` int64 (B,), ``latlng`` float64 (B, 2), ``index``
+int64 (B,) (row in the manifest).
+
+Training: random-resized crop + horizontal flip. Evaluation: shorter side resized to
+``resize_size`` + centre crop, and every sample of the shard exactly once.
+
+Bad samples never stop an epoch and are always counted: files that are missing, empty or not
+JPEG/PNG (magic bytes, JPEG end marker) are excluded up front, images that fail to decode are
+skipped at run time; both show in ``loader.skipped`` / ``loader.skipped_paths``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+
+log = logging.getLogger("geocell.train.loaders")
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+SCALE = (0.08, 1.0)
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_image_file(path: str) -> Optional[str]:
+    """Cheap structural check: None if the file looks like a complete JPEG/PNG, else why not."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if not head:
+                return "empty file"
+            if head.startswith(_JPEG_MAGIC):
+                # A complete JPEG ends with EOI; allow trailing padding some cameras write.
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - 64))
+                tail = f.read()
+                if b"\xff\xd9" not in tail:
+                    return "truncated JPEG (no end-of-image marker)"
+                return None
+            if head == _PNG_MAGIC:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - 12))
+                if b"IEND" not in f.read():
+                    return "truncated PNG (no IEND chunk)"
+                return None
+            return "not a JPEG or PNG file"
+    except FileNotFoundError:
+        return "missing file"
+    except OSError as e:
+        return f"unreadable file ({e.strerror or e})"
+
+
+def validate_files(paths, threads: int = 8) -> list:
+    """Reasons (None = fine) for each path, checked in a thread pool (I/O bound)."""
+    if len(paths) < 256:
+        return [check_image_file(p) for p in paths]
+    with ThreadPoolExecutor(threads) as ex:
+        return list(ex.map(check_image_file, paths, chunksize=256))
+
+
+def shard_range(n: int, shard_id: int, num_shards: int) -> tuple:
+    """Contiguous [start, stop) of ``shard_id`` — the same split DALI's readers make."""
+    return (n * shard_id) // num_shards, (n * (shard_id + 1)) // num_shards
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class Loader:
+    """Shared state and target lookup of both backends."""
+
+    backend = "none"
+
+    def __init__(self, manifest, labels, *, train, batch_size, image_size, resize_size, device,
+                 num_workers, shard_id, num_shards, seed, validate):
+        import torch
+
+        if len(labels) != len(manifest):
+            raise ValueError(f"label table has {len(labels)} rows, manifest {len(manifest)}")
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} not in [0, {num_shards})")
+        self.manifest = manifest
+        self.labels = labels
+        self.train = bool(train)
+        self.batch_size = int(batch_size)
+        self.image_size = int(image_size)
+        self.resize_size = int(resize_size if resize_size is not None else round(image_size * 256 / 224))
+        self.device = torch.device(device)
+        self.num_workers = int(num_workers)
+        self.shard_id, self.num_shards = int(shard_id), int(num_shards)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.skipped_paths: list = []  # (path, reason)
+        self._geo = torch.from_numpy(np.ascontiguousarray(labels.geo, dtype=np.int64))
+        self._scene = torch.from_numpy(np.ascontiguousarray(labels.scene, dtype=np.int64))
+        self._latlng = torch.from_numpy(np.ascontiguousarray(labels.latlng, dtype=np.float64))
+        self._mean255 = torch.tensor([m * 255 for m in MEAN], dtype=torch.float32).view(1, 3, 1, 1)
+        self._std255 = torch.tensor([s * 255 for s in STD], dtype=torch.float32).view(1, 3, 1, 1)
+        self.rows = self._usable_rows(validate)
+
+    def _usable_rows(self, validate) -> np.ndarray:
+        rows = np.arange(len(self.manifest), dtype=np.int64)
+        if not validate or getattr(self.manifest, "shards", None):
+            return rows  # packed shards hold only images that decoded while packing
+        reasons = validate_files(self.manifest.paths)
+        bad = [i for i, r in enumerate(reasons) if r is not None]
+        for i in bad:
+            self.skipped_paths.append((self.manifest.paths[i], reasons[i]))
+        if bad:
+            log.warning("%d of %d images excluded before loading (first: %s: %s)", len(bad),
+                        len(rows), self.manifest.paths[bad[0]], reasons[bad[0]])
+        keep = np.ones(len(rows), dtype=bool)
+        keep[bad] = False
+        return rows[keep]
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _targets(self, index):
+        """Targets of manifest rows ``index`` (int64 CPU tensor) on the loader's device."""
+        nb = self.device.type == "cuda"
+        return {
+            "geo": self._geo[index].to(self.device, non_blocking=nb),
+            "scene": self._scene[index].to(self.device, non_blocking=nb),
+            "latlng": self._latlng[index].to(self.device, non_blocking=nb),
+            "index": index.to(self.device, non_blocking=nb),
+        }
+
+    def _normalize(self, images_uint8):
+        """uint8 (B,3,H,W) -> normalized float32 on the device (converting after the copy keeps
+        the host-to-device transfer 4x smaller)."""
+        nb = self.device.type == "cuda"
+        x = images_uint8.to(self.device, non_blocking=nb).float()
+        return x.sub_(self._mean255.to(x.device)).div_(self._std255.to(x.device))
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(backend={self.backend!r}, samples={len(self.rows)}, "
+                f"train={self.train}, batch_size={self.batch_size}, shard={self.shard_id}/{self.num_shards}, "
+                f"device={self.device})")
+
+
+def make_loader(manifest, labels, *, train: bool, batch_size: int, image_size: int = 224,
+                resize_size: Optional[int] = None, backend: str = "auto", device="cpu",
+                num_workers: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
+                validate: bool = True, gpu_decode: Optional[bool] = None) -> Loader:
+    """A loader over ``manifest`` rows with targets from ``labels`` (see the module doc).
+
+    ``num_workers``: DALI threads or DataLoader worker processes. For a shard-backed manifest
+    (``read_manifest(packed_folder)``) DALI reads the tar shards with its webdataset reader
+    and the torch path reads the same samples through the shard index files.
+    ``gpu_decode`` (torch backend only): decode JPEGs with nvJPEG via
+    ``torchvision.io.decode_jpeg(device="cuda")``; default: when ``device`` is a GPU.
+    """
+    if backend not in ("auto", "dali", "torch"):
+        raise ValueError(f"backend must be 'auto', 'dali' or 'torch', not {backend!r}")
+    if backend == "auto":
+        backend = "dali" if dali_available() else "torch"
+    kwargs = dict(train=train, batch_size=batch_size, image_size=image_size, resize_size=resize_size,
+                  device=device, num_workers=num_workers, shard_id=shard_id, num_shards=num_shards,
+                  seed=seed, validate=validate)
+    if backend == "dali":
+        from geocell.train.loaders_dali import DaliLoader
+
+        loader = DaliLoader(manifest, labels, **kwargs)
+    else:
+        from geocell.train.loaders_torch import TorchLoader
+
+        loader = TorchLoader(manifest, labels, gpu_decode=gpu_decode, **kwargs)
+    log.info("data loader: %s backend (%s), %d samples, %d batches per epoch", loader.backend,
+             getattr(loader, "detail", ""), len(loader.rows), len(loader))
+    return loader

@@ -1,0 +1,211 @@
+"""The torchvision DataLoader backend: libjpeg-turbo decode (torchvision.io) in worker processes,
+or nvJPEG decode on the GPU (``gpu_decode``) for machines with a GPU but without DALI."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from geocell.train.loaders import RATIO, SCALE, Loader, shard_range
+
+
+def _read_bytes(source, row) -> bytes:
+    kind = source[0]
+    if kind == "files":
+        with open(source[1][row], "rb") as f:
+            return f.read()
+    _, tars, tar_of, offset, size = source
+    with open(tars[tar_of[row]], "rb") as f:
+        f.seek(int(offset[row]))
+        data = f.read(int(size[row]))
+    if len(data) != int(size[row]):
+        raise OSError(f"shard {tars[tar_of[row]]} is truncated")
+    return data
+
+
+def _decode_cpu(data: bytes) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if data[:3] == b"\xff\xd8\xff":
+        return decode_jpeg(buf, mode=ImageReadMode.RGB)
+    return decode_image(buf, mode=ImageReadMode.RGB)
+
+
+def _augment(img: torch.Tensor, train: bool, image_size: int, resize_size: int) -> torch.Tensor:
+    """uint8 (3,H,W) -> uint8 (3,S,S), on whatever device ``img`` is on."""
+    import torchvision.transforms.v2.functional as F
+    from torchvision.transforms.v2 import RandomResizedCrop
+
+    if train:
+        top, left, h, w = RandomResizedCrop.get_params(img, scale=list(SCALE), ratio=list(RATIO))
+        img = F.resized_crop(img, top, left, h, w, [image_size, image_size], antialias=True)
+        if torch.rand(()) < 0.5:
+            img = F.horizontal_flip(img)
+        return img
+    img = F.resize(img, [resize_size], antialias=True)
+    return F.center_crop(img, [image_size, image_size])
+
+
+class _Samples(Dataset):
+    """Indexed by manifest row (the sampler yields rows). Item = (uint8 image or raw bytes,
+    row, error or None); never raises."""
+
+    def __init__(self, source, train, image_size, resize_size, decode):
+        self.source, self.train = source, train
+        self.image_size, self.resize_size, self.decode = image_size, resize_size, decode
+
+    def __getitem__(self, row):
+        try:
+            data = _read_bytes(self.source, row)
+            if not self.decode:
+                return data, row, None
+            img = _augment(_decode_cpu(data), self.train, self.image_size, self.resize_size)
+            return img, row, None
+        except Exception as e:  # one bad image must not end the epoch
+            return None, row, f"{type(e).__name__}: {e}"
+
+
+def _collate(items):
+    good = [it for it in items if it[2] is None]
+    bad = [(it[1], it[2]) for it in items if it[2] is not None]
+    rows = torch.tensor([it[1] for it in good], dtype=torch.int64)
+    if good and isinstance(good[0][0], torch.Tensor):
+        images = torch.stack([it[0] for it in good])
+    else:
+        images = [it[0] for it in good]
+    return images, rows, bad
+
+
+class _EpochBatches(Sampler):
+    """Batches of manifest rows for this shard; reshuffled per epoch from (seed, epoch).
+    Holds its own copy of the settings: a reference back to the loader would make a cycle that
+    keeps worker processes alive until a garbage collection (possibly in a forked child)."""
+
+    def __init__(self, rows, train, batch_size, shard_id, num_shards, seed):
+        self.rows, self.train, self.batch_size = rows, train, batch_size
+        self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
+        self.epoch = 0
+
+    def _positions(self):
+        n = len(self.rows)
+        if not self.train:
+            start, stop = shard_range(n, self.shard_id, self.num_shards)
+            return self.rows[start:stop]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        per = n // self.num_shards  # equal shard sizes keep data-parallel ranks in step
+        order = rng.permutation(n)[self.shard_id * per:(self.shard_id + 1) * per]
+        return self.rows[order]
+
+    def __iter__(self):
+        rows = self._positions().tolist()
+        b = self.batch_size
+        stop = len(rows) - len(rows) % b if self.train else len(rows)
+        for s in range(0, stop, b):
+            yield rows[s:s + b]
+
+    def __len__(self):
+        n = len(self.rows)
+        if self.train:
+            return (n // self.num_shards) // self.batch_size
+        start, stop = shard_range(n, self.shard_id, self.num_shards)
+        return math.ceil((stop - start) / self.batch_size)
+
+
+class TorchLoader(Loader):
+    backend = "torch"
+
+    def __init__(self, manifest, labels, *, gpu_decode=None, **kw):
+        super().__init__(manifest, labels, **kw)
+        if getattr(manifest, "shards", None):
+            from geocell.train.shards import sample_locations
+
+            tars, tar_of, offset, size = sample_locations(manifest)
+            self._source = ("shards", tars, tar_of, offset, size)
+        else:
+            self._source = ("files", list(manifest.paths))
+        self.gpu_decode = (self.device.type == "cuda") if gpu_decode is None else bool(gpu_decode)
+        if self.gpu_decode and self.device.type != "cuda":
+            raise ValueError("gpu_decode needs a CUDA device")
+        self.detail = ("nvJPEG decode on " + str(self.device)) if self.gpu_decode else \
+            f"torchvision.io CPU decode, {self.num_workers} workers"
+        dataset = _Samples(self._source, self.train, self.image_size, self.resize_size,
+                           decode=not self.gpu_decode)
+        generator = torch.Generator()
+        generator.manual_seed(self.seed)
+        self._batches = _EpochBatches(self.rows, self.train, self.batch_size, self.shard_id,
+                                      self.num_shards, self.seed)
+        self._dl = DataLoader(
+            dataset, batch_sampler=self._batches, num_workers=self.num_workers,
+            collate_fn=_collate, pin_memory=self.device.type == "cuda",
+            persistent_workers=self.num_workers > 0, generator=generator,
+            prefetch_factor=4 if self.num_workers > 0 else None)
+
+    def __len__(self):
+        return len(self._batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = self._batches.epoch = int(epoch)
+
+    def close(self) -> None:
+        """Stops the worker processes now rather than when the loader is collected."""
+        it = getattr(self._dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._dl._iterator = None
+
+    def __iter__(self):
+        for images, rows, bad in self._dl:
+            self._count_bad(bad)
+            if self.gpu_decode:
+                images, rows = self._decode_on_gpu(images, rows)
+            if len(rows) == 0:
+                continue
+            yield self._normalize(images), self._targets(rows)
+
+    def _count_bad(self, bad):
+        for row, reason in bad:
+            self.skipped_paths.append((self._describe(row), reason))
+
+    def _describe(self, row):
+        return self.manifest.paths[row]
+
+    def _decode_on_gpu(self, blobs, rows):
+        from torchvision.io import decode_jpeg
+
+        tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        is_jpeg = [b[:3] == b"\xff\xd8\xff" for b in blobs]
+        decoded = [None] * len(blobs)
+        jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
+        try:
+            out = decode_jpeg([tensors[i] for i in jpeg_idx], device=self.device, mode=_rgb())
+            for i, img in zip(jpeg_idx, out):
+                decoded[i] = img
+        except Exception:
+            # Find the bad image(s) one by one so the rest of the batch survives.
+            for i in jpeg_idx:
+                try:
+                    decoded[i] = decode_jpeg(tensors[i], device=self.device, mode=_rgb())
+                except Exception as e:
+                    self._count_bad([(int(rows[i]), f"{type(e).__name__}: {e}")])
+        for i, j in enumerate(is_jpeg):
+            if not j:
+                try:
+                    decoded[i] = _decode_cpu(blobs[i]).to(self.device)
+                except Exception as e:
+                    self._count_bad([(int(rows[i]), f"{type(e).__name__}: {e}")])
+        keep = [i for i, d in enumerate(decoded) if d is not None]
+        if not keep:
+            return None, rows[:0]
+        images = torch.stack([_augment(decoded[i], self.train, self.image_size, self.resize_size)
+                              for i in keep])
+        return images, rows[keep]
+
+
+def _rgb():
+    from torchvision.io import ImageReadMode
+
+    return ImageReadMode.RGB
