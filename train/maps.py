@@ -91,7 +91,8 @@ def ring_to_plot_polygons(quad_latlng: np.ndarray, step_deg: float = 1.0) -> lis
     winding = ring[-1, 0] - ring[0, 0] + closing
     if abs(winding) > 180.0:
         pole = 90.0 if ring[:, 1].mean() > 0 else -90.0
-        ring = np.concatenate([ring, [[ring[-1, 0], pole], [ring[0, 0], pole]]])
+        end = ring[0, 0] + np.sign(winding) * 360.0  # the first point again, one turn later
+        ring = np.concatenate([ring, [[end, ring[0, 1]], [end, pole], [ring[0, 0], pole]]])
     # Put the ring's centre in [-180, 180) and add a copy for what sticks out.
     centre = 0.5 * (ring[:, 0].min() + ring[:, 0].max())
     ring[:, 0] -= 360.0 * np.floor((centre + 180.0) / 360.0)

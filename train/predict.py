@@ -279,17 +279,18 @@ class Geolocator:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         geo_logits, scene_logits = self.model(x)
-        probs = [torch.softmax(g.float(), dim=1) for g in geo_logits]
-        scenes = torch.softmax(scene_logits.float(), dim=1) if scene_logits is not None else None
+        # float64 so that reported probabilities sum to 1 to the last digit
+        probs = [torch.softmax(g.double(), dim=1) for g in geo_logits]
+        scenes = torch.softmax(scene_logits.double(), dim=1) if scene_logits is not None else None
         if n_crops > 1:
             probs = [combine_crops(p, n_crops, tta_combine) for p in probs]
             scenes = combine_crops(scenes, n_crops, tta_combine) if scenes is not None else None
-        probs_np = [p.double().cpu().numpy() for p in probs]
+        probs_np = [p.cpu().numpy() for p in probs]
         hier = hierarchical_probs(probs_np, self.hierarchy)
         hier = hier.detach().cpu().numpy() if isinstance(hier, torch.Tensor) else np.asarray(hier)
         hier = hier.astype(np.float64)
         hier /= hier.sum(axis=1, keepdims=True)
-        return probs_np, hier, (scenes.double().cpu().numpy() if scenes is not None else None)
+        return probs_np, hier, (scenes.cpu().numpy() if scenes is not None else None)
 
     # -- results
 
@@ -429,6 +430,16 @@ def format_prediction(pred: Prediction) -> str:
     return "\n".join(lines)
 
 
+def _exif_location(path: str) -> tuple[float, float] | None:
+    """The photo's own GPS position, if its EXIF has one (marked on the map as the truth)."""
+    from geocell.train.exif import read_gps
+
+    try:
+        return read_gps(path)
+    except Exception:  # no GPS block, or EXIF the reader does not understand
+        return None
+
+
 def _parse_truth(text: str) -> tuple[float, float]:
     try:
         lat, lng = (float(v) for v in text.split(","))
@@ -454,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--map", metavar="PNG", help="probability map; several images: "
                     "out.png -> out_0.png, out_1.png, ... (or give a folder)")
     ap.add_argument("--truth", type=_parse_truth, metavar="LAT,LNG",
-                    help="true location to mark on the map(s)")
+                    help="true location to mark on the map(s) (default: the photo's EXIF GPS, if any)")
     ap.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time crops")
     ap.add_argument("--tta-combine", choices=TTA_COMBINE, default="max")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -506,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             top = pred.hierarchical_top1
             draw_probability_map(
                 map_paths[i], np.asarray(geo.fine.cells, dtype=np.uint64), pred.fine_probs,
-                top1=(top.lat, top.lng), truth=args.truth, region=pred.fine_index,
+                top1=(top.lat, top.lng), truth=args.truth or _exif_location(path), region=pred.fine_index,
                 title=f"{os.path.basename(path)}: best guess {top.lat:.3f}, {top.lng:.3f}; "
                       f"{pred.region_mass:.0%} region {pred.region_area_km2:,.0f} km²")
             pred.fine_probs = pred.fine_index = None  # don't hold n_fine floats per image
