@@ -1,0 +1,186 @@
+"""Training configuration: defaults, a YAML file (--config) and command-line flags, in that order of
+precedence (flags win). The resolved configuration is saved in the run folder as config.yaml."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+# Partitionings of the 2018 paper, (tau_min, tau_max), tuned for MP-16's 4.7M training images.
+PAPER_TAUS = [[50, 5000], [50, 2000], [50, 1000]]
+PAPER_TRAIN_SIZE = 4_723_695
+
+
+@dataclass
+class TrainConfig:
+    # data
+    manifest: str | None = None  # plain or GeoEstimation CSV; None = the Earth dataset below
+    val_manifest: str | None = None  # else the manifest's split column, else a random holdout
+    image_root: str | None = None
+    val_fraction: float = 0.1
+    data_dir: str = "data/earth"  # where the Earth dataset is built when no manifest is given
+    earth_n: int = 20000
+    earth_size: int = 128
+    image_size: int = 96
+    resize_size: int | None = None
+    backend: str = "auto"
+    workers: int = 2
+    # partitionings
+    partitions: list | None = None  # CSV files (coarsest first); else built from the training split
+    taus: list = field(default_factory=lambda: [list(t) for t in PAPER_TAUS])
+    tau_scale: str | float = "auto"  # "auto": see scaled_taus(); or a number multiplying the taus
+    # model
+    arch: str = "resnet18"
+    pretrained: str = "none"
+    scene_head: bool = True
+    scene_weight: float = 1.0
+    smoothing_km: float = 0.0  # haversine label smoothing temperature; 0 = one-hot targets
+    # optimisation
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "step"  # step (MultiStepLR) or cosine
+    milestones: list | None = None  # epochs; default: 2/3 and 8/9 of the run
+    gamma: float = 0.5
+    warmup_epochs: float = 0.5
+    amp: str = "auto"  # auto (bf16 on GPU), bf16, fp16, none
+    channels_last: str = "auto"
+    compile: bool = False
+    # run
+    out: str | None = None
+    resume: str | None = None
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0 = only at the end of each epoch
+    stop_after_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total
+    log_every: int = 20
+    threads: int = 0
+    device: str = "auto"
+    progress: bool = True
+    tensorboard: bool = True
+    ablation: bool = False
+
+
+def scaled_taus(taus, n_train: int, scale="auto") -> list[list[int]]:
+    """Partition thresholds for a training set of n_train images.
+
+    The paper's (tau_min, tau_max) pairs were chosen for 4.7M images. "auto" multiplies them by
+    s = n_train / 4.7M, which keeps the number of cells roughly constant, and then raises them to
+    sensible minimums so that a small dataset gets fewer, better-populated classes:
+    tau_max >= tau_max_paper / 20 (250 / 100 / 50) and tau_min >= 2.
+    A number multiplies the thresholds directly (1 = the paper's values).
+    """
+    out = []
+    for tau_min, tau_max in taus:
+        if scale == "auto":
+            s = n_train / PAPER_TRAIN_SIZE
+            lo = max(2, round(tau_min * s))
+            hi = max(round(tau_max * s), round(tau_max / 20))
+        else:
+            s = float(scale)
+            lo = max(1, round(tau_min * s))
+            hi = max(lo + 1, round(tau_max * s))
+        out.append([int(lo), int(max(hi, lo + 1))])
+    return out
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    return data
+
+
+def resolve(flags: dict, config_path: str | None = None, base: dict | None = None) -> TrainConfig:
+    """defaults <- base (a resumed run's saved config) <- YAML file <- flags given on the command line."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in (base or {}).items() if k in known}
+    if config_path:
+        values.update(load_yaml(config_path))
+    values.update({k: v for k, v in flags.items() if k != "config"})
+    return TrainConfig(**values)
+
+
+def save_yaml(config: TrainConfig, path: str) -> None:
+    import yaml
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every TrainConfig field; absent flags stay absent (so the YAML file can set them)."""
+    d = TrainConfig()
+    a = parser.add_argument
+    a("--config", help="YAML file with options (flags override it)")
+    g = parser.add_argument_group("data")
+    g.add_argument("--manifest", help="training manifest (plain path,lat,lng[,scene][,split] or GeoEstimation CSV)")
+    g.add_argument("--val-manifest", help="validation manifest (else the 'val' split, else a random holdout)")
+    g.add_argument("--image-root", help="folder the manifest's relative paths start from")
+    g.add_argument("--val-fraction", type=float, help=f"random holdout when there is no split (default {d.val_fraction})")
+    g.add_argument("--data-dir", help=f"Earth dataset folder used without --manifest (default {d.data_dir})")
+    g.add_argument("--earth-n", type=int, help=f"images in the Earth dataset (default {d.earth_n})")
+    g.add_argument("--earth-size", type=int, help=f"Earth image size in px (default {d.earth_size})")
+    g.add_argument("--image-size", type=int, help=f"training crop size (default {d.image_size})")
+    g.add_argument("--resize-size", type=int, help="evaluation resize (default image_size*256/224)")
+    g.add_argument("--backend", choices=["auto", "dali", "torch"], help="loader backend (default auto)")
+    g.add_argument("--workers", type=int, help=f"loader worker processes per rank (default {d.workers})")
+    g = parser.add_argument_group("partitionings")
+    g.add_argument("--partitions", nargs="+", metavar="CSV", help="partition CSV files, coarsest first")
+    g.add_argument("--taus", nargs="+", metavar="MIN/MAX",
+                   type=lambda s: [int(v) for v in s.split("/")],
+                   help="paper-scale thresholds, e.g. 50/5000 50/2000 50/1000 (default)")
+    g.add_argument("--tau-scale", type=lambda s: s if s == "auto" else float(s),
+                   help="'auto' (scale by n_train/4.7M with minimums) or a factor")
+    g = parser.add_argument_group("model")
+    g.add_argument("--arch", help=f"resnet18 / resnet50 / resnet101 (default {d.arch})")
+    g.add_argument("--pretrained", help="none | imagenet | PATH to weights (default none)")
+    g.add_argument("--scene-head", type=_bool, help="train the scene head (default true when scene labels exist)")
+    g.add_argument("--scene-weight", type=float, help=f"weight of the scene loss (default {d.scene_weight})")
+    g.add_argument("--smoothing-km", type=float, help="haversine label smoothing temperature in km (e.g. 65); 0 = off")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    g.add_argument("--batch-size", type=int, help=f"per process (default {d.batch_size})")
+    g.add_argument("--lr", type=float, help=f"SGD learning rate for the global batch (default {d.lr})")
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--schedule", choices=["step", "cosine"], help="MultiStepLR (default) or cosine")
+    g.add_argument("--milestones", type=int, nargs="+", help="MultiStepLR epochs (default 2/3 and 8/9 of the run)")
+    g.add_argument("--gamma", type=float, help=f"MultiStepLR factor (default {d.gamma})")
+    g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up (default {d.warmup_epochs})")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], help="autocast (default: bf16 on GPU)")
+    g.add_argument("--channels-last", choices=["auto", "true", "false"])
+    g.add_argument("--compile", action="store_true", default=argparse.SUPPRESS, help="torch.compile the model")
+    g = parser.add_argument_group("run")
+    g.add_argument("-o", "--out", help="run folder (default runs/<date-time>)")
+    g.add_argument("--resume", help="checkpoint (or run folder) to continue from")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--checkpoint-every", type=int, metavar="N", help="also checkpoint every N steps")
+    g.add_argument("--stop-after-steps", type=int, metavar="N", help="stop after N steps in total (checkpointed)")
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:1 (default auto)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=argparse.SUPPRESS)
+    g.add_argument("--ablation", action="store_true", default=argparse.SUPPRESS,
+                   help="compare 1 partitioning / 3 + hierarchy / 3 + hierarchy + scene head")

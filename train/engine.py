@@ -1,0 +1,326 @@
+"""Training machinery: distributed setup, optimiser and schedule, the epoch loop, logging, RNG state.
+
+The evaluation pass lives in geocell.train.metrics (evaluate / evaluate_full).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ---------------------------------------------------------------------------------------------
+# Distributed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; NCCL on GPU, gloo on CPU)
+
+
+class DistInfo:
+    def __init__(self, rank=0, world=1, local_rank=0, device=torch.device("cpu")):
+        self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device_name: str = "auto") -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_min(value: int, info: DistInfo) -> int:
+    if not info.enabled:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=info.device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def all_reduce_mean(values: dict, info: DistInfo) -> dict:
+    """Average a dict of floats over ranks."""
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=info.device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return {k: float(v) / info.world for k, v in zip(keys, t.tolist())}
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducibility
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    # Checkpoints store tuples as lists and arrays as tensors (weights_only-safe); convert back.
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst[0], np.asarray(npst[1], dtype=np.uint32), int(npst[2]), int(npst[3]), float(npst[4])))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and learning-rate schedule
+
+
+def build_optimizer(model, lr: float, momentum: float, weight_decay: float):
+    # No weight decay on biases and batch-norm parameters (the usual ResNet practice).
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
+
+
+def default_milestones(epochs: int) -> list[int]:
+    return sorted({max(1, round(epochs * 2 / 3)), max(1, round(epochs * 8 / 9))} - {epochs}) or [max(1, epochs)]
+
+
+class LRSchedule:
+    """Learning-rate factor per optimizer step: linear warm-up, then either the 2018 recipe's
+    multi-step decay (x gamma at each milestone epoch, MultiStepLR semantics) or cosine to zero."""
+
+    def __init__(self, kind: str, steps_per_epoch: int, epochs: int, milestones=None, gamma=0.5, warmup_epochs=0.0):
+        if kind not in ("step", "cosine"):
+            raise ValueError(f"unknown schedule {kind!r} (step or cosine)")
+        self.kind = kind
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.total = self.steps_per_epoch * max(1, int(epochs))
+        self.milestones = [int(m) * self.steps_per_epoch for m in (milestones or default_milestones(epochs))]
+        self.gamma = float(gamma)
+        self.warmup = int(round(float(warmup_epochs) * self.steps_per_epoch))
+
+    def __call__(self, step: int) -> float:
+        factor = 1.0
+        if self.warmup and step < self.warmup:
+            factor = (step + 1) / self.warmup
+        if self.kind == "step":
+            return factor * self.gamma ** sum(step >= m for m in self.milestones)
+        progress = min(1.0, step / self.total)
+        return factor * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, schedule: LRSchedule):
+    # LambdaLR stepped once per optimizer step; its state_dict holds only numbers (weights_only-safe).
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging: JSONL always, TensorBoard when installed, rank 0 only
+
+
+class MetricLogger:
+    def __init__(self, run_dir: str | None, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled and run_dir is not None
+        self.file = None
+        self.tb = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except Exception:  # tensorboard not installed: JSONL only
+                self.tb = None
+
+    def log(self, record: dict, step: int, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **record}, default=float) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in _flatten(record).items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{prefix}{key}", value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def progress_bar(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, mininterval=1.0, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# One training epoch
+
+
+def autocast_context(device: torch.device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def train_one_epoch(
+    model,
+    criterion,
+    optimizer,
+    scheduler,
+    loader,
+    *,
+    epoch: int,
+    steps: int,
+    global_step: int,
+    info: DistInfo,
+    amp_dtype=None,
+    scaler=None,
+    channels_last: bool = False,
+    skip: int = 0,
+    on_step=None,
+    stop_at: int = 0,
+    logger: MetricLogger | None = None,
+    log_every: int = 20,
+    show_progress: bool = True,
+    after_skip=None,
+):
+    """Runs `steps` optimizer steps over `loader` (after skipping `skip` batches when resuming mid-epoch).
+
+    on_step(global_step, step_in_epoch) is called after each step (periodic checkpoints); training
+    stops early once global_step reaches stop_at (> 0). Returns (global_step, mean metrics, stopped).
+    """
+    model.train()
+    device = info.device
+    bar = progress_bar(steps, show_progress and info.is_main, f"epoch {epoch + 1}")
+    if bar is not None and skip:
+        bar.update(skip)
+    sums: dict = {}
+    count = 0
+    window_images, window_start = 0, time.perf_counter()
+    stopped = False
+    it = iter(loader)
+    for _ in range(skip):
+        next(it)
+    if after_skip is not None:
+        after_skip()
+    for step_in_epoch in range(skip, steps):
+        try:
+            images, targets = next(it)
+        except StopIteration:
+            break
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+        with autocast_context(device, amp_dtype):
+            geo_logits, scene_logits = model(images)
+        loss, parts = criterion(geo_logits, scene_logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        global_step += 1
+        count += 1
+        window_images += images.shape[0] * info.world
+
+        # Synchronising on .item() every step costs little next to a ResNet step; keeps logs exact.
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if not math.isfinite(float(parts["loss"])):
+            raise FloatingPointError(f"loss is {float(parts['loss'])} at epoch {epoch + 1}, step {global_step}; "
+                                     "lower --lr or check the data")
+        if bar is not None:
+            bar.update(1)
+        if log_every and global_step % log_every == 0:
+            elapsed = time.perf_counter() - window_start
+            record = {"epoch": epoch + (step_in_epoch + 1) / steps, "lr": optimizer.param_groups[0]["lr"],
+                      "images_per_s": window_images / max(elapsed, 1e-9),
+                      **{k: float(v) for k, v in parts.items()}}
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+            if logger is not None:
+                logger.log(record, global_step, prefix="train/")
+            window_images, window_start = 0, time.perf_counter()
+        if on_step is not None:
+            on_step(global_step, step_in_epoch + 1)
+        if stop_at and global_step >= stop_at:
+            stopped = True
+            break
+    if bar is not None:
+        bar.close()
+    means = {k: v / max(count, 1) for k, v in sums.items()}
+    return global_step, all_reduce_mean(means, info), stopped
