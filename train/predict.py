@@ -155,6 +155,8 @@ def _collate(items):
 def stream_files(paths: Sequence[str], transform, *, batch_size: int = 16, num_workers: int = 2
                  ) -> Iterator[tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]]:
     """Batches (images, indices into paths, [(index, error), ...]) in the order of ``paths``."""
+    if len(paths) <= batch_size:
+        num_workers = 0  # one batch: starting worker processes would cost more than decoding
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, collate_fn=_collate,
