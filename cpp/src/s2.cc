@@ -14,18 +14,6 @@ namespace detail {
 
 namespace {
 
-// Hilbert curve sub-cell order for each orientation, and the orientation
-// change on entering each sub-cell (s2coords.h).
-constexpr int kSwapMask = 1;
-constexpr int kInvertMask = 2;
-constexpr int kPosToIJ[4][4] = {
-    {0, 1, 3, 2},  // canonical order
-    {0, 2, 3, 1},  // axes swapped
-    {3, 2, 0, 1},  // bits inverted
-    {3, 1, 0, 2},  // swapped and inverted
-};
-constexpr int kPosToOrientation[4] = {kSwapMask, 0, 0, kInvertMask | kSwapMask};
-
 void init_lookup_cell(HilbertTables& t, int level, int i, int j, int orig_orientation, int pos,
                       int orientation) {
   if (level == kLookupBits) {
