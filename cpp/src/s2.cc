@@ -125,8 +125,10 @@ void cell_to_xyz(uint64_t id, double xyz[3]) {
 namespace {
 void xyz_to_latlng_deg(const double p[3], double* lat, double* lng) {
   // S2LatLng(const S2Point&) then S1Angle::degrees() = (180 / pi) * radians.
-  const double lat_rad = std::atan2(p[2], std::sqrt(p[0] * p[0] + p[1] * p[1]));
-  const double lng_rad = std::atan2(p[1], p[0]);
+  // S2LatLng::Latitude/Longitude add 0.0 to map -0 to +0 (atan2(-0, -0) would
+  // give -180 at the poles).
+  const double lat_rad = std::atan2(p[2] + 0.0, std::sqrt(p[0] * p[0] + p[1] * p[1]));
+  const double lng_rad = std::atan2(p[1] + 0.0, p[0] + 0.0);
   *lat = (180.0 / M_PI) * lat_rad;
   *lng = (180.0 / M_PI) * lng_rad;
 }
