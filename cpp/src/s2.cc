@@ -14,18 +14,6 @@ namespace detail {
 
 namespace {
 
-// Hilbert curve sub-cell order for each orientation, and the orientation
-// change on entering each sub-cell (s2coords.h).
-constexpr int kSwapMask = 1;
-constexpr int kInvertMask = 2;
-constexpr int kPosToIJ[4][4] = {
-    {0, 1, 3, 2},  // canonical order
-    {0, 2, 3, 1},  // axes swapped
-    {3, 2, 0, 1},  // bits inverted
-    {3, 1, 0, 2},  // swapped and inverted
-};
-constexpr int kPosToOrientation[4] = {kSwapMask, 0, 0, kInvertMask | kSwapMask};
-
 void init_lookup_cell(HilbertTables& t, int level, int i, int j, int orig_orientation, int pos,
                       int orientation) {
   if (level == kLookupBits) {
@@ -137,8 +125,10 @@ void cell_to_xyz(uint64_t id, double xyz[3]) {
 namespace {
 void xyz_to_latlng_deg(const double p[3], double* lat, double* lng) {
   // S2LatLng(const S2Point&) then S1Angle::degrees() = (180 / pi) * radians.
-  const double lat_rad = std::atan2(p[2], std::sqrt(p[0] * p[0] + p[1] * p[1]));
-  const double lng_rad = std::atan2(p[1], p[0]);
+  // S2LatLng::Latitude/Longitude add 0.0 to map -0 to +0 (atan2(-0, -0) would
+  // give -180 at the poles).
+  const double lat_rad = std::atan2(p[2] + 0.0, std::sqrt(p[0] * p[0] + p[1] * p[1]));
+  const double lng_rad = std::atan2(p[1] + 0.0, p[0] + 0.0);
   *lat = (180.0 / M_PI) * lat_rad;
   *lng = (180.0 / M_PI) * lng_rad;
 }

@@ -1,10 +1,13 @@
 // Batch kernels over arrays of points or cells, split across threads.
-// (Plain scalar loops; the vectorised fast path replaces latlng_to_cell_batch.)
+// latlng_to_cell_batch takes the AVX2 path where the CPU has it (s2_fast.cc).
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <thread>
 #include <vector>
 
 #include "geocell/s2.h"
+#include "s2_fast.h"
 
 namespace geocell {
 
@@ -13,6 +16,9 @@ int resolve_threads(int threads) {
   const unsigned hw = std::thread::hardware_concurrency();
   return hw == 0 ? 1 : static_cast<int>(hw);
 }
+
+bool simd_available() { return detail::avx2_available(); }
+void set_simd_enabled(bool enabled) { detail::set_simd_enabled(enabled); }
 
 namespace {
 template <class F>
@@ -25,19 +31,27 @@ void parallel_for(size_t n, int threads, F&& body) {
     return;
   }
   std::vector<std::thread> pool;
+  pool.reserve(t - 1);
   const size_t chunk = (n + t - 1) / t;
-  for (size_t k = 0; k < t; ++k) {
+  // The calling thread takes the first chunk itself.
+  for (size_t k = 1; k < t; ++k) {
     const size_t b = k * chunk, e = std::min(n, b + chunk);
     if (b < e) pool.emplace_back([&body, b, e] { body(b, e); });
   }
+  body(0, std::min(n, chunk));
   for (auto& th : pool) th.join();
 }
 }  // namespace
 
 void latlng_to_cell_batch(const double* lat, const double* lng, size_t n, int level,
                           uint64_t* out, int threads) {
+  const bool fast = detail::simd_enabled();
   parallel_for(n, threads, [&](size_t b, size_t e) {
-    for (size_t k = b; k < e; ++k) out[k] = latlng_to_cell(lat[k], lng[k], level);
+    if (fast) {
+      detail::latlng_to_cell_avx2(lat + b, lng + b, e - b, level, out + b);
+    } else {
+      detail::latlng_to_cell_scalar(lat + b, lng + b, e - b, level, out + b);
+    }
   });
 }
 
@@ -48,11 +62,42 @@ void cell_to_latlng_batch(const uint64_t* cells, size_t n, double* lat, double* 
   });
 }
 
+void cell_to_boundary_batch(const uint64_t* cells, size_t n, double* out, int threads) {
+  parallel_for(n, threads, [&](size_t b, size_t e) {
+    for (size_t k = b; k < e; ++k) cell_to_boundary(cells[k], out + 8 * k);
+  });
+}
+
 void great_circle_km_batch(const double* lat1, const double* lng1, const double* lat2,
                            const double* lng2, size_t n, double* out, int threads) {
   parallel_for(n, threads, [&](size_t b, size_t e) {
     for (size_t k = b; k < e; ++k) out[k] = great_circle_km(lat1[k], lng1[k], lat2[k], lng2[k]);
   });
+}
+
+void cell_to_token_batch(const uint64_t* cells, size_t n, char* out, size_t width) {
+  char buf[17];
+  for (size_t k = 0; k < n; ++k) {
+    const int len = cell_to_token(cells[k], buf);
+    char* field = out + k * width;
+    std::memcpy(field, buf, static_cast<size_t>(len));
+    std::memset(field + len, 0, width - static_cast<size_t>(len));
+  }
+}
+
+int64_t token_to_cell_batch(const char* tokens, size_t width, size_t n, uint64_t* out) {
+  for (size_t k = 0; k < n; ++k) {
+    const char* field = tokens + k * width;
+    const size_t len = strnlen(field, width);
+    // Anything after the first NUL must be padding too.
+    for (size_t c = len; c < width; ++c) {
+      if (field[c] != '\0') return static_cast<int64_t>(k);
+    }
+    if (!token_to_cell(field, len, &out[k]) || !is_valid_cell(out[k])) {
+      return static_cast<int64_t>(k);
+    }
+  }
+  return -1;
 }
 
 }  // namespace geocell

@@ -18,6 +18,18 @@ struct HilbertTables {
 };
 const HilbertTables& hilbert_tables();
 
+// Hilbert curve sub-cell order for each orientation, and the orientation
+// change on entering each sub-cell (s2coords.h).
+constexpr int kSwapMask = 1;
+constexpr int kInvertMask = 2;
+constexpr int kPosToIJ[4][4] = {
+    {0, 1, 3, 2},  // canonical order
+    {0, 2, 3, 1},  // axes swapped
+    {3, 2, 0, 1},  // bits inverted
+    {3, 1, 0, 2},  // swapped and inverted
+};
+constexpr int kPosToOrientation[4] = {kSwapMask, 0, 0, kInvertMask | kSwapMask};
+
 // Face = axis of the largest |component| (ties to the later axis), +3 when
 // that component is negative (S2Point::LargestAbsComponent, GetFace).
 inline int xyz_to_face(const double p[3]) {

@@ -1,10 +1,341 @@
-"""Placeholder: the numpy API over the S2 core lands here."""
+"""S2 cells over numpy arrays, bit-exact with Google's s2geometry.
+
+Every function takes array-likes (numpy arrays, lists, scalars) and returns
+numpy arrays of the input's shape. Conventions shared by all of them:
+
+- Coordinates are degrees. Any real dtype is converted to float64; a
+  C-contiguous float64 array is used in place, without a copy.
+- Cell ids are uint64. int64 arrays are accepted and reinterpreted bit for bit
+  (ids stored "viewed as int64", as in checkpoints).
+- Scalar (0-d) input gives numpy scalar output (``np.uint64``, ``np.float64``,
+  ``np.bool_``, ``np.str_``), or a tuple of them.
+- Bad input raises ``ValueError`` naming the first offending index and value:
+  non-finite or out-of-range coordinates, arrays of different shapes, a level
+  outside 0..30, an invalid cell id where a valid one is needed, a malformed
+  token. Empty arrays give empty results.
+- ``threads=0`` uses every hardware thread; the compiled kernels release the
+  GIL.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import _core
+
+__all__ = [
+    "cell_contains",
+    "cell_level",
+    "cell_range",
+    "cell_to_boundary",
+    "cell_to_children",
+    "cell_to_latlng",
+    "cell_to_parent",
+    "cell_to_token",
+    "great_circle_km",
+    "is_valid_cell",
+    "latlng_to_cell",
+    "token_to_cell",
+]
+
+MAX_LEVEL = 30
+_ONE = np.uint64(1)
 
 
-def _missing(*args, **kwargs):
-    raise NotImplementedError
+# ---- coercion and validation -------------------------------------------------
 
 
-cell_contains = cell_level = cell_range = cell_to_boundary = cell_to_children = _missing
-cell_to_latlng = cell_to_parent = cell_to_token = great_circle_km = is_valid_cell = _missing
-latlng_to_cell = token_to_cell = _missing
+def _where(name: str, shape: tuple, flat_index: int) -> str:
+    if len(shape) <= 1:
+        return f"{name}[{flat_index}]" if shape else name
+    idx = np.unravel_index(flat_index, shape)
+    return f"{name}[{', '.join(str(int(k)) for k in idx)}]"
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    # Unlike np.ascontiguousarray, keeps 0-d arrays 0-d; never copies a C-contiguous array.
+    return a if a.flags.c_contiguous else np.array(a, order="C")
+
+
+def _as_float64(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype != np.float64:
+        if a.dtype.kind not in "fiub" and not (a.dtype.kind == "O" and a.size == 0):
+            raise TypeError(f"{name} must be real numbers, got dtype {a.dtype}")
+        a = a.astype(np.float64)
+    return _contiguous(a)
+
+
+def _as_cells(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if not isinstance(x, np.ndarray) and a.dtype.kind in "fO" and a.size:
+        # A list mixing uint64 ids with Python ints would become float64 and
+        # lose bits: take its elements as Python ints instead.
+        items = np.asarray(x, dtype=object).reshape(-1)
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in items):
+            raise TypeError(f"{name} must be integer cell ids")
+        if any(not -(2**63) <= int(v) < 2**64 for v in items):
+            raise ValueError(f"{name} must be 64-bit cell ids")
+        a = np.array([int(v) & 0xFFFFFFFFFFFFFFFF for v in items], dtype=np.uint64).reshape(a.shape)
+    if a.dtype == np.uint64:
+        pass
+    elif a.dtype == np.int64:
+        a = a.view(np.uint64)
+    elif a.dtype.kind == "u":
+        a = a.astype(np.uint64)
+    elif a.dtype.kind == "i":
+        a = a.astype(np.int64).view(np.uint64)
+    elif a.size == 0:
+        a = a.astype(np.uint64)
+    else:
+        raise TypeError(f"{name} must be integer cell ids, got dtype {a.dtype}")
+    return _contiguous(a)
+
+
+def _check_same_shape(**arrays: np.ndarray) -> tuple:
+    shapes = {name: a.shape for name, a in arrays.items()}
+    first = next(iter(shapes.values()))
+    if any(s != first for s in shapes.values()):
+        desc = ", ".join(f"{name} {s}" for name, s in shapes.items())
+        raise ValueError(f"inputs have different shapes: {desc}")
+    return first
+
+
+def _check_latlng(lat: np.ndarray, lng: np.ndarray, lat_name: str, lng_name: str) -> None:
+    k = _core.find_invalid_latlng(lat.reshape(-1), lng.reshape(-1))
+    if k < 0:
+        return
+    la, ln = lat.reshape(-1)[k], lng.reshape(-1)[k]
+    if not (-90.0 <= la <= 90.0):
+        raise ValueError(
+            f"{_where(lat_name, lat.shape, k)} = {float(la)!r} is not a finite latitude in [-90, 90]"
+        )
+    raise ValueError(f"{_where(lng_name, lng.shape, k)} = {float(ln)!r} is not a finite longitude")
+
+
+def _check_cells(cells: np.ndarray, name: str) -> None:
+    k = _core.find_invalid_cell(cells.reshape(-1))
+    if k >= 0:
+        v = int(cells.reshape(-1)[k])
+        raise ValueError(f"{_where(name, cells.shape, k)} = {v} (0x{v:016x}) is not a valid S2 cell id")
+
+
+def _valid_cells(x, name: str = "cells") -> np.ndarray:
+    a = _as_cells(x, name)
+    _check_cells(a, name)
+    return a
+
+
+def _check_level(level, name: str = "level") -> int:
+    if isinstance(level, (bool, np.bool_)) or not isinstance(level, numbers.Integral):
+        raise TypeError(f"{name} must be an integer in 0..{MAX_LEVEL}, got {level!r}")
+    if not 0 <= int(level) <= MAX_LEVEL:
+        raise ValueError(f"{name} = {int(level)} is outside 0..{MAX_LEVEL}")
+    return int(level)
+
+
+def _check_threads(threads) -> int:
+    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, numbers.Integral) or threads < 0:
+        raise ValueError(f"threads = {threads!r} must be an integer >= 0 (0 = all cores)")
+    return int(threads)
+
+
+def _shaped(out: np.ndarray, shape: tuple):
+    out = out.reshape(shape + out.shape[1:])
+    return out[()] if out.ndim == 0 else out
+
+
+def _lowest_bit(cells: np.ndarray) -> np.ndarray:
+    return cells & (~cells + _ONE)
+
+
+def _levels_of(cells: np.ndarray) -> np.ndarray:
+    # The lowest set bit of a valid id is 4^(30 - level): exact in float64.
+    exponent = np.frexp(_lowest_bit(cells).astype(np.float64))[1] - 1
+    return MAX_LEVEL - (exponent.astype(np.int64) >> 1)
+
+
+# ---- the API -------------------------------------------------------------------
+
+
+def latlng_to_cell(lat, lng, level: int = 30, *, threads: int = 0):
+    """Cell ids (uint64) at ``level`` of the points ``(lat, lng)`` in degrees.
+
+    Identical to ``S2CellId(S2LatLng::FromDegrees(lat, lng)).parent(level)``.
+    Longitudes outside [-180, 180] wrap as in S2. Raises ValueError for
+    non-finite values, ``|lat| > 90``, different shapes, or a level outside
+    0..30.
+    """
+    lat_a, lng_a = _as_float64(lat, "lat"), _as_float64(lng, "lng")
+    shape = _check_same_shape(lat=lat_a, lng=lng_a)
+    level = _check_level(level)
+    threads = _check_threads(threads)
+    _check_latlng(lat_a, lng_a, "lat", "lng")
+    out = _core.latlng_to_cell(lat_a.reshape(-1), lng_a.reshape(-1), level, threads)
+    return _shaped(out, shape)
+
+
+def cell_to_latlng(cells, *, threads: int = 0):
+    """Centres ``(lat, lng)`` in degrees of the cells (float64 arrays).
+
+    Identical to ``S2CellId::ToLatLng`` (within 1e-12 degrees).
+    """
+    c = _valid_cells(cells)
+    lat, lng = _core.cell_to_latlng(c.reshape(-1), _check_threads(threads))
+    return _shaped(lat, c.shape), _shaped(lng, c.shape)
+
+
+def cell_to_boundary(cells, *, threads: int = 0) -> np.ndarray:
+    """Vertices of the cells, float64 of shape ``cells.shape + (4, 2)``.
+
+    Each row holds four ``(lat, lng)`` pairs in degrees, counter-clockwise seen
+    from outside the sphere, in the order of ``S2Cell::GetVertex(0..3)``.
+    """
+    c = _valid_cells(cells)
+    out = _core.cell_to_boundary(c.reshape(-1), _check_threads(threads))
+    return out.reshape(c.shape + (4, 2))
+
+
+def cell_level(cells):
+    """Level (0..30, int64) of each cell."""
+    c = _valid_cells(cells)
+    return _shaped(_levels_of(c.reshape(-1)), c.shape)
+
+
+def cell_to_parent(cells, level):
+    """Ancestor of each cell at ``level`` (an int, or an array of the cells' shape).
+
+    A cell is its own parent at its own level. Raises ValueError when
+    ``level`` is finer than a cell's level.
+    """
+    c = _valid_cells(cells)
+    flat = c.reshape(-1)
+    if np.ndim(level) == 0:
+        lv = np.full(flat.shape, _check_level(level), dtype=np.int64)
+    else:
+        lv_arr = np.asarray(level)
+        if lv_arr.dtype.kind not in "iu":
+            raise TypeError(f"level must be integers, got dtype {lv_arr.dtype}")
+        _check_same_shape(cells=c, level=lv_arr)
+        lv = lv_arr.reshape(-1).astype(np.int64)
+        bad = np.flatnonzero((lv < 0) | (lv > MAX_LEVEL))
+        if bad.size:
+            k = int(bad[0])
+            raise ValueError(f"{_where('level', c.shape, k)} = {lv[k]} is outside 0..{MAX_LEVEL}")
+    own = _levels_of(flat)
+    finer = np.flatnonzero(lv > own)
+    if finer.size:
+        k = int(finer[0])
+        raise ValueError(
+            f"level {lv[k]} is finer than {_where('cells', c.shape, k)} = {int(flat[k])} "
+            f"at level {own[k]}"
+        )
+    lsb = np.left_shift(_ONE, (2 * (MAX_LEVEL - lv)).astype(np.uint64))
+    return _shaped((flat & (~lsb + _ONE)) | lsb, c.shape)
+
+
+def cell_to_children(cells) -> np.ndarray:
+    """The four children (Hilbert order) of each cell, shape ``cells.shape + (4,)``.
+
+    Raises ValueError for leaf (level-30) cells, which have no children.
+    """
+    c = _valid_cells(cells)
+    flat = c.reshape(-1)
+    lsb = _lowest_bit(flat)
+    leaves = np.flatnonzero(lsb == _ONE)
+    if leaves.size:
+        k = int(leaves[0])
+        raise ValueError(
+            f"{_where('cells', c.shape, k)} = {int(flat[k])} is a leaf cell (level 30) without children"
+        )
+    first = flat - lsb + (lsb >> np.uint64(2))
+    step = lsb >> _ONE
+    out = first[:, None] + step[:, None] * np.arange(4, dtype=np.uint64)[None, :]
+    return out.reshape(c.shape + (4,))
+
+
+def cell_range(cells):
+    """First and last leaf ids ``(min, max)`` under each cell (uint64 arrays)."""
+    c = _valid_cells(cells)
+    flat = c.reshape(-1)
+    half = _lowest_bit(flat) - _ONE
+    return _shaped(flat - half, c.shape), _shaped(flat + half, c.shape)
+
+
+def cell_contains(a, b):
+    """Whether cell ``a`` contains cell ``b`` (or equals it), elementwise (bool)."""
+    ca, cb = _valid_cells(a, "a"), _valid_cells(b, "b")
+    shape = _check_same_shape(a=ca, b=cb)
+    fa, fb = ca.reshape(-1), cb.reshape(-1)
+    half = _lowest_bit(fa) - _ONE
+    return _shaped((fb >= fa - half) & (fb <= fa + half), shape)
+
+
+def is_valid_cell(cells):
+    """Whether each id is a valid S2 cell (face 0..5, a level marker bit); never raises for bad ids."""
+    c = _as_cells(cells, "cells")
+    flat = c.reshape(-1)
+    ok = ((flat >> np.uint64(61)) < np.uint64(6)) & (
+        (_lowest_bit(flat) & np.uint64(0x1555555555555555)) != np.uint64(0)
+    )
+    return _shaped(ok, c.shape)
+
+
+def cell_to_token(cells):
+    """Tokens (shortest lowercase hex, as ``S2CellId::ToToken``) as a str array."""
+    c = _valid_cells(cells)
+    out = _core.cell_to_token(c.reshape(-1)).astype("U16")
+    return _shaped(out, c.shape)
+
+
+def token_to_cell(tokens):
+    """Cell ids (uint64) of tokens; raises ValueError for a token of no valid cell.
+
+    Hex digits may be upper or lower case; "X" (the token of the invalid id 0)
+    and tokens of invalid ids are rejected.
+    """
+    a = np.asarray(tokens)
+    if a.dtype.kind == "O":
+        if not all(isinstance(t, (str, bytes)) for t in a.reshape(-1)):
+            raise TypeError("tokens must be strings")
+        a = a.astype(str) if a.size else a.astype("U1")
+    if a.dtype.kind == "U":
+        try:
+            b = a.astype("S") if a.size else np.zeros(a.shape, "S1")
+        except UnicodeEncodeError:
+            flat = a.reshape(-1)
+            k = next(i for i, t in enumerate(flat) if not str(t).isascii())
+            raise ValueError(
+                f"{_where('tokens', a.shape, k)} = {str(flat[k])!r} is not the token of a valid S2 cell"
+            ) from None
+    elif a.dtype.kind == "S":
+        b = a
+    elif a.size == 0:
+        b = np.zeros(a.shape, "S1")
+    else:
+        raise TypeError(f"tokens must be strings, got dtype {a.dtype}")
+    b = _contiguous(b)
+    ids, k = _core.token_to_cell(b.reshape(-1))
+    if k >= 0:
+        t = a.reshape(-1)[k]
+        t = t.decode("ascii", "replace") if isinstance(t, bytes) else str(t)
+        raise ValueError(f"{_where('tokens', a.shape, k)} = {t!r} is not the token of a valid S2 cell")
+    return _shaped(ids, a.shape)
+
+
+def great_circle_km(lat1, lng1, lat2, lng2, *, threads: int = 0):
+    """Haversine great-circle distance in km (sphere of radius 6371.0 km), elementwise."""
+    arrays = {
+        "lat1": _as_float64(lat1, "lat1"),
+        "lng1": _as_float64(lng1, "lng1"),
+        "lat2": _as_float64(lat2, "lat2"),
+        "lng2": _as_float64(lng2, "lng2"),
+    }
+    shape = _check_same_shape(**arrays)
+    threads = _check_threads(threads)
+    _check_latlng(arrays["lat1"], arrays["lng1"], "lat1", "lng1")
+    _check_latlng(arrays["lat2"], arrays["lng2"], "lat2", "lng2")
+    flat = [v.reshape(-1) for v in arrays.values()]
+    return _shaped(_core.great_circle_km(*flat, threads), shape)

@@ -81,8 +81,16 @@ void latlng_to_cell_batch(const double* lat, const double* lng, size_t n, int le
                           uint64_t* out, int threads = 0);
 void cell_to_latlng_batch(const uint64_t* cells, size_t n, double* lat, double* lng,
                           int threads = 0);
+// Vertices of each cell, 8 doubles per cell (as cell_to_boundary).
+void cell_to_boundary_batch(const uint64_t* cells, size_t n, double* out, int threads = 0);
 void great_circle_km_batch(const double* lat1, const double* lng1, const double* lat2,
                            const double* lng2, size_t n, double* out, int threads = 0);
+
+// Tokens into fixed-width fields of `width` >= 16 chars, NUL-padded.
+void cell_to_token_batch(const uint64_t* cells, size_t n, char* out, size_t width);
+// Parses n NUL-padded fields of `width` chars; returns the first index whose
+// field is not the token of a valid cell, or -1 (then out holds every id).
+int64_t token_to_cell_batch(const char* tokens, size_t width, size_t n, uint64_t* out);
 
 // First index whose latitude is not finite or outside [-90, 90], or whose
 // longitude is not finite; -1 when all are valid.
@@ -91,5 +99,11 @@ int64_t find_invalid_cell(const uint64_t* cells, size_t n);
 
 // Number of worker threads `threads` resolves to.
 int resolve_threads(int threads);
+
+// Whether this CPU can take the AVX2/FMA path of latlng_to_cell_batch, and a
+// switch to turn it off (results are identical either way; for tests and
+// benchmarks of the baseline path).
+bool simd_available();
+void set_simd_enabled(bool enabled);
 
 }  // namespace geocell

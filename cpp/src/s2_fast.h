@@ -1,0 +1,33 @@
+// The vectorised lat/lng -> cell path and its scalar twin. Private to the
+// core: latlng_to_cell_batch (s2_batch.cc) picks one at run time.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace geocell::detail {
+
+// True when the CPU runs the AVX2/FMA path (checked once, at run time).
+bool avx2_available();
+
+// Enables or disables the AVX2 path for every later batch call (tests and
+// benchmarks compare the two; the default is enabled where available).
+void set_simd_enabled(bool enabled);
+bool simd_enabled();
+
+// Cells at `level` for n points, one thread, no validation. The AVX2 version
+// must only be called when avx2_available(); both give identical results.
+void latlng_to_cell_scalar(const double* lat, const double* lng, size_t n, int level,
+                           uint64_t* out);
+void latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
+                         uint64_t* out);
+
+// Leaf id from face and (i, j) through 5-bit lookup tables (6 steps instead
+// of 8); identical to face_ij_to_cell.
+uint64_t face_ij_to_cell_fast(int face, uint32_t i, uint32_t j);
+
+// For tests: how many of the points the last call on this thread of
+// latlng_to_cell_avx2 sent back to the scalar path.
+size_t avx2_fallback_count();
+
+}  // namespace geocell::detail

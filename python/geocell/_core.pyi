@@ -1,0 +1,42 @@
+# Type stubs of the compiled module geocell._core (use the geocell package, not
+# this module: it expects validated, C-contiguous arrays).
+import numpy as np
+import numpy.typing as npt
+
+# --- S2 ---
+
+F64 = npt.NDArray[np.float64]
+U64 = npt.NDArray[np.uint64]
+
+def find_invalid_latlng(lat: F64, lng: F64) -> int:
+    """First index with a non-finite or out-of-range latitude or a non-finite longitude; -1 if none."""
+
+def find_invalid_cell(cells: U64) -> int:
+    """First index that is not a valid S2 cell id; -1 if none."""
+
+def latlng_to_cell(lat: F64, lng: F64, level: int, threads: int = 0) -> U64:
+    """Cell ids at `level` (no validation of the points; see find_invalid_latlng)."""
+
+def cell_to_latlng(cells: U64, threads: int = 0) -> tuple[F64, F64]:
+    """Cell centres (lat, lng) in degrees."""
+
+def cell_to_boundary(cells: U64, threads: int = 0) -> F64:
+    """Vertices, shape (N, 4, 2), (lat, lng) degrees, counter-clockwise."""
+
+def great_circle_km(lat1: F64, lng1: F64, lat2: F64, lng2: F64, threads: int = 0) -> F64:
+    """Haversine distances in km (R = 6371.0 km)."""
+
+def cell_to_token(cells: U64) -> npt.NDArray[np.bytes_]:
+    """Tokens as an "S16" bytes array."""
+
+def token_to_cell(tokens: npt.NDArray[np.bytes_]) -> tuple[U64, int]:
+    """Ids of a contiguous "S<n>" array and the first index that is not a valid cell's token (-1 if none)."""
+
+def simd_available() -> bool:
+    """Whether this CPU runs the AVX2/FMA path of latlng_to_cell."""
+
+def set_simd_enabled(enabled: bool) -> None:
+    """Turns the AVX2 path on or off (results are identical; for tests and benchmarks)."""
+
+def resolve_threads(threads: int) -> int:
+    """Number of worker threads `threads` resolves to (0 = all hardware threads)."""
