@@ -3,6 +3,7 @@
 #include "geocell/partition.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -196,46 +197,118 @@ struct RangeIndex {
 
 }  // namespace
 
-void sort_cell_ids(uint64_t* ids, uint64_t* scratch, size_t n, int threads) {
-  if (n < 1024) {
-    std::sort(ids, ids + n);
+namespace {
+
+constexpr int kDigitBits = 8;
+constexpr int kRadix = 1 << kDigitBits;
+// Buckets up to this many keys are finished in cache by LSD passes.
+constexpr size_t kCacheSortMax = size_t{1} << 15;
+
+inline unsigned digit(uint64_t x, int shift) { return (x >> shift) & (kRadix - 1); }
+
+void insertion_sort(uint64_t* a, size_t n) {
+  for (size_t k = 1; k < n; ++k) {
+    const uint64_t x = a[k];
+    size_t j = k;
+    for (; j > 0 && a[j - 1] > x; --j) a[j] = a[j - 1];
+    a[j] = x;
+  }
+}
+
+// Sorts a[0, n), whose keys agree above bit `shift`, into a (to_a) or b; both
+// ranges may be overwritten.
+void sort_keys(uint64_t* a, uint64_t* b, size_t n, int shift, bool to_a) {
+  if (n <= 48 || shift <= 0) {
+    insertion_sort(a, n);
+    if (!to_a) std::memcpy(b, a, n * sizeof(uint64_t));
     return;
   }
-  // Digits in which no two keys differ need no pass.
   uint64_t varying = 0;
-  for (size_t k = 1; k < n; ++k) varying |= ids[k] ^ ids[0];
-  constexpr int kBits = 8, kRadix = 1 << kBits;
-  const size_t chunks = num_chunks(n, threads, size_t{1} << 16);
-  std::vector<size_t> hist(chunks * kRadix);
-  uint64_t* src = ids;
-  uint64_t* dst = scratch;
-  for (int shift = 0; shift < 64; shift += kBits) {
-    if (((varying >> shift) & (kRadix - 1)) == 0) continue;
-    std::fill(hist.begin(), hist.end(), 0);
-    parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
-      size_t* h = hist.data() + t * kRadix;
-      for (size_t k = b; k < e; ++k) ++h[(src[k] >> shift) & (kRadix - 1)];
-    });
-    // Stable: digit-major, then chunk order.
-    size_t offset = 0;
-    for (int d = 0; d < kRadix; ++d) {
-      for (size_t t = 0; t < chunks; ++t) {
-        const size_t c = hist[t * kRadix + d];
-        hist[t * kRadix + d] = offset;
+  for (size_t k = 1; k < n; ++k) varying |= a[k] ^ a[0];
+  if (n <= kCacheSortMax) {
+    // LSD over the digits that vary, ping-ponging between a and b.
+    uint64_t* src = a;
+    uint64_t* dst = b;
+    size_t count[kRadix];
+    for (int sh = 0; sh < shift; sh += kDigitBits) {
+      if (((varying >> sh) & (kRadix - 1)) == 0) continue;
+      std::memset(count, 0, sizeof(count));
+      for (size_t k = 0; k < n; ++k) ++count[digit(src[k], sh)];
+      size_t offset = 0;
+      for (int d = 0; d < kRadix; ++d) {
+        const size_t c = count[d];
+        count[d] = offset;
         offset += c;
       }
+      for (size_t k = 0; k < n; ++k) dst[count[digit(src[k], sh)]++] = src[k];
+      std::swap(src, dst);
     }
-    parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
-      size_t* pos = hist.data() + t * kRadix;
-      for (size_t k = b; k < e; ++k) dst[pos[(src[k] >> shift) & (kRadix - 1)]++] = src[k];
-    });
-    std::swap(src, dst);
+    uint64_t* want = to_a ? a : b;
+    if (src != want) std::memcpy(want, src, n * sizeof(uint64_t));
+    return;
   }
-  if (src != ids) {
-    parallel_chunks(n, threads, size_t{1} << 16, [&](size_t, size_t b, size_t e) {
-      std::memcpy(ids + b, src + b, (e - b) * sizeof(uint64_t));
-    });
+  // MSD: skip digits in which all keys agree, scatter on the first that varies.
+  int sh = shift - kDigitBits;
+  while (sh > 0 && ((varying >> sh) & (kRadix - 1)) == 0) sh -= kDigitBits;
+  if (sh < 0) sh = 0;
+  size_t count[kRadix + 1] = {0};
+  for (size_t k = 0; k < n; ++k) ++count[digit(a[k], sh) + 1];
+  for (int d = 0; d < kRadix; ++d) count[d + 1] += count[d];
+  size_t pos[kRadix];
+  std::memcpy(pos, count, sizeof(pos));
+  for (size_t k = 0; k < n; ++k) b[pos[digit(a[k], sh)]++] = a[k];
+  for (int d = 0; d < kRadix; ++d) {
+    const size_t lo = count[d], hi = count[d + 1];
+    if (hi > lo) sort_keys(b + lo, a + lo, hi - lo, sh, !to_a);
   }
+}
+
+}  // namespace
+
+void sort_cell_ids(uint64_t* ids, uint64_t* scratch, size_t n, int threads) {
+  if (n <= kCacheSortMax) {
+    sort_keys(ids, scratch, n, 64, true);
+    return;
+  }
+  // First MSD pass on the highest varying digit, in parallel; then the buckets
+  // are sorted independently, largest first, by a pool of threads.
+  uint64_t varying = 0;
+  for (size_t k = 1; k < n; ++k) varying |= ids[k] ^ ids[0];
+  int sh = 64 - kDigitBits;
+  while (sh > 0 && ((varying >> sh) & (kRadix - 1)) == 0) sh -= kDigitBits;
+  const size_t chunks = num_chunks(n, threads, size_t{1} << 16);
+  std::vector<size_t> hist(chunks * kRadix, 0);
+  parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
+    size_t* h = hist.data() + t * kRadix;
+    for (size_t k = b; k < e; ++k) ++h[digit(ids[k], sh)];
+  });
+  std::vector<size_t> bucket_lo(kRadix + 1, 0);
+  size_t offset = 0;
+  for (int d = 0; d < kRadix; ++d) {
+    bucket_lo[d] = offset;
+    for (size_t t = 0; t < chunks; ++t) {
+      const size_t c = hist[t * kRadix + d];
+      hist[t * kRadix + d] = offset;
+      offset += c;
+    }
+  }
+  bucket_lo[kRadix] = n;
+  parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
+    size_t* pos = hist.data() + t * kRadix;
+    for (size_t k = b; k < e; ++k) scratch[pos[digit(ids[k], sh)]++] = ids[k];
+  });
+  std::vector<int> order(kRadix);
+  for (int d = 0; d < kRadix; ++d) order[d] = d;
+  std::sort(order.begin(), order.end(), [&](int x, int y) {
+    return bucket_lo[x + 1] - bucket_lo[x] > bucket_lo[y + 1] - bucket_lo[y];
+  });
+  std::atomic<int> next{0};
+  parallel_chunks(chunks, threads, 1, [&](size_t, size_t, size_t) {
+    for (int k; (k = next.fetch_add(1)) < kRadix;) {
+      const size_t lo = bucket_lo[order[k]], hi = bucket_lo[order[k] + 1];
+      if (hi > lo) sort_keys(scratch + lo, ids + lo, hi - lo, sh, false);
+    }
+  });
 }
 
 std::vector<PartitionCells> partition_sorted_leaves(const uint64_t* a, size_t n,

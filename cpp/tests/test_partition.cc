@@ -108,6 +108,15 @@ TEST(partition_radix_sort_large) {
   std::sort(expect.begin(), expect.end());
   sort_cell_ids(ids.data(), scratch.data(), ids.size(), 2);
   CHECK(ids == expect);
+  // A stack of identical ids larger than any in-cache bucket, plus near neighbours.
+  std::vector<uint64_t> stack(100000, latlng_to_cell(48.8584, 2.2945));
+  for (int k = 0; k < 50000; ++k) stack.push_back(stack[0] + 2 * (rng() % 1000) - 1000);
+  std::shuffle(stack.begin(), stack.end(), rng);
+  expect = stack;
+  std::sort(expect.begin(), expect.end());
+  scratch.resize(stack.size());
+  sort_cell_ids(stack.data(), scratch.data(), stack.size(), 2);
+  CHECK(stack == expect);
 }
 
 TEST(partition_latlng_centroids_and_assign) {
