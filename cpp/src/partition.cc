@@ -1,1 +1,388 @@
+// Adaptive S2 partitioning: one sort of the leaf ids, then a quadtree descent
+// per (tau_min, tau_max) pair with binary searches over the sorted array.
+#include "geocell/partition.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
 #include "geocell/s2.h"
+
+namespace geocell {
+
+namespace {
+
+// Runs body(thread_index, begin, end) over [0, n) split into contiguous chunks.
+template <class F>
+void parallel_chunks(size_t n, int threads, size_t min_per_thread, F&& body) {
+  size_t t = std::min<size_t>(resolve_threads(threads), std::max<size_t>(1, n / min_per_thread));
+  if (t <= 1) {
+    body(size_t{0}, size_t{0}, n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (size_t k = 0; k < t; ++k) {
+    const size_t b = n * k / t, e = n * (k + 1) / t;
+    pool.emplace_back([&body, k, b, e] { body(k, b, e); });
+  }
+  for (auto& th : pool) th.join();
+}
+
+size_t num_chunks(size_t n, int threads, size_t min_per_thread) {
+  return std::min<size_t>(resolve_threads(threads), std::max<size_t>(1, n / min_per_thread));
+}
+
+// Deepest level at which two leaf ids share an ancestor (-1: different faces).
+inline int common_level(uint64_t a, uint64_t b) {
+  if (a == b) return kMaxLevel;
+  const int high_bit = 63 - __builtin_clzll(a ^ b);
+  return high_bit >= 61 ? -1 : (60 - high_bit) / 2;
+}
+
+inline uint64_t face_cell(int face) {
+  return (static_cast<uint64_t>(face) << 61) | lowest_bit_at_level(0);
+}
+
+void emit(PartitionCells& out, uint64_t cell, int level, int64_t lo, int64_t hi) {
+  out.cells.push_back(cell);
+  out.counts.push_back(hi - lo);
+  out.levels.push_back(static_cast<int8_t>(level));
+  out.begin.push_back(lo);
+  out.end.push_back(hi);
+}
+
+// a[lo, hi) (non-empty) are exactly the points of `cell` at `level`.
+void descend(const uint64_t* a, int64_t lo, int64_t hi, uint64_t cell, int level,
+             const PartitionParams& p, PartitionCells& out) {
+  const int64_t count = hi - lo;
+  const bool forced = level < p.level_min;
+  if (!forced && !(count > p.tau_max && level < p.level_max)) {
+    if (count > p.tau_min) emit(out, cell, level, lo, hi);
+    return;
+  }
+  // While every point lies in one child, splitting changes nothing but the
+  // level: jump straight to the deepest such level (bounded by where the rule
+  // would re-examine the cell).
+  const int bound = forced ? p.level_min : p.level_max;
+  const int target = std::min(common_level(a[lo], a[hi - 1]), bound);
+  if (target > level) {
+    descend(a, lo, hi, cell_to_parent(a[lo], target), target, p, out);
+    return;
+  }
+  int64_t child_lo = lo;
+  for (int k = 0; k < 4 && child_lo < hi; ++k) {
+    const uint64_t child = cell_child(cell, k);
+    const int64_t child_hi =
+        k == 3 ? hi : std::upper_bound(a + child_lo, a + hi, cell_range_max(child)) - a;
+    if (child_hi > child_lo) descend(a, child_lo, child_hi, child, level + 1, p, out);
+    child_lo = child_hi;
+  }
+}
+
+void unit_leaf_centre(uint64_t id, double u[3]) {
+  cell_to_xyz(id, u);
+  const double inv = 1.0 / std::sqrt(u[0] * u[0] + u[1] * u[1] + u[2] * u[2]);
+  u[0] *= inv;
+  u[1] *= inv;
+  u[2] *= inv;
+}
+
+// Centroids of all partitionings at once. The cells of all partitionings form
+// a laminar family of ranges over the sorted array, so cutting it at every
+// cell boundary gives segments of which each cell is a union: each point's
+// leaf centre is computed and summed once, whatever the number of partitionings.
+void compute_centroids(const uint64_t* a, size_t n, std::vector<PartitionCells>& parts,
+                       int threads) {
+  std::vector<int64_t> cuts;
+  for (const auto& p : parts) {
+    cuts.insert(cuts.end(), p.begin.begin(), p.begin.end());
+    cuts.insert(cuts.end(), p.end.begin(), p.end.end());
+  }
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+  if (cuts.size() < 2) {
+    for (auto& p : parts) p.centroids.assign(2 * p.cells.size(), 0.0);
+    return;
+  }
+  const size_t n_seg = cuts.size() - 1;
+  auto seg_of = [&](int64_t pos) {
+    return static_cast<size_t>(std::lower_bound(cuts.begin(), cuts.end(), pos) - cuts.begin());
+  };
+  // Segments that lie in no cell hold dropped points: skip them.
+  std::vector<int32_t> depth(n_seg + 1, 0);
+  for (const auto& p : parts) {
+    for (size_t c = 0; c < p.cells.size(); ++c) {
+      ++depth[seg_of(p.begin[c])];
+      --depth[seg_of(p.end[c])];
+    }
+  }
+  for (size_t s = 1; s <= n_seg; ++s) depth[s] += depth[s - 1];
+
+  const size_t chunks = num_chunks(n, threads, size_t{1} << 16);
+  std::vector<double> sums(chunks * n_seg * 3, 0.0);
+  parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
+    double* mine = sums.data() + t * n_seg * 3;
+    size_t s = std::upper_bound(cuts.begin(), cuts.end(), static_cast<int64_t>(b)) - cuts.begin();
+    s = s == 0 ? 0 : s - 1;
+    for (; s < n_seg && static_cast<size_t>(cuts[s]) < e; ++s) {
+      if (depth[s] == 0) continue;
+      const size_t lo = std::max<size_t>(b, cuts[s]), hi = std::min<size_t>(e, cuts[s + 1]);
+      double x = 0, y = 0, z = 0, u[3] = {0, 0, 0};
+      uint64_t prev = 0;  // 0 is no valid cell id
+      for (size_t k = lo; k < hi; ++k) {
+        // Sorted input: identical locations are adjacent, convert them once.
+        if (a[k] != prev) {
+          prev = a[k];
+          unit_leaf_centre(prev, u);
+        }
+        x += u[0];
+        y += u[1];
+        z += u[2];
+      }
+      mine[3 * s] += x;
+      mine[3 * s + 1] += y;
+      mine[3 * s + 2] += z;
+    }
+  });
+  for (size_t t = 1; t < chunks; ++t) {
+    for (size_t k = 0; k < 3 * n_seg; ++k) sums[k] += sums[t * n_seg * 3 + k];
+  }
+  for (auto& p : parts) {
+    p.centroids.resize(2 * p.cells.size());
+    for (size_t c = 0; c < p.cells.size(); ++c) {
+      double v[3] = {0, 0, 0};
+      for (size_t s = seg_of(p.begin[c]), se = seg_of(p.end[c]); s < se; ++s) {
+        v[0] += sums[3 * s];
+        v[1] += sums[3 * s + 1];
+        v[2] += sums[3 * s + 2];
+      }
+      if (v[0] == 0 && v[1] == 0 && v[2] == 0) cell_to_xyz(p.cells[c], v);  // points cancel out
+      p.centroids[2 * c] = (180.0 / M_PI) * std::atan2(v[2], std::sqrt(v[0] * v[0] + v[1] * v[1]));
+      p.centroids[2 * c + 1] = (180.0 / M_PI) * std::atan2(v[1], v[0]);
+    }
+  }
+}
+
+// Index of the cell whose range holds `key` (sorted disjoint ranges), or -1.
+struct RangeIndex {
+  std::vector<uint64_t> rmin, rmax;
+  std::vector<uint32_t> bucket_start;  // first range with rmin >= bucket << kShift
+  static constexpr int kShift = 48;
+
+  RangeIndex(const uint64_t* cells, size_t n) : rmin(n), rmax(n), bucket_start((1u << 16) + 1) {
+    for (size_t k = 0; k < n; ++k) {
+      rmin[k] = cell_range_min(cells[k]);
+      rmax[k] = cell_range_max(cells[k]);
+    }
+    size_t k = 0;
+    for (size_t b = 0; b <= (1u << 16); ++b) {
+      const uint64_t start = b == (1u << 16) ? ~uint64_t{0} : static_cast<uint64_t>(b) << kShift;
+      while (k < n && rmin[k] < start) ++k;
+      bucket_start[b] = static_cast<uint32_t>(b == (1u << 16) ? n : k);
+    }
+  }
+  // Last range starting at or before key_min, if it also reaches key_max.
+  int64_t find(uint64_t key_min, uint64_t key_max) const {
+    const size_t b = key_min >> kShift;
+    const uint64_t* first = rmin.data() + bucket_start[b];
+    const uint64_t* last = rmin.data() + bucket_start[b + 1];
+    const int64_t idx = (std::upper_bound(first, last, key_min) - rmin.data()) - 1;
+    return idx >= 0 && key_max <= rmax[idx] ? idx : -1;
+  }
+};
+
+}  // namespace
+
+namespace {
+
+constexpr int kDigitBits = 8;
+constexpr int kRadix = 1 << kDigitBits;
+// Buckets up to this many keys are finished in cache by LSD passes.
+constexpr size_t kCacheSortMax = size_t{1} << 15;
+
+inline unsigned digit(uint64_t x, int shift) { return (x >> shift) & (kRadix - 1); }
+
+void insertion_sort(uint64_t* a, size_t n) {
+  for (size_t k = 1; k < n; ++k) {
+    const uint64_t x = a[k];
+    size_t j = k;
+    for (; j > 0 && a[j - 1] > x; --j) a[j] = a[j - 1];
+    a[j] = x;
+  }
+}
+
+// Sorts a[0, n), whose keys agree above bit `shift`, into a (to_a) or b; both
+// ranges may be overwritten.
+void sort_keys(uint64_t* a, uint64_t* b, size_t n, int shift, bool to_a) {
+  if (n <= 48 || shift <= 0) {
+    insertion_sort(a, n);
+    if (!to_a) std::memcpy(b, a, n * sizeof(uint64_t));
+    return;
+  }
+  uint64_t varying = 0;
+  for (size_t k = 1; k < n; ++k) varying |= a[k] ^ a[0];
+  if (n <= kCacheSortMax) {
+    // LSD over the digits that vary, ping-ponging between a and b.
+    uint64_t* src = a;
+    uint64_t* dst = b;
+    size_t count[kRadix];
+    for (int sh = 0; sh < shift; sh += kDigitBits) {
+      if (((varying >> sh) & (kRadix - 1)) == 0) continue;
+      std::memset(count, 0, sizeof(count));
+      for (size_t k = 0; k < n; ++k) ++count[digit(src[k], sh)];
+      size_t offset = 0;
+      for (int d = 0; d < kRadix; ++d) {
+        const size_t c = count[d];
+        count[d] = offset;
+        offset += c;
+      }
+      for (size_t k = 0; k < n; ++k) dst[count[digit(src[k], sh)]++] = src[k];
+      std::swap(src, dst);
+    }
+    uint64_t* want = to_a ? a : b;
+    if (src != want) std::memcpy(want, src, n * sizeof(uint64_t));
+    return;
+  }
+  // MSD: skip digits in which all keys agree, scatter on the first that varies.
+  int sh = shift - kDigitBits;
+  while (sh > 0 && ((varying >> sh) & (kRadix - 1)) == 0) sh -= kDigitBits;
+  if (sh < 0) sh = 0;
+  size_t count[kRadix + 1] = {0};
+  for (size_t k = 0; k < n; ++k) ++count[digit(a[k], sh) + 1];
+  for (int d = 0; d < kRadix; ++d) count[d + 1] += count[d];
+  size_t pos[kRadix];
+  std::memcpy(pos, count, sizeof(pos));
+  for (size_t k = 0; k < n; ++k) b[pos[digit(a[k], sh)]++] = a[k];
+  for (int d = 0; d < kRadix; ++d) {
+    const size_t lo = count[d], hi = count[d + 1];
+    if (hi > lo) sort_keys(b + lo, a + lo, hi - lo, sh, !to_a);
+  }
+}
+
+}  // namespace
+
+void sort_cell_ids(uint64_t* ids, uint64_t* scratch, size_t n, int threads) {
+  if (n <= kCacheSortMax) {
+    sort_keys(ids, scratch, n, 64, true);
+    return;
+  }
+  // First MSD pass on the highest varying digit, in parallel; then the buckets
+  // are sorted independently, largest first, by a pool of threads.
+  uint64_t varying = 0;
+  for (size_t k = 1; k < n; ++k) varying |= ids[k] ^ ids[0];
+  int sh = 64 - kDigitBits;
+  while (sh > 0 && ((varying >> sh) & (kRadix - 1)) == 0) sh -= kDigitBits;
+  const size_t chunks = num_chunks(n, threads, size_t{1} << 16);
+  std::vector<size_t> hist(chunks * kRadix, 0);
+  parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
+    size_t* h = hist.data() + t * kRadix;
+    for (size_t k = b; k < e; ++k) ++h[digit(ids[k], sh)];
+  });
+  std::vector<size_t> bucket_lo(kRadix + 1, 0);
+  size_t offset = 0;
+  for (int d = 0; d < kRadix; ++d) {
+    bucket_lo[d] = offset;
+    for (size_t t = 0; t < chunks; ++t) {
+      const size_t c = hist[t * kRadix + d];
+      hist[t * kRadix + d] = offset;
+      offset += c;
+    }
+  }
+  bucket_lo[kRadix] = n;
+  parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
+    size_t* pos = hist.data() + t * kRadix;
+    for (size_t k = b; k < e; ++k) scratch[pos[digit(ids[k], sh)]++] = ids[k];
+  });
+  std::vector<int> order(kRadix);
+  for (int d = 0; d < kRadix; ++d) order[d] = d;
+  std::sort(order.begin(), order.end(), [&](int x, int y) {
+    return bucket_lo[x + 1] - bucket_lo[x] > bucket_lo[y + 1] - bucket_lo[y];
+  });
+  std::atomic<int> next{0};
+  parallel_chunks(chunks, threads, 1, [&](size_t, size_t, size_t) {
+    for (int k; (k = next.fetch_add(1)) < kRadix;) {
+      const size_t lo = bucket_lo[order[k]], hi = bucket_lo[order[k] + 1];
+      if (hi > lo) sort_keys(scratch + lo, ids + lo, hi - lo, sh, false);
+    }
+  });
+}
+
+std::vector<PartitionCells> partition_sorted_leaves(const uint64_t* a, size_t n,
+                                                    const PartitionParams* params,
+                                                    size_t n_params, int threads) {
+  std::vector<PartitionCells> parts(n_params);
+  for (size_t k = 0; k < n_params; ++k) {
+    int64_t lo = 0;
+    for (int face = 0; face < kNumFaces && lo < static_cast<int64_t>(n); ++face) {
+      const uint64_t cell = face_cell(face);
+      const int64_t hi = std::upper_bound(a + lo, a + n, cell_range_max(cell)) - a;
+      if (hi > lo) descend(a, lo, hi, cell, 0, params[k], parts[k]);
+      lo = hi;
+    }
+  }
+  compute_centroids(a, n, parts, threads);
+  return parts;
+}
+
+int64_t partition_latlng(const double* lat, const double* lng, size_t n,
+                         const PartitionParams* params, size_t n_params, bool drop_invalid,
+                         int threads, std::vector<PartitionCells>* out, int64_t* n_dropped) {
+  *n_dropped = 0;
+  if (!drop_invalid) {
+    for (size_t k = 0; k < n; ++k) {
+      if (!partition_point_valid(lat[k], lng[k])) return static_cast<int64_t>(k);
+    }
+  }
+  std::unique_ptr<uint64_t[]> ids(new uint64_t[std::max<size_t>(n, 1)]);
+  latlng_to_cell_batch(lat, lng, n, kMaxLevel, ids.get(), threads);
+  size_t m = n;
+  if (drop_invalid) {
+    m = 0;
+    for (size_t k = 0; k < n; ++k) {
+      if (partition_point_valid(lat[k], lng[k])) ids[m++] = ids[k];
+    }
+    *n_dropped = static_cast<int64_t>(n - m);
+  }
+  {
+    std::unique_ptr<uint64_t[]> scratch(new uint64_t[std::max<size_t>(m, 1)]);
+    sort_cell_ids(ids.get(), scratch.get(), m, threads);
+  }
+  *out = partition_sorted_leaves(ids.get(), m, params, n_params, threads);
+  return -1;
+}
+
+void assign_latlng(const uint64_t* cells, size_t n_cells, const double* lat, const double* lng,
+                   size_t n, int64_t* out, int threads) {
+  const RangeIndex index(cells, n_cells);
+  parallel_chunks(n, threads, size_t{1} << 14, [&](size_t, size_t b, size_t e) {
+    // Blocks keep the leaf ids in cache and use the vectorised batch kernel.
+    constexpr size_t kBlock = 2048;
+    uint64_t leaves[kBlock];
+    for (size_t k0 = b; k0 < e; k0 += kBlock) {
+      const size_t m = std::min(kBlock, e - k0);
+      latlng_to_cell_batch(lat + k0, lng + k0, m, kMaxLevel, leaves, 1);
+      for (size_t k = 0; k < m; ++k) {
+        out[k0 + k] = partition_point_valid(lat[k0 + k], lng[k0 + k])
+                          ? index.find(leaves[k], leaves[k])
+                          : -1;
+      }
+    }
+  });
+}
+
+void assign_cells(const uint64_t* cells, size_t n_cells, const uint64_t* queries, size_t n,
+                  int64_t* out, int threads) {
+  const RangeIndex index(cells, n_cells);
+  parallel_chunks(n, threads, size_t{1} << 14, [&](size_t, size_t b, size_t e) {
+    for (size_t k = b; k < e; ++k) {
+      const uint64_t q = queries[k];
+      out[k] = is_valid_cell(q) ? index.find(cell_range_min(q), cell_range_max(q)) : -1;
+    }
+  });
+}
+
+}  // namespace geocell

@@ -40,3 +40,37 @@ def set_simd_enabled(enabled: bool) -> None:
 
 def resolve_threads(threads: int) -> int:
     """Number of worker threads `threads` resolves to (0 = all hardware threads)."""
+
+
+# --- partition ---
+
+_np = np
+_npt = npt
+
+def partition_latlng(
+    lat: _npt.NDArray[_np.float64],
+    lng: _npt.NDArray[_np.float64],
+    params: list[tuple[int, int, int, int]],
+    drop_invalid: bool,
+    threads: int,
+) -> tuple[
+    int,
+    int,
+    list[
+        tuple[
+            _npt.NDArray[_np.uint64],
+            _npt.NDArray[_np.int64],
+            _npt.NDArray[_np.int8],
+            _npt.NDArray[_np.float64],
+        ]
+    ],
+]: ...
+def partition_assign_latlng(
+    cells: _npt.NDArray[_np.uint64],
+    lat: _npt.NDArray[_np.float64],
+    lng: _npt.NDArray[_np.float64],
+    threads: int,
+) -> _npt.NDArray[_np.int64]: ...
+def partition_assign_cells(
+    cells: _npt.NDArray[_np.uint64], queries: _npt.NDArray[_np.uint64], threads: int
+) -> _npt.NDArray[_np.int64]: ...
