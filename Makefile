@@ -37,7 +37,7 @@ test-cpp:
 	ctest --test-dir build/asan --output-on-failure
 
 test-python:
-	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider
 
 bench: install-train
 	$(PIP) install -q ".[bench]"
