@@ -111,7 +111,7 @@ def land_fraction(lat, lng, footprint_km: float = FOOTPRINT_KM) -> np.ndarray:
     pad_y = int(math.ceil(footprint_km / KM_PER_DEG / 2.0 * ppd)) + 2
     pad_x = 2160
     padded = _pad_sphere(land, pad_x, pad_y)
-    integral = np.zeros((padded.shape[0] + 1, padded.shape[1] + 1), dtype=np.int64)
+    integral = np.zeros((padded.shape[0] + 1, padded.shape[1] + 1), dtype=np.int32)
     integral[1:, 1:] = padded.cumsum(0).cumsum(1)
     boxes = footprint_boxes(lat, lng, ppd, footprint_km)
     x0 = np.floor(boxes[:, 0] + pad_x).astype(np.int64)

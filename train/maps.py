@@ -136,12 +136,14 @@ def draw_probability_map(
 
     Cells below ``min_fraction`` × the largest probability are left out so the picture
     shows where the mass is; colour is on a log scale over that range. ``region``
-    (cell indices, e.g. the 90 % credible region) is outlined. ``top1`` and ``truth``
-    are (lat, lng) and marked with a star and a cross. Returns the path written.
+    (cell indices, e.g. the 90 % credible region) is outlined, and when it is small a second
+    panel shows it enlarged. ``top1`` and ``truth`` are (lat, lng) and marked with a star
+    and a cross. Returns the path written.
     """
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches  # noqa: F401  (the zoom frame)
     import matplotlib.pyplot as plt
     from matplotlib.collections import PolyCollection
     from matplotlib.colors import LogNorm
@@ -154,9 +156,7 @@ def draw_probability_map(
     shown = np.flatnonzero(probs >= top * min_fraction) if top > 0 else np.zeros(0, np.int64)
     shown = shown[np.argsort(probs[shown], kind="stable")]  # most probable drawn last, on top
 
-    fig, ax = plt.subplots(figsize=(12, 6.4), dpi=dpi)
-    ax.imshow(load_world_image(), extent=(-180, 180, -90, 90), origin="upper",
-              interpolation="bilinear", zorder=0)
+    layers = []  # (polygons, facecolors or None, edge colour, line width, zorder)
     colour = None
     if shown.size:
         polygons, owner = cell_plot_polygons(cells[shown])
@@ -166,37 +166,80 @@ def draw_probability_map(
         rgba = cmap(level)
         # Unlikely cells stay see-through so the map under them remains readable.
         rgba[:, 3] = 0.15 + 0.6 * level
-        ax.add_collection(PolyCollection(polygons, facecolors=rgba, edgecolors="none", zorder=2))
+        layers.append((polygons, rgba, "none", 0.0, 2))
         colour = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
+    region_polygons: list[np.ndarray] = []
     if region is not None and len(region):
-        polygons, _ = cell_plot_polygons(cells[np.asarray(region, dtype=np.int64)])
-        ax.add_collection(PolyCollection(polygons, facecolors="none", edgecolors="cyan",
-                                         linewidths=0.6, zorder=3))
-    if truth is not None and top1 is not None and abs(truth[1] - top1[1]) <= 180:
-        # a straight line in plate carrée; left out when the short way crosses the antimeridian
-        ax.plot([top1[1], truth[1]], [top1[0], truth[0]], color="white", lw=0.8, ls="--", zorder=4)
-    if top1 is not None:
-        ax.plot(top1[1], top1[0], marker="*", ms=16, mfc="yellow", mec="black", ls="none",
-                zorder=5, label="top-1 prediction")
-    if truth is not None:
-        ax.plot(truth[1], truth[0], marker="X", ms=12, mfc="lime", mec="black", ls="none",
-                zorder=5, label="true location")
-    ax.set_xlim(-180, 180)
-    ax.set_ylim(-90, 90)
+        region_polygons, _ = cell_plot_polygons(cells[np.asarray(region, dtype=np.int64)])
+    zoom = _zoom_extent(region_polygons, [p for p in (top1, truth) if p is not None])
+
+    if zoom is None:
+        fig, ax = plt.subplots(figsize=(12, 6.4), dpi=dpi)
+        axes = [(ax, (-180, 180, -90, 90), 0.5)]
+    else:
+        fig, (ax, ax_zoom) = plt.subplots(1, 2, figsize=(16, 6.2), dpi=dpi,
+                                          gridspec_kw={"width_ratios": [1.6, 1]})
+        axes = [(ax, (-180, 180, -90, 90), 0.4), (ax_zoom, zoom, 0.8)]
+    for a, extent, region_lw in axes:
+        a.imshow(load_world_image(), extent=(-180, 180, -90, 90), origin="upper",
+                 interpolation="bilinear", zorder=0)
+        for polygons, faces, edges, lw, z in layers:
+            a.add_collection(PolyCollection(polygons, facecolors=faces, edgecolors=edges,
+                                            linewidths=lw, zorder=z))
+        if region_polygons:
+            a.add_collection(PolyCollection(region_polygons, facecolors="none", edgecolors="cyan",
+                                            linewidths=region_lw, alpha=0.8, zorder=3))
+        if truth is not None and top1 is not None and abs(truth[1] - top1[1]) <= 180:
+            # a straight line in plate carrée; left out when the short way crosses the antimeridian
+            a.plot([top1[1], truth[1]], [top1[0], truth[0]], color="white", lw=0.8, ls="--", zorder=4)
+        if top1 is not None:
+            a.plot(top1[1], top1[0], marker="*", ms=16, mfc="yellow", mec="black", ls="none",
+                   zorder=5, label="top-1 prediction")
+        if truth is not None:
+            a.plot(truth[1], truth[0], marker="X", ms=12, mfc="lime", mec="black", ls="none",
+                   zorder=5, label="true location")
+        a.set_xlim(extent[0], extent[1])
+        a.set_ylim(extent[2], extent[3])
+        a.set_xlabel("longitude (°)")
+        a.set_ylabel("latitude (°)")
     ax.set_xticks(range(-180, 181, 60))
     ax.set_yticks(range(-90, 91, 30))
-    ax.set_xlabel("longitude (°)")
-    ax.set_ylabel("latitude (°)")
+    if zoom is not None:
+        ax.add_patch(matplotlib.patches.Rectangle((zoom[0], zoom[2]), zoom[1] - zoom[0],
+                                                  zoom[3] - zoom[2], fill=False, ec="white",
+                                                  lw=0.8, zorder=6))
+        ax_zoom.set_title("credible region, enlarged", fontsize=9)
     if title:
         ax.set_title(title, fontsize=10)
     if colour is not None:
-        fig.colorbar(colour, ax=ax, fraction=0.025, pad=0.01, label="probability per cell")
+        fig.colorbar(colour, ax=axes[-1][0], fraction=0.035, pad=0.02, label="probability per cell")
     if top1 is not None or truth is not None:
         ax.legend(loc="lower left", fontsize=8, framealpha=0.7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return os.fspath(path)
+
+
+def _zoom_extent(region_polygons, points, max_width: float = 120.0
+                 ) -> tuple[float, float, float, float] | None:
+    """A (lng0, lng1, lat0, lat1) box around the credible region and the markers, when
+    it is small enough that the world view hides it; None otherwise."""
+    if not region_polygons:
+        return None
+    xy = np.concatenate(region_polygons + [np.array([[lng, lat]]) for lat, lng in points])
+    if xy[:, 0].min() < -180 or xy[:, 0].max() > 180:
+        return None  # split across the antimeridian: the world view shows both halves
+    x0, x1 = xy[:, 0].min(), xy[:, 0].max()
+    y0, y1 = xy[:, 1].min(), xy[:, 1].max()
+    if x1 - x0 > max_width or y1 - y0 > max_width / 2:
+        return None
+    # Pad, then widen to the world map's 2:1 aspect so cells keep their shape.
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half_w = max((x1 - x0) * 0.6, (y1 - y0) * 1.2, 1.0)
+    half_h = half_w / 2
+    cy = min(max(cy, -90 + half_h), 90 - half_h)
+    return (cx - half_w, cx + half_w, cy - half_h, cy + half_h)
 
 
 def numbered_map_paths(map_path: str | os.PathLike, n: int, names: Sequence[str] | None = None

@@ -44,12 +44,10 @@ def resolve_threads(threads: int) -> int:
 
 # --- partition ---
 
-_np = np
-_npt = npt
 
 def partition_latlng(
-    lat: _npt.NDArray[_np.float64],
-    lng: _npt.NDArray[_np.float64],
+    lat: npt.NDArray[np.float64],
+    lng: npt.NDArray[np.float64],
     params: list[tuple[int, int, int, int]],
     drop_invalid: bool,
     threads: int,
@@ -58,19 +56,19 @@ def partition_latlng(
     int,
     list[
         tuple[
-            _npt.NDArray[_np.uint64],
-            _npt.NDArray[_np.int64],
-            _npt.NDArray[_np.int8],
-            _npt.NDArray[_np.float64],
+            npt.NDArray[np.uint64],
+            npt.NDArray[np.int64],
+            npt.NDArray[np.int8],
+            npt.NDArray[np.float64],
         ]
     ],
 ]: ...
 def partition_assign_latlng(
-    cells: _npt.NDArray[_np.uint64],
-    lat: _npt.NDArray[_np.float64],
-    lng: _npt.NDArray[_np.float64],
+    cells: npt.NDArray[np.uint64],
+    lat: npt.NDArray[np.float64],
+    lng: npt.NDArray[np.float64],
     threads: int,
-) -> _npt.NDArray[_np.int64]: ...
+) -> npt.NDArray[np.int64]: ...
 def partition_assign_cells(
-    cells: _npt.NDArray[_np.uint64], queries: _npt.NDArray[_np.uint64], threads: int
-) -> _npt.NDArray[_np.int64]: ...
+    cells: npt.NDArray[np.uint64], queries: npt.NDArray[np.uint64], threads: int
+) -> npt.NDArray[np.int64]: ...
