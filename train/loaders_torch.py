@@ -3,7 +3,9 @@ or nvJPEG decode on the GPU (``gpu_decode``) for machines with a GPU but without
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -26,13 +28,33 @@ def _read_bytes(source, row) -> bytes:
     return data
 
 
-def _decode_cpu(data: bytes) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+def _quiet():
+    """torchvision 0.29 deprecates torchvision.io image decoding (still the fastest CPU path
+    here) and warns on every call."""
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("ignore", DeprecationWarning)
+    return ctx
 
+
+def _decode_cpu(data: bytes) -> torch.Tensor:
+    """uint8 (3,H,W) RGB: libjpeg-turbo through torchvision.io, Pillow where that is gone."""
+    try:
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    except ImportError:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img.convert("RGB"))
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    if data[:3] == b"\xff\xd8\xff":
-        return decode_jpeg(buf, mode=ImageReadMode.RGB)
-    return decode_image(buf, mode=ImageReadMode.RGB)
+    ctx = _quiet()
+    try:
+        if data[:3] == b"\xff\xd8\xff":
+            return decode_jpeg(buf, mode=ImageReadMode.RGB)
+        return decode_image(buf, mode=ImageReadMode.RGB)
+    finally:
+        ctx.__exit__(None, None, None)
 
 
 def _augment(img: torch.Tensor, train: bool, image_size: int, resize_size: int) -> torch.Tensor:
@@ -181,7 +203,9 @@ class TorchLoader(Loader):
         decoded = [None] * len(blobs)
         jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
         try:
-            out = decode_jpeg([tensors[i] for i in jpeg_idx], device=self.device, mode=_rgb())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                out = decode_jpeg([tensors[i] for i in jpeg_idx], device=self.device, mode=_rgb())
             for i, img in zip(jpeg_idx, out):
                 decoded[i] = img
         except Exception:
