@@ -73,14 +73,16 @@ def test_map_png_is_written_and_shows_the_cells(tmp_path):
     cells = np.unique(geocell.cell_to_parent(geocell.latlng_to_cell(lat, lng), 4))
     probs = np.linspace(1.0, 0.01, len(cells))
     probs /= probs.sum()
-    with_cells = draw_probability_map(tmp_path / "m.png", cells, probs, top1=(48.0, 11.0),
-                                      truth=(52.5, 13.4), region=np.array([0, 1]), title="t")
-    empty = draw_probability_map(tmp_path / "e.png", cells, np.zeros(len(cells)))
+    marks = dict(top1=(48.0, 11.0), truth=(52.5, 13.4), region=np.array([0, 1]))
+    with_cells = draw_probability_map(tmp_path / "m.png", cells, probs, title="t", **marks)
+    empty = draw_probability_map(tmp_path / "e.png", cells, np.zeros(len(cells)), title="t", **marks)
     assert os.path.getsize(with_cells) > 20_000
     a, b = _pixels(with_cells), _pixels(empty)
-    assert a.shape == b.shape and a.shape[0] > 500 and a.shape[1] > 1000
+    assert a.shape == b.shape and a.shape[0] > 500 and a.shape[1] > 1500   # world + enlarged region
     assert a.std() > 20                                      # a picture, not a blank canvas
-    assert (np.abs(a - b).sum(axis=2) > 30).mean() > 0.005    # the cells and markers changed it
+    assert (np.abs(a - b).sum(axis=2) > 30).mean() > 0.005    # the coloured cells changed it
+    world_only = _pixels(draw_probability_map(tmp_path / "w.png", cells, probs))
+    assert world_only.shape[1] < a.shape[1] and world_only.std() > 20
 
 
 def test_numbered_map_paths(tmp_path):

@@ -177,7 +177,7 @@ def draw_probability_map(
         fig, ax = plt.subplots(figsize=(12, 6.4), dpi=dpi)
         axes = [(ax, (-180, 180, -90, 90), 0.5)]
     else:
-        fig, (ax, ax_zoom) = plt.subplots(1, 2, figsize=(16, 6.2), dpi=dpi,
+        fig, (ax, ax_zoom) = plt.subplots(1, 2, figsize=(16, 5.4), dpi=dpi,
                                           gridspec_kw={"width_ratios": [1.6, 1]})
         axes = [(ax, (-180, 180, -90, 90), 0.4), (ax_zoom, zoom, 0.8)]
     for a, extent, region_lw in axes:
