@@ -35,8 +35,8 @@ def partition_to_dict(partition, name: str) -> dict:
     return {
         "name": str(name),
         "cells": torch.from_numpy(cells.view(np.int64).copy()),
-        "counts": torch.as_tensor(np.asarray(partition.counts, dtype=np.int64)),
-        "centroids": torch.as_tensor(np.asarray(partition.centroids, dtype=np.float64).reshape(-1, 2)),
+        "counts": torch.tensor(np.array(partition.counts, dtype=np.int64)),
+        "centroids": torch.tensor(np.array(partition.centroids, dtype=np.float64).reshape(-1, 2)),
         "tau_min": int(partition.tau_min) if getattr(partition, "tau_min", None) is not None else -1,
         "tau_max": int(partition.tau_max) if getattr(partition, "tau_max", None) is not None else -1,
     }
@@ -114,7 +114,7 @@ def save_checkpoint(path, **fields) -> None:
     if "model" in fields:
         fields["model"] = clean_state_dict(fields["model"])
     if "hierarchy" in fields:
-        fields["hierarchy"] = torch.as_tensor(np.asarray(fields["hierarchy"], dtype=np.int64))
+        fields["hierarchy"] = torch.tensor(np.array(fields["hierarchy"], dtype=np.int64))
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "geocell_version": _geocell_version()}
     payload.update(to_safe(fields))
     folder = os.path.dirname(os.path.abspath(path))

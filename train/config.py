@@ -23,7 +23,7 @@ class TrainConfig:
     data_dir: str = "data/earth"  # where the Earth dataset is built when no manifest is given
     earth_n: int = 20000
     earth_size: int = 128
-    image_size: int = 96
+    image_size: int = 64
     resize_size: int | None = None
     backend: str = "auto"
     workers: int = 2
@@ -38,7 +38,7 @@ class TrainConfig:
     scene_weight: float = 1.0
     smoothing_km: float = 0.0  # haversine label smoothing temperature; 0 = one-hot targets
     # optimisation
-    epochs: int = 6
+    epochs: int = 3
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,7 +57,8 @@ class MultitaskLoss(nn.Module):
             if centroids is None:
                 raise ValueError("haversine label smoothing needs the partitions' centroids")
             for i, c in enumerate(centroids):
-                self.register_buffer(f"centroids_{i}", torch.as_tensor(c, dtype=torch.float64), persistent=False)
+                c = c.detach().double().clone() if isinstance(c, torch.Tensor) else torch.tensor(np.array(c, dtype=np.float64))
+                self.register_buffer(f"centroids_{i}", c, persistent=False)
         self.num_centroid_sets = len(centroids) if (centroids is not None and self.smoothing_tau_km > 0) else 0
 
     def geo_term(self, p: int, logits: torch.Tensor, target: torch.Tensor, latlng: torch.Tensor | None):

@@ -108,7 +108,7 @@ def evaluate_full(model, loader, partitions, hierarchy, device, amp=False, names
     Under torch.distributed every rank evaluates its shard and all ranks get the full result."""
     device = torch.device(device)
     names = list(names) if names is not None else partition_names(len(partitions))
-    centroids = [torch.as_tensor(np.asarray(p.centroids, dtype=np.float64), device=device) for p in partitions]
+    centroids = [torch.tensor(np.array(p.centroids, dtype=np.float64), device=device) for p in partitions]
     amp_dtype = amp if isinstance(amp, torch.dtype) else (torch.bfloat16 if amp else None)
     was_training = model.training
     model.eval()

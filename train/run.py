@@ -66,7 +66,7 @@ def load_data(cfg: TrainConfig, info):
                 print(f"building the Earth dataset ({cfg.earth_n} images, {cfg.earth_size} px) in {cfg.data_dir}",
                       flush=True)
                 t0 = time.perf_counter()
-                manifest_path = str(build_earth(cfg.data_dir, n=cfg.earth_n, size=cfg.earth_size, seed=0,
+                manifest_path = str(build_earth(os.path.abspath(cfg.data_dir), n=cfg.earth_n, size=cfg.earth_size, seed=0,
                                                 progress=cfg.progress))
                 print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
             engine.barrier(info)

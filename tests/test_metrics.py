@@ -1,0 +1,101 @@
+"""Hierarchical prediction, distance metrics and the losses, against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from geocell.train.losses import MultitaskLoss, haversine_km, haversine_soft_targets
+from geocell.train.metrics import (
+    accuracy_table, evaluate, format_table, hierarchical_log_probs, hierarchical_probs)
+
+KM_PER_DEG = 6371.0 * math.pi / 180  # 111.195 km per degree of a great circle
+
+
+def test_hierarchy_arithmetic_by_hand():
+    coarse = np.array([[0.6, 0.4]])
+    middle = np.array([[0.5, 0.3, 0.2]])
+    fine = np.array([[0.1, 0.2, 0.3, 0.4]])
+    # fine cell -> (coarse, middle, fine); the last fine cell lies outside every middle cell.
+    h = np.array([[0, 0, 0], [0, 1, 1], [1, 2, 2], [1, -1, 3]])
+    expected = [0.1 * 0.5 * 0.6, 0.2 * 0.3 * 0.6, 0.3 * 0.2 * 0.4, 0.4 * 1.0 * 0.4]
+    got = hierarchical_probs([coarse, middle, fine], h)
+    np.testing.assert_allclose(got[0], expected)
+    logs = hierarchical_log_probs([torch.tensor(np.log(p)) for p in (coarse, middle, fine)], h)
+    np.testing.assert_allclose(logs.exp().numpy()[0], expected)
+    assert int(np.argmax(got[0])) == 3  # 0.16 beats 0.036 (fine alone would also say 3)
+
+
+def test_accuracy_table_by_hand():
+    true = np.array([[0.0, 0.0]] * 4)
+    pred = np.array([[0.0, 0.0], [0.0, 0.1], [0.0, 3.0], [0.0, 30.0]])  # 0, 11.1, 333.6, 3335.8 km
+    row = accuracy_table(pred, true)
+    assert row["acc_1km"] == 0.25 and row["acc_25km"] == 0.5 and row["acc_200km"] == 0.5
+    assert row["acc_750km"] == 0.75 and row["acc_2500km"] == 0.75
+    assert row["median_km"] == pytest.approx((0.1 + 3.0) / 2 * KM_PER_DEG, rel=1e-9)
+    assert float(haversine_km(*map(torch.tensor, (0.0, 0.0, 90.0, 0.0)))) == pytest.approx(90 * KM_PER_DEG)
+    text = format_table({"fine": row})
+    assert "fine" in text and "25.0%" in text and "2500 km" in text
+
+
+def test_soft_targets_by_hand():
+    cents = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 10.0]], dtype=torch.float64)
+    q = haversine_soft_targets(torch.tensor([[0.0, 0.0]], dtype=torch.float64), cents, 65.0)[0]
+    w = np.exp(-np.array([0.0, 1.0, 10.0]) * KM_PER_DEG / 65.0)
+    np.testing.assert_allclose(q.numpy(), w / w.sum(), rtol=1e-9)
+
+
+def test_loss_sums_heads_ignores_unlabelled_and_smooths():
+    torch.manual_seed(0)
+    logits = [torch.randn(3, 2), torch.randn(3, 3)]
+    scene = torch.randn(3, 2)
+    targets = {"geo": torch.tensor([[0, 1], [1, -1], [-1, -1]]), "scene": torch.tensor([1, -1, 0]),
+               "latlng": torch.zeros(3, 2, dtype=torch.float64)}
+    loss, parts = MultitaskLoss(scene_weight=0.5)(logits, scene, targets)
+    ce = torch.nn.functional.cross_entropy
+    expected = (ce(logits[0][:2], torch.tensor([0, 1])) + ce(logits[1][:1], torch.tensor([1]))
+                + 0.5 * ce(scene[[0, 2]], torch.tensor([1, 0])))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    # A batch with no label at all gives 0, not NaN.
+    empty = {"geo": torch.full((3, 2), -1), "scene": torch.full((3,), -1), "latlng": torch.zeros(3, 2)}
+    assert float(MultitaskLoss()(logits, scene, empty)[0]) == 0.0
+    # A tiny smoothing temperature recovers one-hot targets when the true cell is the nearest centroid.
+    cents = [torch.tensor([[0.0, 0.0], [0.0, 20.0]]), torch.tensor([[0.0, 0.0], [0.0, 20.0], [0.0, 40.0]])]
+    t = {"geo": torch.tensor([[0, 0], [1, 1], [1, 2]]), "scene": torch.full((3,), -1),
+         "latlng": torch.tensor([[0.0, 0.1], [0.0, 19.9], [0.0, 39.0]], dtype=torch.float64)}
+    sharp = MultitaskLoss(cents, smoothing_tau_km=1e-3)(logits, None, t)[0]
+    t_plain = MultitaskLoss()(logits, None, t)[0]
+    assert float(sharp) == pytest.approx(float(t_plain), rel=1e-5)
+    soft = MultitaskLoss(cents, smoothing_tau_km=5000.0)(logits, None, t)[0]
+    assert float(soft) != pytest.approx(float(t_plain), rel=1e-3)
+
+
+class _Part:
+    def __init__(self, centroids, counts):
+        self.centroids = np.asarray(centroids, dtype=np.float64)
+        self.counts = np.asarray(counts)
+
+
+class _FixedModel(torch.nn.Module):
+    """Logits depend on the image's mean value, so predictions are known in advance."""
+
+    def forward(self, x):
+        v = x.mean(dim=(1, 2, 3))
+        coarse = torch.stack([v, -v], 1)
+        fine = torch.stack([v, -v, 0 * v], 1)
+        return [coarse, fine], None
+
+
+def test_evaluate_rows():
+    parts = [_Part([[0, 0], [0, 90]], [5, 5]), _Part([[0, 0], [0, 90], [0, 10]], [1, 2, 9])]
+    h = np.array([[0, 0], [1, 1], [0, 2]])
+    images = torch.cat([torch.ones(2, 3, 4, 4), -torch.ones(2, 3, 4, 4)])
+    true = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 90.0], [0.0, 0.0]], dtype=torch.float64)
+    loader = [(images, {"latlng": true, "geo": torch.zeros(4, 2, dtype=torch.int64)})]
+    rows = evaluate(_FixedModel(), loader, parts, h, "cpu", amp=False)
+    assert set(rows) == {"coarse", "fine", "hierarchy", "most frequent cell"}
+    assert rows["fine"]["acc_1km"] == 0.5 and rows["fine"]["acc_200km"] == 0.75
+    assert rows["hierarchy"]["acc_200km"] == 0.75
+    # The baseline predicts fine cell 2 (count 9) at (0, 10) for everyone.
+    assert rows["most frequent cell"]["median_km"] == pytest.approx(np.median([10, 9, 80, 10]) * KM_PER_DEG)
