@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "geocell/s2.h"
+#include "s2_internal.h"
 
 namespace geocell {
 
@@ -83,13 +84,62 @@ void descend(const uint64_t* a, int64_t lo, int64_t hi, uint64_t cell, int level
   }
 }
 
-void unit_leaf_centre(uint64_t id, double u[3]) {
-  cell_to_xyz(id, u);
-  const double inv = 1.0 / std::sqrt(u[0] * u[0] + u[1] * u[1] + u[2] * u[2]);
-  u[0] *= inv;
-  u[1] *= inv;
-  u[2] *= inv;
-}
+// Unit vectors of leaf-cell centres for ids visited in ascending order. The
+// Hilbert decode (S2CellId::ToFaceIJOrientation) works 4 levels per table
+// lookup; sorted neighbours share most of their high levels, so the decoder
+// keeps the state after each lookup and resumes below the shared prefix.
+class LeafCentres {
+ public:
+  LeafCentres() : table_(detail::hilbert_tables().ij) {}
+
+  void unit(uint64_t id, double u[3]) {
+    const uint64_t diff = id ^ prev_;
+    prev_ = id;
+    // Step k (7..0) reads id bits [8k + 1, 8k + 9) (step 7 also the face).
+    int k = 7;
+    if (valid_ && (diff >> 61) == 0) {
+      const int high = diff == 0 ? 0 : 63 - __builtin_clzll(diff);
+      k = high <= 0 ? -1 : std::min(7, (high - 1) / 8);
+    }
+    valid_ = true;
+    if (k == 7) {
+      face_ = cell_face(id);
+      state_[8] = {0, 0, face_ & 1};
+    }
+    for (; k >= 0; --k) {
+      const int nbits = k == 7 ? kMaxLevel - 7 * detail::kLookupBits : detail::kLookupBits;
+      const Decoded& in = state_[k + 1];
+      int bits = in.orientation +
+                 ((static_cast<int>(id >> (k * 2 * detail::kLookupBits + 1)) &
+                   ((1 << (2 * nbits)) - 1))
+                  << 2);
+      bits = table_[bits];
+      state_[k] = {in.i + ((bits >> (detail::kLookupBits + 2)) << (k * detail::kLookupBits)),
+                   in.j + (((bits >> 2) & ((1 << detail::kLookupBits) - 1))
+                           << (k * detail::kLookupBits)),
+                   bits & 3};
+    }
+    // Leaf centre: (2i + 1) / 2^31 in s and t, as S2CellId::GetCenterSiTi.
+    constexpr double kInvMaxSiTi = 1.0 / 2147483648.0;
+    const double s = kInvMaxSiTi * (2u * static_cast<uint32_t>(state_[0].i) + 1u);
+    const double t = kInvMaxSiTi * (2u * static_cast<uint32_t>(state_[0].j) + 1u);
+    detail::face_uv_to_xyz(face_, detail::st_to_uv(s), detail::st_to_uv(t), u);
+    const double inv = 1.0 / std::sqrt(u[0] * u[0] + u[1] * u[1] + u[2] * u[2]);
+    u[0] *= inv;
+    u[1] *= inv;
+    u[2] *= inv;
+  }
+
+ private:
+  struct Decoded {
+    int i, j, orientation;
+  };
+  const uint16_t* table_;
+  Decoded state_[9];
+  uint64_t prev_ = 0;
+  bool valid_ = false;
+  int face_ = 0;
+};
 
 // Centroids of all partitionings at once. The cells of all partitionings form
 // a laminar family of ranges over the sorted array, so cutting it at every
@@ -126,6 +176,7 @@ void compute_centroids(const uint64_t* a, size_t n, std::vector<PartitionCells>&
   std::vector<double> sums(chunks * n_seg * 3, 0.0);
   parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
     double* mine = sums.data() + t * n_seg * 3;
+    LeafCentres centres;
     size_t s = std::upper_bound(cuts.begin(), cuts.end(), static_cast<int64_t>(b)) - cuts.begin();
     s = s == 0 ? 0 : s - 1;
     for (; s < n_seg && static_cast<size_t>(cuts[s]) < e; ++s) {
@@ -137,7 +188,7 @@ void compute_centroids(const uint64_t* a, size_t n, std::vector<PartitionCells>&
         // Sorted input: identical locations are adjacent, convert them once.
         if (a[k] != prev) {
           prev = a[k];
-          unit_leaf_centre(prev, u);
+          centres.unit(prev, u);
         }
         x += u[0];
         y += u[1];
@@ -202,7 +253,7 @@ namespace {
 constexpr int kDigitBits = 8;
 constexpr int kRadix = 1 << kDigitBits;
 // Buckets up to this many keys are finished in cache by LSD passes.
-constexpr size_t kCacheSortMax = size_t{1} << 15;
+constexpr size_t kCacheSortMax = size_t{1} << 16;
 
 inline unsigned digit(uint64_t x, int shift) { return (x >> shift) & (kRadix - 1); }
 
@@ -223,36 +274,43 @@ void sort_keys(uint64_t* a, uint64_t* b, size_t n, int shift, bool to_a) {
     if (!to_a) std::memcpy(b, a, n * sizeof(uint64_t));
     return;
   }
-  uint64_t varying = 0;
-  for (size_t k = 1; k < n; ++k) varying |= a[k] ^ a[0];
+  const int n_digits = (shift + kDigitBits - 1) / kDigitBits;
   if (n <= kCacheSortMax) {
-    // LSD over the digits that vary, ping-ponging between a and b.
+    // LSD in cache: the histograms of all digits in one pass, then one
+    // scatter per digit in which the keys differ, ping-ponging between a and b.
+    uint32_t count[8][kRadix];
+    std::memset(count, 0, sizeof(count));
+    for (size_t k = 0; k < n; ++k) {
+      const uint64_t x = a[k];
+      for (int d = 0; d < n_digits; ++d) ++count[d][digit(x, d * kDigitBits)];
+    }
     uint64_t* src = a;
     uint64_t* dst = b;
-    size_t count[kRadix];
-    for (int sh = 0; sh < shift; sh += kDigitBits) {
-      if (((varying >> sh) & (kRadix - 1)) == 0) continue;
-      std::memset(count, 0, sizeof(count));
-      for (size_t k = 0; k < n; ++k) ++count[digit(src[k], sh)];
-      size_t offset = 0;
-      for (int d = 0; d < kRadix; ++d) {
-        const size_t c = count[d];
-        count[d] = offset;
-        offset += c;
+    for (int d = 0; d < n_digits; ++d) {
+      uint32_t* c = count[d];
+      if (c[digit(a[0], d * kDigitBits)] == n) continue;  // all keys agree here
+      uint32_t offset = 0;
+      for (int v = 0; v < kRadix; ++v) {
+        const uint32_t m = c[v];
+        c[v] = offset;
+        offset += m;
       }
-      for (size_t k = 0; k < n; ++k) dst[count[digit(src[k], sh)]++] = src[k];
+      const int sh = d * kDigitBits;
+      for (size_t k = 0; k < n; ++k) dst[c[digit(src[k], sh)]++] = src[k];
       std::swap(src, dst);
     }
     uint64_t* want = to_a ? a : b;
     if (src != want) std::memcpy(want, src, n * sizeof(uint64_t));
     return;
   }
-  // MSD: skip digits in which all keys agree, scatter on the first that varies.
-  int sh = shift - kDigitBits;
-  while (sh > 0 && ((varying >> sh) & (kRadix - 1)) == 0) sh -= kDigitBits;
-  if (sh < 0) sh = 0;
-  size_t count[kRadix + 1] = {0};
-  for (size_t k = 0; k < n; ++k) ++count[digit(a[k], sh) + 1];
+  // MSD on the highest digit in which the keys differ.
+  size_t count[kRadix + 1];
+  int sh = shift;
+  do {
+    sh = std::max(0, sh - kDigitBits);
+    std::memset(count, 0, sizeof(count));
+    for (size_t k = 0; k < n; ++k) ++count[digit(a[k], sh) + 1];
+  } while (sh > 0 && count[digit(a[0], sh) + 1] == n);
   for (int d = 0; d < kRadix; ++d) count[d + 1] += count[d];
   size_t pos[kRadix];
   std::memcpy(pos, count, sizeof(pos));
