@@ -266,6 +266,12 @@ def test_bad_coordinates():
     for lat, lng in [(np.nan, 0.0), (91.0, 0.0), (0.0, np.inf), (0.0, -180.5)]:
         with pytest.raises(ValueError, match="row 2"):
             geocell.partition([0.0, 1.0, lat, 2.0], [0.0, 1.0, lng, 2.0])
+    # Large enough to be checked by several threads: still the first row is named.
+    big_lat, big_lng = np.zeros(400_000), np.zeros(400_000)
+    big_lat[[350_000, 399_999]] = np.nan
+    big_lng[250_000] = 181.0
+    with pytest.raises(ValueError, match="row 250000: lat=0.0, lng=181.0"):
+        geocell.partition(big_lat, big_lng, threads=2)
     lat = np.array([10.0] * 5 + [np.nan, 100.0])
     lng = np.array([20.0] * 5 + [0.0, 0.0])
     with pytest.warns(UserWarning, match="dropped 2 of 7"):

@@ -391,8 +391,18 @@ int64_t partition_latlng(const double* lat, const double* lng, size_t n,
                          int threads, std::vector<PartitionCells>* out, int64_t* n_dropped) {
   *n_dropped = 0;
   if (!drop_invalid) {
-    for (size_t k = 0; k < n; ++k) {
-      if (!partition_point_valid(lat[k], lng[k])) return static_cast<int64_t>(k);
+    // First invalid row: each chunk finds its first, the earliest chunk wins.
+    std::vector<int64_t> first(num_chunks(n, threads, size_t{1} << 16), -1);
+    parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
+      for (size_t k = b; k < e; ++k) {
+        if (!partition_point_valid(lat[k], lng[k])) {
+          first[t] = static_cast<int64_t>(k);
+          return;
+        }
+      }
+    });
+    for (int64_t f : first) {
+      if (f >= 0) return f;
     }
   }
   std::unique_ptr<uint64_t[]> ids(new uint64_t[std::max<size_t>(n, 1)]);
