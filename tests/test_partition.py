@@ -308,3 +308,25 @@ def test_repr_and_attributes():
     assert "1:2" in repr(p) and "1 cells" in repr(p) and "3 points" in repr(p)
     with pytest.raises(ValueError):
         p.cells[0] = 1
+
+
+def test_single_point_cells_sit_at_leaf_centres():
+    # One point per cell: the centroid is that point's leaf-cell centre exactly,
+    # which checks the incremental Hilbert decode used for the centroid sums.
+    rng = np.random.default_rng(5)
+    centres = np.column_stack([rng.uniform(-89, 89, 40), rng.uniform(-179, 179, 40)])
+    pick = rng.integers(0, 40, 4000)
+    spread = 10.0 ** rng.integers(-6, 0, 4000)
+    lat = np.clip(centres[pick, 0] + rng.normal(0, 1, 4000) * spread, -90, 90)
+    lng = np.clip(centres[pick, 1] + rng.normal(0, 1, 4000) * spread, -180, 180)
+    lat = np.concatenate([lat, np.degrees(np.arcsin(rng.uniform(-1, 1, 2000)))])
+    lng = np.concatenate([lng, rng.uniform(-180, 180, 2000)])
+    p = geocell.partition(lat, lng, 0, 1, level_min=0)
+    idx = p.assign(lat, lng)
+    alone = np.flatnonzero(p.counts[idx] == 1)  # points alone in their cell
+    expect = np.array([[ll.lat().degrees(), ll.lng().degrees()] for ll in
+                       (s2.S2CellId(s2.S2LatLng.FromDegrees(lat[i], lng[i])).ToLatLng()
+                        for i in alone)])
+    got = p.centroids[idx[alone]]
+    dist = angular_distance_deg(got[:, 0], got[:, 1], expect[:, 0], expect[:, 1])
+    assert alone.size > 5000 and dist.max() < 1e-12
