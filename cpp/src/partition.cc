@@ -84,15 +84,15 @@ void descend(const uint64_t* a, int64_t lo, int64_t hi, uint64_t cell, int level
   }
 }
 
-// Unit vectors of leaf-cell centres for ids visited in ascending order. The
-// Hilbert decode (S2CellId::ToFaceIJOrientation) works 4 levels per table
-// lookup; sorted neighbours share most of their high levels, so the decoder
-// keeps the state after each lookup and resumes below the shared prefix.
-class LeafCentres {
+// Face and (i, j) of leaf ids visited in ascending order. The Hilbert decode
+// (S2CellId::ToFaceIJOrientation) works 4 levels per table lookup; sorted
+// neighbours share most of their high levels, so the decoder keeps the state
+// after each lookup and resumes below the shared prefix.
+class LeafDecoder {
  public:
-  LeafCentres() : table_(detail::hilbert_tables().ij) {}
+  LeafDecoder() : table_(detail::hilbert_tables().ij) {}
 
-  void unit(uint64_t id, double u[3]) {
+  void decode(uint64_t id, int* face, uint32_t* i, uint32_t* j) {
     const uint64_t diff = id ^ prev_;
     prev_ = id;
     // Step k (7..0) reads id bits [8k + 1, 8k + 9) (step 7 also the face).
@@ -119,15 +119,9 @@ class LeafCentres {
                            << (k * detail::kLookupBits)),
                    bits & 3};
     }
-    // Leaf centre: (2i + 1) / 2^31 in s and t, as S2CellId::GetCenterSiTi.
-    constexpr double kInvMaxSiTi = 1.0 / 2147483648.0;
-    const double s = kInvMaxSiTi * (2u * static_cast<uint32_t>(state_[0].i) + 1u);
-    const double t = kInvMaxSiTi * (2u * static_cast<uint32_t>(state_[0].j) + 1u);
-    detail::face_uv_to_xyz(face_, detail::st_to_uv(s), detail::st_to_uv(t), u);
-    const double inv = 1.0 / std::sqrt(u[0] * u[0] + u[1] * u[1] + u[2] * u[2]);
-    u[0] *= inv;
-    u[1] *= inv;
-    u[2] *= inv;
+    *face = face_;
+    *i = static_cast<uint32_t>(state_[0].i);
+    *j = static_cast<uint32_t>(state_[0].j);
   }
 
  private:
@@ -140,6 +134,36 @@ class LeafCentres {
   bool valid_ = false;
   int face_ = 0;
 };
+
+// Adds the unit vectors of the leaf-cell centres of sorted ids a[lo, hi) to
+// sum. Two phases per block: the branchy integer decode, then a branch-free
+// floating-point loop whose square roots and divisions overlap across points.
+void add_leaf_centres(const uint64_t* a, size_t lo, size_t hi, LeafDecoder& decoder,
+                      double sum[3]) {
+  constexpr size_t kBlock = 256;
+  int face[kBlock];
+  uint32_t fi[kBlock], fj[kBlock];
+  double x = 0, y = 0, z = 0;
+  for (size_t b = lo; b < hi; b += kBlock) {
+    const size_t m = std::min(kBlock, hi - b);
+    for (size_t k = 0; k < m; ++k) decoder.decode(a[b + k], &face[k], &fi[k], &fj[k]);
+    for (size_t k = 0; k < m; ++k) {
+      // Leaf centre: (2i + 1) / 2^31 in s and t, as S2CellId::GetCenterSiTi.
+      constexpr double kInvMaxSiTi = 1.0 / 2147483648.0;
+      const double u = detail::st_to_uv(kInvMaxSiTi * (2 * fi[k] + 1));
+      const double v = detail::st_to_uv(kInvMaxSiTi * (2 * fj[k] + 1));
+      double p[3];
+      detail::face_uv_to_xyz(face[k], u, v, p);
+      const double inv = 1.0 / std::sqrt(1.0 + u * u + v * v);  // |(1, u, v)| in any order
+      x += p[0] * inv;
+      y += p[1] * inv;
+      z += p[2] * inv;
+    }
+  }
+  sum[0] += x;
+  sum[1] += y;
+  sum[2] += z;
+}
 
 // Centroids of all partitionings at once. The cells of all partitionings form
 // a laminar family of ranges over the sorted array, so cutting it at every
@@ -176,27 +200,13 @@ void compute_centroids(const uint64_t* a, size_t n, std::vector<PartitionCells>&
   std::vector<double> sums(chunks * n_seg * 3, 0.0);
   parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
     double* mine = sums.data() + t * n_seg * 3;
-    LeafCentres centres;
+    LeafDecoder decoder;
     size_t s = std::upper_bound(cuts.begin(), cuts.end(), static_cast<int64_t>(b)) - cuts.begin();
     s = s == 0 ? 0 : s - 1;
     for (; s < n_seg && static_cast<size_t>(cuts[s]) < e; ++s) {
       if (depth[s] == 0) continue;
       const size_t lo = std::max<size_t>(b, cuts[s]), hi = std::min<size_t>(e, cuts[s + 1]);
-      double x = 0, y = 0, z = 0, u[3] = {0, 0, 0};
-      uint64_t prev = 0;  // 0 is no valid cell id
-      for (size_t k = lo; k < hi; ++k) {
-        // Sorted input: identical locations are adjacent, convert them once.
-        if (a[k] != prev) {
-          prev = a[k];
-          centres.unit(prev, u);
-        }
-        x += u[0];
-        y += u[1];
-        z += u[2];
-      }
-      mine[3 * s] += x;
-      mine[3 * s + 1] += y;
-      mine[3 * s + 2] += z;
+      add_leaf_centres(a, lo, hi, decoder, mine + 3 * s);
     }
   });
   for (size_t t = 1; t < chunks; ++t) {
