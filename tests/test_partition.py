@@ -330,3 +330,29 @@ def test_single_point_cells_sit_at_leaf_centres():
     got = p.centroids[idx[alone]]
     dist = angular_distance_deg(got[:, 0], got[:, 1], expect[:, 0], expect[:, 1])
     assert alone.size > 5000 and dist.max() < 1e-12
+
+
+def test_regional_data_dropped_rows_and_threads():
+    # All points in one small region (the sort's first digit does not vary),
+    # more than fit one in-cache sort, with invalid rows spread through.
+    rng = np.random.default_rng(9)
+    n = 80_000
+    lat = 48.85 + rng.normal(0, 0.05, n)
+    lng = 2.35 + rng.normal(0, 0.05, n)
+    lat[rng.integers(0, n, 3000)] = 48.8584  # a stack of identical geotags
+    bad = rng.choice(n, 500, replace=False)
+    lat_bad = lat.copy()
+    lat_bad[bad[:250]] = np.nan
+    lat_bad[bad[250:]] = 123.0
+    keep = np.ones(n, bool)
+    keep[bad] = False
+    runs = []
+    for threads in (1, 2):
+        with pytest.warns(UserWarning, match="dropped 500"):
+            runs.append(geocell.partitions(lat_bad, lng, [(20, 2000), (5, 300)], 4, 22,
+                                           drop_invalid=True, threads=threads))
+    for one, two in zip(*runs):
+        assert one.cells.tolist() == two.cells.tolist()
+        assert one.counts.tolist() == two.counts.tolist()
+        np.testing.assert_allclose(one.centroids, two.centroids, rtol=0, atol=1e-9)
+    assert_matches_reference(runs[1][1], lat[keep], lng[keep], 5, 300, 4, 22)

@@ -333,23 +333,31 @@ void sort_keys(uint64_t* a, uint64_t* b, size_t n, int shift, bool to_a) {
 
 }  // namespace
 
-void sort_cell_ids(uint64_t* ids, uint64_t* scratch, size_t n, int threads) {
-  if (n <= kCacheSortMax) {
-    sort_keys(ids, scratch, n, 64, true);
-    return;
-  }
-  // First MSD pass on the highest varying digit, in parallel; then the buckets
-  // are sorted independently, largest first, by a pool of threads.
-  uint64_t varying = 0;
-  for (size_t k = 1; k < n; ++k) varying |= ids[k] ^ ids[0];
+namespace {
+
+// Runs body(t) for t in [0, count) on `count` threads (the caller's included).
+template <class F>
+void run_threads(size_t count, F&& body) {
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < count; ++t) pool.emplace_back([&body, t] { body(t); });
+  body(size_t{0});
+  for (auto& th : pool) th.join();
+}
+
+// Position of the highest 8-bit digit in which the keys differ (0 if none).
+int top_varying_digit(uint64_t varying) {
   int sh = 64 - kDigitBits;
   while (sh > 0 && ((varying >> sh) & (kRadix - 1)) == 0) sh -= kDigitBits;
-  const size_t chunks = num_chunks(n, threads, size_t{1} << 16);
-  std::vector<size_t> hist(chunks * kRadix, 0);
-  parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
-    size_t* h = hist.data() + t * kRadix;
-    for (size_t k = b; k < e; ++k) ++h[digit(ids[k], sh)];
-  });
+  return sh;
+}
+
+// Sorts ids[0, n), held as consecutive per-thread ranges bounds[t]..bounds[t+1]
+// whose histograms of the digit at `sh` are in hist (kRadix per range); keys
+// agree above that digit. One parallel MSD scatter, then the buckets are
+// sorted independently, largest first, by the same threads.
+void sort_from_top_digit(uint64_t* ids, uint64_t* scratch, size_t n, int sh,
+                         const std::vector<size_t>& bounds, std::vector<size_t>& hist) {
+  const size_t chunks = bounds.size() - 1;
   std::vector<size_t> bucket_lo(kRadix + 1, 0);
   size_t offset = 0;
   for (int d = 0; d < kRadix; ++d) {
@@ -361,9 +369,9 @@ void sort_cell_ids(uint64_t* ids, uint64_t* scratch, size_t n, int threads) {
     }
   }
   bucket_lo[kRadix] = n;
-  parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
+  run_threads(chunks, [&](size_t t) {
     size_t* pos = hist.data() + t * kRadix;
-    for (size_t k = b; k < e; ++k) scratch[pos[digit(ids[k], sh)]++] = ids[k];
+    for (size_t k = bounds[t]; k < bounds[t + 1]; ++k) scratch[pos[digit(ids[k], sh)]++] = ids[k];
   });
   std::vector<int> order(kRadix);
   for (int d = 0; d < kRadix; ++d) order[d] = d;
@@ -371,12 +379,51 @@ void sort_cell_ids(uint64_t* ids, uint64_t* scratch, size_t n, int threads) {
     return bucket_lo[x + 1] - bucket_lo[x] > bucket_lo[y + 1] - bucket_lo[y];
   });
   std::atomic<int> next{0};
-  parallel_chunks(chunks, threads, 1, [&](size_t, size_t, size_t) {
+  run_threads(chunks, [&](size_t) {
     for (int k; (k = next.fetch_add(1)) < kRadix;) {
       const size_t lo = bucket_lo[order[k]], hi = bucket_lo[order[k] + 1];
       if (hi > lo) sort_keys(scratch + lo, ids + lo, hi - lo, sh, false);
     }
   });
+}
+
+// Per-range histograms of the digit at `sh`, in parallel.
+void histogram_ranges(const uint64_t* ids, int sh, const std::vector<size_t>& bounds,
+                      std::vector<size_t>& hist) {
+  std::fill(hist.begin(), hist.end(), 0);
+  run_threads(bounds.size() - 1, [&](size_t t) {
+    size_t* h = hist.data() + t * kRadix;
+    for (size_t k = bounds[t]; k < bounds[t + 1]; ++k) ++h[digit(ids[k], sh)];
+  });
+}
+
+std::vector<size_t> even_bounds(size_t n, size_t chunks) {
+  std::vector<size_t> bounds(chunks + 1);
+  for (size_t t = 0; t <= chunks; ++t) bounds[t] = n * t / chunks;
+  return bounds;
+}
+
+}  // namespace
+
+void sort_cell_ids(uint64_t* ids, uint64_t* scratch, size_t n, int threads) {
+  if (n <= kCacheSortMax) {
+    sort_keys(ids, scratch, n, 64, true);
+    return;
+  }
+  const size_t chunks = num_chunks(n, threads, size_t{1} << 16);
+  const std::vector<size_t> bounds = even_bounds(n, chunks);
+  std::vector<uint64_t> varying(chunks, 0);
+  run_threads(chunks, [&](size_t t) {
+    uint64_t v = 0;
+    for (size_t k = bounds[t]; k < bounds[t + 1]; ++k) v |= ids[k] ^ ids[0];
+    varying[t] = v;
+  });
+  uint64_t all = 0;
+  for (uint64_t v : varying) all |= v;
+  const int sh = top_varying_digit(all);
+  std::vector<size_t> hist(chunks * kRadix);
+  histogram_ranges(ids, sh, bounds, hist);
+  sort_from_top_digit(ids, scratch, n, sh, bounds, hist);
 }
 
 std::vector<PartitionCells> partition_sorted_leaves(const uint64_t* a, size_t n,
@@ -400,34 +447,79 @@ int64_t partition_latlng(const double* lat, const double* lng, size_t n,
                          const PartitionParams* params, size_t n_params, bool drop_invalid,
                          int threads, std::vector<PartitionCells>* out, int64_t* n_dropped) {
   *n_dropped = 0;
-  if (!drop_invalid) {
-    // First invalid row: each chunk finds its first, the earliest chunk wins.
-    std::vector<int64_t> first(num_chunks(n, threads, size_t{1} << 16), -1);
-    parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
-      for (size_t k = b; k < e; ++k) {
+  std::unique_ptr<uint64_t[]> ids(new uint64_t[std::max<size_t>(n, 1)]);
+  // One pass per thread over its rows, block by block while they are in cache:
+  // check the coordinates, convert to leaf ids, drop invalid rows (packing the
+  // thread's range), and histogram the top digit for the first sort pass.
+  constexpr int kTopShift = 64 - kDigitBits;
+  const size_t chunks = num_chunks(n, threads, size_t{1} << 16);
+  std::vector<size_t> bounds = even_bounds(n, chunks);
+  std::vector<size_t> kept(chunks, 0), hist(chunks * kRadix, 0);
+  std::vector<int64_t> first_invalid(chunks, -1);
+  std::vector<uint64_t> first_key(chunks, 0), varying(chunks, 0);
+  run_threads(chunks, [&](size_t t) {
+    constexpr size_t kBlock = 4096;
+    size_t* h = hist.data() + t * kRadix;
+    size_t w = bounds[t];
+    uint64_t v = 0, ref = 0;
+    bool have_ref = false;
+    for (size_t b = bounds[t]; b < bounds[t + 1]; b += kBlock) {
+      const size_t m = std::min(kBlock, bounds[t + 1] - b);
+      latlng_to_cell_batch(lat + b, lng + b, m, kMaxLevel, ids.get() + b, 1);
+      for (size_t k = b; k < b + m; ++k) {
         if (!partition_point_valid(lat[k], lng[k])) {
-          first[t] = static_cast<int64_t>(k);
+          if (drop_invalid) continue;
+          first_invalid[t] = static_cast<int64_t>(k);
           return;
         }
+        const uint64_t id = ids[k];
+        if (!have_ref) {
+          ref = id;
+          have_ref = true;
+        }
+        v |= id ^ ref;
+        ++h[digit(id, kTopShift)];
+        ids[w++] = id;
       }
-    });
-    for (int64_t f : first) {
-      if (f >= 0) return f;
+    }
+    kept[t] = w - bounds[t];
+    first_key[t] = ref;
+    varying[t] = v;
+  });
+  for (int64_t f : first_invalid) {
+    if (f >= 0) return f;
+  }
+  // Pack the threads' ranges together (only moves anything if rows were dropped).
+  size_t m = 0;
+  uint64_t all = 0;
+  bool have_ref = false;
+  uint64_t ref = 0;
+  for (size_t t = 0; t < chunks; ++t) {
+    if (m != bounds[t] && kept[t] > 0)
+      std::memmove(ids.get() + m, ids.get() + bounds[t], kept[t] * sizeof(uint64_t));
+    bounds[t] = m;
+    m += kept[t];
+    if (kept[t] > 0) {
+      if (!have_ref) {
+        ref = first_key[t];
+        have_ref = true;
+      }
+      all |= varying[t] | (first_key[t] ^ ref);
     }
   }
-  std::unique_ptr<uint64_t[]> ids(new uint64_t[std::max<size_t>(n, 1)]);
-  latlng_to_cell_batch(lat, lng, n, kMaxLevel, ids.get(), threads);
-  size_t m = n;
-  if (drop_invalid) {
-    m = 0;
-    for (size_t k = 0; k < n; ++k) {
-      if (partition_point_valid(lat[k], lng[k])) ids[m++] = ids[k];
-    }
-    *n_dropped = static_cast<int64_t>(n - m);
-  }
+  bounds[chunks] = m;
+  *n_dropped = static_cast<int64_t>(n - m);
   {
     std::unique_ptr<uint64_t[]> scratch(new uint64_t[std::max<size_t>(m, 1)]);
-    sort_cell_ids(ids.get(), scratch.get(), m, threads);
+    if (m <= kCacheSortMax) {
+      sort_keys(ids.get(), scratch.get(), m, 64, true);
+    } else {
+      const int sh = top_varying_digit(all);
+      // All points in one top-digit bucket (a regional data set): histogram the
+      // first digit that does vary instead, so the scatter still splits the work.
+      if (sh != kTopShift) histogram_ranges(ids.get(), sh, bounds, hist);
+      sort_from_top_digit(ids.get(), scratch.get(), m, sh, bounds, hist);
+    }
   }
   *out = partition_sorted_leaves(ids.get(), m, params, n_params, threads);
   return -1;
