@@ -266,6 +266,12 @@ def test_bad_coordinates():
     for lat, lng in [(np.nan, 0.0), (91.0, 0.0), (0.0, np.inf), (0.0, -180.5)]:
         with pytest.raises(ValueError, match="row 2"):
             geocell.partition([0.0, 1.0, lat, 2.0], [0.0, 1.0, lng, 2.0])
+    # Large enough to be checked by several threads: still the first row is named.
+    big_lat, big_lng = np.zeros(400_000), np.zeros(400_000)
+    big_lat[[350_000, 399_999]] = np.nan
+    big_lng[250_000] = 181.0
+    with pytest.raises(ValueError, match="row 250000: lat=0.0, lng=181.0"):
+        geocell.partition(big_lat, big_lng, threads=2)
     lat = np.array([10.0] * 5 + [np.nan, 100.0])
     lng = np.array([20.0] * 5 + [0.0, 0.0])
     with pytest.warns(UserWarning, match="dropped 2 of 7"):
@@ -302,3 +308,51 @@ def test_repr_and_attributes():
     assert "1:2" in repr(p) and "1 cells" in repr(p) and "3 points" in repr(p)
     with pytest.raises(ValueError):
         p.cells[0] = 1
+
+
+def test_single_point_cells_sit_at_leaf_centres():
+    # One point per cell: the centroid is that point's leaf-cell centre exactly,
+    # which checks the incremental Hilbert decode used for the centroid sums.
+    rng = np.random.default_rng(5)
+    centres = np.column_stack([rng.uniform(-89, 89, 40), rng.uniform(-179, 179, 40)])
+    pick = rng.integers(0, 40, 4000)
+    spread = 10.0 ** rng.integers(-6, 0, 4000)
+    lat = np.clip(centres[pick, 0] + rng.normal(0, 1, 4000) * spread, -90, 90)
+    lng = np.clip(centres[pick, 1] + rng.normal(0, 1, 4000) * spread, -180, 180)
+    lat = np.concatenate([lat, np.degrees(np.arcsin(rng.uniform(-1, 1, 2000)))])
+    lng = np.concatenate([lng, rng.uniform(-180, 180, 2000)])
+    p = geocell.partition(lat, lng, 0, 1, level_min=0)
+    idx = p.assign(lat, lng)
+    alone = np.flatnonzero(p.counts[idx] == 1)  # points alone in their cell
+    expect = np.array([[ll.lat().degrees(), ll.lng().degrees()] for ll in
+                       (s2.S2CellId(s2.S2LatLng.FromDegrees(lat[i], lng[i])).ToLatLng()
+                        for i in alone)])
+    got = p.centroids[idx[alone]]
+    dist = angular_distance_deg(got[:, 0], got[:, 1], expect[:, 0], expect[:, 1])
+    assert alone.size > 5000 and dist.max() < 1e-12
+
+
+def test_regional_data_dropped_rows_and_threads():
+    # All points in one small region (the sort's first digit does not vary),
+    # more than fit one in-cache sort, with invalid rows spread through.
+    rng = np.random.default_rng(9)
+    n = 80_000
+    lat = 48.85 + rng.normal(0, 0.05, n)
+    lng = 2.35 + rng.normal(0, 0.05, n)
+    lat[rng.integers(0, n, 3000)] = 48.8584  # a stack of identical geotags
+    bad = rng.choice(n, 500, replace=False)
+    lat_bad = lat.copy()
+    lat_bad[bad[:250]] = np.nan
+    lat_bad[bad[250:]] = 123.0
+    keep = np.ones(n, bool)
+    keep[bad] = False
+    runs = []
+    for threads in (1, 2):
+        with pytest.warns(UserWarning, match="dropped 500"):
+            runs.append(geocell.partitions(lat_bad, lng, [(20, 2000), (5, 300)], 4, 22,
+                                           drop_invalid=True, threads=threads))
+    for one, two in zip(*runs):
+        assert one.cells.tolist() == two.cells.tolist()
+        assert one.counts.tolist() == two.counts.tolist()
+        np.testing.assert_allclose(one.centroids, two.centroids, rtol=0, atol=1e-9)
+    assert_matches_reference(runs[1][1], lat[keep], lng[keep], 5, 300, 4, 22)

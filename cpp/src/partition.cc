@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "geocell/s2.h"
+#include "s2_internal.h"
 
 namespace geocell {
 
@@ -83,12 +84,85 @@ void descend(const uint64_t* a, int64_t lo, int64_t hi, uint64_t cell, int level
   }
 }
 
-void unit_leaf_centre(uint64_t id, double u[3]) {
-  cell_to_xyz(id, u);
-  const double inv = 1.0 / std::sqrt(u[0] * u[0] + u[1] * u[1] + u[2] * u[2]);
-  u[0] *= inv;
-  u[1] *= inv;
-  u[2] *= inv;
+// Face and (i, j) of leaf ids visited in ascending order. The Hilbert decode
+// (S2CellId::ToFaceIJOrientation) works 4 levels per table lookup; sorted
+// neighbours share most of their high levels, so the decoder keeps the state
+// after each lookup and resumes below the shared prefix.
+class LeafDecoder {
+ public:
+  LeafDecoder() : table_(detail::hilbert_tables().ij) {}
+
+  void decode(uint64_t id, int* face, uint32_t* i, uint32_t* j) {
+    const uint64_t diff = id ^ prev_;
+    prev_ = id;
+    // Step k (7..0) reads id bits [8k + 1, 8k + 9) (step 7 also the face).
+    int k = 7;
+    if (valid_ && (diff >> 61) == 0) {
+      const int high = diff == 0 ? 0 : 63 - __builtin_clzll(diff);
+      k = high <= 0 ? -1 : std::min(7, (high - 1) / 8);
+    }
+    valid_ = true;
+    if (k == 7) {
+      face_ = cell_face(id);
+      state_[8] = {0, 0, face_ & 1};
+    }
+    for (; k >= 0; --k) {
+      const int nbits = k == 7 ? kMaxLevel - 7 * detail::kLookupBits : detail::kLookupBits;
+      const Decoded& in = state_[k + 1];
+      int bits = in.orientation +
+                 ((static_cast<int>(id >> (k * 2 * detail::kLookupBits + 1)) &
+                   ((1 << (2 * nbits)) - 1))
+                  << 2);
+      bits = table_[bits];
+      state_[k] = {in.i + ((bits >> (detail::kLookupBits + 2)) << (k * detail::kLookupBits)),
+                   in.j + (((bits >> 2) & ((1 << detail::kLookupBits) - 1))
+                           << (k * detail::kLookupBits)),
+                   bits & 3};
+    }
+    *face = face_;
+    *i = static_cast<uint32_t>(state_[0].i);
+    *j = static_cast<uint32_t>(state_[0].j);
+  }
+
+ private:
+  struct Decoded {
+    int i, j, orientation;
+  };
+  const uint16_t* table_;
+  Decoded state_[9];
+  uint64_t prev_ = 0;
+  bool valid_ = false;
+  int face_ = 0;
+};
+
+// Adds the unit vectors of the leaf-cell centres of sorted ids a[lo, hi) to
+// sum. Two phases per block: the branchy integer decode, then a branch-free
+// floating-point loop whose square roots and divisions overlap across points.
+void add_leaf_centres(const uint64_t* a, size_t lo, size_t hi, LeafDecoder& decoder,
+                      double sum[3]) {
+  constexpr size_t kBlock = 256;
+  int face[kBlock];
+  uint32_t fi[kBlock], fj[kBlock];
+  double x = 0, y = 0, z = 0;
+  for (size_t b = lo; b < hi; b += kBlock) {
+    const size_t m = std::min(kBlock, hi - b);
+    for (size_t k = 0; k < m; ++k) decoder.decode(a[b + k], &face[k], &fi[k], &fj[k]);
+    for (size_t k = 0; k < m; ++k) {
+      // Leaf centre: (2i + 1) / 2^31 in s and t, as S2CellId::GetCenterSiTi.
+      constexpr double kInvMaxSiTi = 1.0 / 2147483648.0;
+      const double u = detail::st_to_uv(kInvMaxSiTi * (2 * fi[k] + 1));
+      const double v = detail::st_to_uv(kInvMaxSiTi * (2 * fj[k] + 1));
+      double p[3];
+      detail::face_uv_to_xyz(face[k], u, v, p);
+      const double inv = 1.0 / std::sqrt(1.0 + u * u + v * v);  // |(1, u, v)| in any order
+      x += p[0] * inv;
+      y += p[1] * inv;
+      z += p[2] * inv;
+    }
+  }
+  sum[0] += x;
+  sum[1] += y;
+  sum[2] += z;
 }
 
 // Centroids of all partitionings at once. The cells of all partitionings form
@@ -126,26 +200,13 @@ void compute_centroids(const uint64_t* a, size_t n, std::vector<PartitionCells>&
   std::vector<double> sums(chunks * n_seg * 3, 0.0);
   parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
     double* mine = sums.data() + t * n_seg * 3;
+    LeafDecoder decoder;
     size_t s = std::upper_bound(cuts.begin(), cuts.end(), static_cast<int64_t>(b)) - cuts.begin();
     s = s == 0 ? 0 : s - 1;
     for (; s < n_seg && static_cast<size_t>(cuts[s]) < e; ++s) {
       if (depth[s] == 0) continue;
       const size_t lo = std::max<size_t>(b, cuts[s]), hi = std::min<size_t>(e, cuts[s + 1]);
-      double x = 0, y = 0, z = 0, u[3] = {0, 0, 0};
-      uint64_t prev = 0;  // 0 is no valid cell id
-      for (size_t k = lo; k < hi; ++k) {
-        // Sorted input: identical locations are adjacent, convert them once.
-        if (a[k] != prev) {
-          prev = a[k];
-          unit_leaf_centre(prev, u);
-        }
-        x += u[0];
-        y += u[1];
-        z += u[2];
-      }
-      mine[3 * s] += x;
-      mine[3 * s + 1] += y;
-      mine[3 * s + 2] += z;
+      add_leaf_centres(a, lo, hi, decoder, mine + 3 * s);
     }
   });
   for (size_t t = 1; t < chunks; ++t) {
@@ -202,7 +263,7 @@ namespace {
 constexpr int kDigitBits = 8;
 constexpr int kRadix = 1 << kDigitBits;
 // Buckets up to this many keys are finished in cache by LSD passes.
-constexpr size_t kCacheSortMax = size_t{1} << 15;
+constexpr size_t kCacheSortMax = size_t{1} << 16;
 
 inline unsigned digit(uint64_t x, int shift) { return (x >> shift) & (kRadix - 1); }
 
@@ -223,36 +284,43 @@ void sort_keys(uint64_t* a, uint64_t* b, size_t n, int shift, bool to_a) {
     if (!to_a) std::memcpy(b, a, n * sizeof(uint64_t));
     return;
   }
-  uint64_t varying = 0;
-  for (size_t k = 1; k < n; ++k) varying |= a[k] ^ a[0];
+  const int n_digits = (shift + kDigitBits - 1) / kDigitBits;
   if (n <= kCacheSortMax) {
-    // LSD over the digits that vary, ping-ponging between a and b.
+    // LSD in cache: the histograms of all digits in one pass, then one
+    // scatter per digit in which the keys differ, ping-ponging between a and b.
+    uint32_t count[8][kRadix];
+    std::memset(count, 0, sizeof(count));
+    for (size_t k = 0; k < n; ++k) {
+      const uint64_t x = a[k];
+      for (int d = 0; d < n_digits; ++d) ++count[d][digit(x, d * kDigitBits)];
+    }
     uint64_t* src = a;
     uint64_t* dst = b;
-    size_t count[kRadix];
-    for (int sh = 0; sh < shift; sh += kDigitBits) {
-      if (((varying >> sh) & (kRadix - 1)) == 0) continue;
-      std::memset(count, 0, sizeof(count));
-      for (size_t k = 0; k < n; ++k) ++count[digit(src[k], sh)];
-      size_t offset = 0;
-      for (int d = 0; d < kRadix; ++d) {
-        const size_t c = count[d];
-        count[d] = offset;
-        offset += c;
+    for (int d = 0; d < n_digits; ++d) {
+      uint32_t* c = count[d];
+      if (c[digit(a[0], d * kDigitBits)] == n) continue;  // all keys agree here
+      uint32_t offset = 0;
+      for (int v = 0; v < kRadix; ++v) {
+        const uint32_t m = c[v];
+        c[v] = offset;
+        offset += m;
       }
-      for (size_t k = 0; k < n; ++k) dst[count[digit(src[k], sh)]++] = src[k];
+      const int sh = d * kDigitBits;
+      for (size_t k = 0; k < n; ++k) dst[c[digit(src[k], sh)]++] = src[k];
       std::swap(src, dst);
     }
     uint64_t* want = to_a ? a : b;
     if (src != want) std::memcpy(want, src, n * sizeof(uint64_t));
     return;
   }
-  // MSD: skip digits in which all keys agree, scatter on the first that varies.
-  int sh = shift - kDigitBits;
-  while (sh > 0 && ((varying >> sh) & (kRadix - 1)) == 0) sh -= kDigitBits;
-  if (sh < 0) sh = 0;
-  size_t count[kRadix + 1] = {0};
-  for (size_t k = 0; k < n; ++k) ++count[digit(a[k], sh) + 1];
+  // MSD on the highest digit in which the keys differ.
+  size_t count[kRadix + 1];
+  int sh = shift;
+  do {
+    sh = std::max(0, sh - kDigitBits);
+    std::memset(count, 0, sizeof(count));
+    for (size_t k = 0; k < n; ++k) ++count[digit(a[k], sh) + 1];
+  } while (sh > 0 && count[digit(a[0], sh) + 1] == n);
   for (int d = 0; d < kRadix; ++d) count[d + 1] += count[d];
   size_t pos[kRadix];
   std::memcpy(pos, count, sizeof(pos));
@@ -265,23 +333,31 @@ void sort_keys(uint64_t* a, uint64_t* b, size_t n, int shift, bool to_a) {
 
 }  // namespace
 
-void sort_cell_ids(uint64_t* ids, uint64_t* scratch, size_t n, int threads) {
-  if (n <= kCacheSortMax) {
-    sort_keys(ids, scratch, n, 64, true);
-    return;
-  }
-  // First MSD pass on the highest varying digit, in parallel; then the buckets
-  // are sorted independently, largest first, by a pool of threads.
-  uint64_t varying = 0;
-  for (size_t k = 1; k < n; ++k) varying |= ids[k] ^ ids[0];
+namespace {
+
+// Runs body(t) for t in [0, count) on `count` threads (the caller's included).
+template <class F>
+void run_threads(size_t count, F&& body) {
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < count; ++t) pool.emplace_back([&body, t] { body(t); });
+  body(size_t{0});
+  for (auto& th : pool) th.join();
+}
+
+// Position of the highest 8-bit digit in which the keys differ (0 if none).
+int top_varying_digit(uint64_t varying) {
   int sh = 64 - kDigitBits;
   while (sh > 0 && ((varying >> sh) & (kRadix - 1)) == 0) sh -= kDigitBits;
-  const size_t chunks = num_chunks(n, threads, size_t{1} << 16);
-  std::vector<size_t> hist(chunks * kRadix, 0);
-  parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
-    size_t* h = hist.data() + t * kRadix;
-    for (size_t k = b; k < e; ++k) ++h[digit(ids[k], sh)];
-  });
+  return sh;
+}
+
+// Sorts ids[0, n), held as consecutive per-thread ranges bounds[t]..bounds[t+1]
+// whose histograms of the digit at `sh` are in hist (kRadix per range); keys
+// agree above that digit. One parallel MSD scatter, then the buckets are
+// sorted independently, largest first, by the same threads.
+void sort_from_top_digit(uint64_t* ids, uint64_t* scratch, size_t n, int sh,
+                         const std::vector<size_t>& bounds, std::vector<size_t>& hist) {
+  const size_t chunks = bounds.size() - 1;
   std::vector<size_t> bucket_lo(kRadix + 1, 0);
   size_t offset = 0;
   for (int d = 0; d < kRadix; ++d) {
@@ -293,9 +369,9 @@ void sort_cell_ids(uint64_t* ids, uint64_t* scratch, size_t n, int threads) {
     }
   }
   bucket_lo[kRadix] = n;
-  parallel_chunks(n, threads, size_t{1} << 16, [&](size_t t, size_t b, size_t e) {
+  run_threads(chunks, [&](size_t t) {
     size_t* pos = hist.data() + t * kRadix;
-    for (size_t k = b; k < e; ++k) scratch[pos[digit(ids[k], sh)]++] = ids[k];
+    for (size_t k = bounds[t]; k < bounds[t + 1]; ++k) scratch[pos[digit(ids[k], sh)]++] = ids[k];
   });
   std::vector<int> order(kRadix);
   for (int d = 0; d < kRadix; ++d) order[d] = d;
@@ -303,12 +379,51 @@ void sort_cell_ids(uint64_t* ids, uint64_t* scratch, size_t n, int threads) {
     return bucket_lo[x + 1] - bucket_lo[x] > bucket_lo[y + 1] - bucket_lo[y];
   });
   std::atomic<int> next{0};
-  parallel_chunks(chunks, threads, 1, [&](size_t, size_t, size_t) {
+  run_threads(chunks, [&](size_t) {
     for (int k; (k = next.fetch_add(1)) < kRadix;) {
       const size_t lo = bucket_lo[order[k]], hi = bucket_lo[order[k] + 1];
       if (hi > lo) sort_keys(scratch + lo, ids + lo, hi - lo, sh, false);
     }
   });
+}
+
+// Per-range histograms of the digit at `sh`, in parallel.
+void histogram_ranges(const uint64_t* ids, int sh, const std::vector<size_t>& bounds,
+                      std::vector<size_t>& hist) {
+  std::fill(hist.begin(), hist.end(), 0);
+  run_threads(bounds.size() - 1, [&](size_t t) {
+    size_t* h = hist.data() + t * kRadix;
+    for (size_t k = bounds[t]; k < bounds[t + 1]; ++k) ++h[digit(ids[k], sh)];
+  });
+}
+
+std::vector<size_t> even_bounds(size_t n, size_t chunks) {
+  std::vector<size_t> bounds(chunks + 1);
+  for (size_t t = 0; t <= chunks; ++t) bounds[t] = n * t / chunks;
+  return bounds;
+}
+
+}  // namespace
+
+void sort_cell_ids(uint64_t* ids, uint64_t* scratch, size_t n, int threads) {
+  if (n <= kCacheSortMax) {
+    sort_keys(ids, scratch, n, 64, true);
+    return;
+  }
+  const size_t chunks = num_chunks(n, threads, size_t{1} << 16);
+  const std::vector<size_t> bounds = even_bounds(n, chunks);
+  std::vector<uint64_t> varying(chunks, 0);
+  run_threads(chunks, [&](size_t t) {
+    uint64_t v = 0;
+    for (size_t k = bounds[t]; k < bounds[t + 1]; ++k) v |= ids[k] ^ ids[0];
+    varying[t] = v;
+  });
+  uint64_t all = 0;
+  for (uint64_t v : varying) all |= v;
+  const int sh = top_varying_digit(all);
+  std::vector<size_t> hist(chunks * kRadix);
+  histogram_ranges(ids, sh, bounds, hist);
+  sort_from_top_digit(ids, scratch, n, sh, bounds, hist);
 }
 
 std::vector<PartitionCells> partition_sorted_leaves(const uint64_t* a, size_t n,
@@ -332,24 +447,79 @@ int64_t partition_latlng(const double* lat, const double* lng, size_t n,
                          const PartitionParams* params, size_t n_params, bool drop_invalid,
                          int threads, std::vector<PartitionCells>* out, int64_t* n_dropped) {
   *n_dropped = 0;
-  if (!drop_invalid) {
-    for (size_t k = 0; k < n; ++k) {
-      if (!partition_point_valid(lat[k], lng[k])) return static_cast<int64_t>(k);
-    }
-  }
   std::unique_ptr<uint64_t[]> ids(new uint64_t[std::max<size_t>(n, 1)]);
-  latlng_to_cell_batch(lat, lng, n, kMaxLevel, ids.get(), threads);
-  size_t m = n;
-  if (drop_invalid) {
-    m = 0;
-    for (size_t k = 0; k < n; ++k) {
-      if (partition_point_valid(lat[k], lng[k])) ids[m++] = ids[k];
+  // One pass per thread over its rows, block by block while they are in cache:
+  // check the coordinates, convert to leaf ids, drop invalid rows (packing the
+  // thread's range), and histogram the top digit for the first sort pass.
+  constexpr int kTopShift = 64 - kDigitBits;
+  const size_t chunks = num_chunks(n, threads, size_t{1} << 16);
+  std::vector<size_t> bounds = even_bounds(n, chunks);
+  std::vector<size_t> kept(chunks, 0), hist(chunks * kRadix, 0);
+  std::vector<int64_t> first_invalid(chunks, -1);
+  std::vector<uint64_t> first_key(chunks, 0), varying(chunks, 0);
+  run_threads(chunks, [&](size_t t) {
+    constexpr size_t kBlock = 4096;
+    size_t* h = hist.data() + t * kRadix;
+    size_t w = bounds[t];
+    uint64_t v = 0, ref = 0;
+    bool have_ref = false;
+    for (size_t b = bounds[t]; b < bounds[t + 1]; b += kBlock) {
+      const size_t m = std::min(kBlock, bounds[t + 1] - b);
+      latlng_to_cell_batch(lat + b, lng + b, m, kMaxLevel, ids.get() + b, 1);
+      for (size_t k = b; k < b + m; ++k) {
+        if (!partition_point_valid(lat[k], lng[k])) {
+          if (drop_invalid) continue;
+          first_invalid[t] = static_cast<int64_t>(k);
+          return;
+        }
+        const uint64_t id = ids[k];
+        if (!have_ref) {
+          ref = id;
+          have_ref = true;
+        }
+        v |= id ^ ref;
+        ++h[digit(id, kTopShift)];
+        ids[w++] = id;
+      }
     }
-    *n_dropped = static_cast<int64_t>(n - m);
+    kept[t] = w - bounds[t];
+    first_key[t] = ref;
+    varying[t] = v;
+  });
+  for (int64_t f : first_invalid) {
+    if (f >= 0) return f;
   }
+  // Pack the threads' ranges together (only moves anything if rows were dropped).
+  size_t m = 0;
+  uint64_t all = 0;
+  bool have_ref = false;
+  uint64_t ref = 0;
+  for (size_t t = 0; t < chunks; ++t) {
+    if (m != bounds[t] && kept[t] > 0)
+      std::memmove(ids.get() + m, ids.get() + bounds[t], kept[t] * sizeof(uint64_t));
+    bounds[t] = m;
+    m += kept[t];
+    if (kept[t] > 0) {
+      if (!have_ref) {
+        ref = first_key[t];
+        have_ref = true;
+      }
+      all |= varying[t] | (first_key[t] ^ ref);
+    }
+  }
+  bounds[chunks] = m;
+  *n_dropped = static_cast<int64_t>(n - m);
   {
     std::unique_ptr<uint64_t[]> scratch(new uint64_t[std::max<size_t>(m, 1)]);
-    sort_cell_ids(ids.get(), scratch.get(), m, threads);
+    if (m <= kCacheSortMax) {
+      sort_keys(ids.get(), scratch.get(), m, 64, true);
+    } else {
+      const int sh = top_varying_digit(all);
+      // All points in one top-digit bucket (a regional data set): histogram the
+      // first digit that does vary instead, so the scatter still splits the work.
+      if (sh != kTopShift) histogram_ranges(ids.get(), sh, bounds, hist);
+      sort_from_top_digit(ids.get(), scratch.get(), m, sh, bounds, hist);
+    }
   }
   *out = partition_sorted_leaves(ids.get(), m, params, n_params, threads);
   return -1;

@@ -117,14 +117,21 @@ def read_points(path: str, lat_column: Optional[str], lng_column: Optional[str],
     """Reads the two coordinate columns. Returns (lat, lng, unparseable rows);
     unparseable fields become NaN when drop_invalid, else raise naming the line."""
     with _open(path) as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise CliError(f"{path}: empty file, expected a header line") from None
+        first = f.readline()  # readline, not iteration: keeps f.tell() usable
+        if not first.strip():
+            raise CliError(f"{path}: empty file, expected a header line")
+        header = next(csv.reader([first]))
         i_lat = _find_column(header, lat_column, LAT_NAMES, "latitude", path)
         i_lng = _find_column(header, lng_column, LNG_NAMES, "longitude", path)
         need = max(i_lat, i_lng) + 1
+        start = f.tell()
+        fast = _read_columns_fast(f, (i_lat, i_lng))
+        if fast is not None:
+            return fast[0], fast[1], 0
+        # Something numpy could not parse: read again row by row for the exact
+        # line (or NaN for the row, with drop_invalid).
+        f.seek(start)
+        reader = csv.reader(f)
         lat = np.empty(1 << 16)
         lng = np.empty(1 << 16)
         n = bad = 0
@@ -149,6 +156,18 @@ def read_points(path: str, lat_column: Optional[str], lng_column: Optional[str],
                 bad += 1
             n += 1
     return lat[:n].copy(), lng[:n].copy(), bad
+
+
+def _read_columns_fast(f, columns) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Both columns with numpy's C parser, or None if any field does not parse."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "empty input" warnings
+            a = np.loadtxt(f, delimiter=",", usecols=columns, dtype=np.float64, quotechar='"',
+                           ndmin=2)
+    except ValueError:
+        return None
+    return np.ascontiguousarray(a[:, 0]), np.ascontiguousarray(a[:, 1])
 
 
 def write_hierarchy(path: str, h: np.ndarray, names: List[str]) -> None:
