@@ -101,3 +101,23 @@ def test_label_table_from_manifest(tmp_path):
     assert t.scene.tolist() == [1, 0]
     np.testing.assert_array_equal(t.latlng, [[45, 10], [-70, 0]])
     assert t.unlabelled_counts().tolist() == [1, 1]
+
+
+def test_label_table_with_real_partitions(tmp_path):
+    geocell = pytest.importorskip("geocell")
+    rng = np.random.default_rng(0)
+    lat, lng = rng.uniform(-60, 70, 400), rng.uniform(-180, 180, 400)
+    names = [f"{i}.jpg" for i in range(len(lat))]
+    _touch(tmp_path, names)
+    (tmp_path / "m.csv").write_text("path,lat,lng\n" + "".join(
+        f"{n},{a},{b}\n" for n, a, b in zip(names, lat, lng)))
+    m = read_manifest(tmp_path / "m.csv")
+    try:
+        ps = geocell.partitions(m.lat, m.lng, [(5, 100), (5, 40)])
+    except NotImplementedError:
+        pytest.skip("partitioner not built")
+    t = LabelTable.from_manifest(m, ps)
+    assert t.geo.shape == (400, 2)
+    for k, p in enumerate(ps):
+        np.testing.assert_array_equal(t.geo[:, k], p.assign(m.lat, m.lng))
+        assert t.geo[:, k].max() < len(p)
