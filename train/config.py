@@ -70,7 +70,8 @@ def scaled_taus(taus, n_train: int, scale="auto") -> list[list[int]]:
     The paper's (tau_min, tau_max) pairs were chosen for 4.7M images. "auto" multiplies them by
     s = n_train / 4.7M, which keeps the number of cells roughly constant, and then raises them to
     sensible minimums so that a small dataset gets fewer, better-populated classes:
-    tau_max >= tau_max_paper / 20 (250 / 100 / 50) and tau_min >= 2.
+    tau_max >= tau_max_paper / 10 (500 / 200 / 100) and tau_min >= 2. For the 16k-image Earth
+    training split that gives about 130 / 270 / 490 cells.
     A number multiplies the thresholds directly (1 = the paper's values).
     """
     out = []
@@ -78,7 +79,7 @@ def scaled_taus(taus, n_train: int, scale="auto") -> list[list[int]]:
         if scale == "auto":
             s = n_train / PAPER_TRAIN_SIZE
             lo = max(2, round(tau_min * s))
-            hi = max(round(tau_max * s), round(tau_max / 20))
+            hi = max(round(tau_max * s), round(tau_max / 10))
         else:
             s = float(scale)
             lo = max(1, round(tau_min * s))

@@ -1,0 +1,46 @@
+"""geocell scenes: train the scene-only network, then label a GPS manifest without scene labels."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torchvision")
+
+from geocell.train import scenes
+from geocell.train.checkpoint import load_checkpoint
+from geocell.train.manifest import read_manifest, write_manifest
+
+COMMON = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend", "torch", "--threads", "1",
+          "--no-progress"]
+
+
+def test_train_then_label(tmp_path):
+    from geocell.train.earth import build_earth
+
+    manifest = read_manifest(build_earth(tmp_path / "earth", n=120, size=32, seed=1, progress=False, workers=1))
+    labelled = manifest.subset(np.arange(80))
+    write_manifest(labelled, tmp_path / "scenes.csv")
+    gps = manifest.subset(np.arange(80, 120))
+    gps.scene = np.full(len(gps), -1)  # a GPS-only dataset: no scene labels
+    write_manifest(gps, tmp_path / "gps.csv")
+
+    assert scenes.main(["train", "--manifest", str(tmp_path / "scenes.csv"), "--epochs", "1",
+                        "-o", str(tmp_path / "scene.pt"), *COMMON]) == 0
+    ckpt = load_checkpoint(tmp_path / "scene.pt")
+    assert ckpt["scene_names"] == ["water", "coast", "land"] and ckpt["num_classes"] == []
+
+    assert scenes.main(["label", "--checkpoint", str(tmp_path / "scene.pt"), "--manifest", str(tmp_path / "gps.csv"),
+                        "-o", str(tmp_path / "labelled.csv"), *COMMON]) == 0
+    out = read_manifest(tmp_path / "labelled.csv")
+    assert len(out) == 40 and (out.scene >= 0).all()
+    assert out.scene_probs.shape == (40, 3)
+    np.testing.assert_allclose(out.scene_probs.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(out.scene, out.scene_probs.argmax(axis=1))
+    header = (tmp_path / "labelled.csv").read_text().splitlines()[0]
+    assert "scene_prob_water" in header and "scene_prob_land" in header
+
+
+def test_label_rejects_a_model_without_scene_head(tmp_path, capsys):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert scenes.main(["label", "--checkpoint", str(tmp_path / "bad.pt"), "--manifest", "x.csv",
+                        "-o", str(tmp_path / "o.csv")]) == 2
+    assert "not" in capsys.readouterr().err
