@@ -118,3 +118,16 @@ def test_ddp_two_gloo_processes(earth, tmp_path):
 
     assert n_test == int((read_manifest(earth).split == "test").sum())  # every test image once
     assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "results.json").exists()
+
+
+def test_imagenet_weights_offline_is_a_clear_cli_error(earth, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setenv("NO_PROXY", "")
+    code = run.main(["--manifest", earth, "--epochs", "1", "-o", str(tmp_path / "run"), "--pretrained", "imagenet",
+                     *TINY])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "could not download the ImageNet weights for resnet18" in err and "--pretrained none" in err

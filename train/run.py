@@ -30,7 +30,7 @@ from geocell.train.checkpoint import load_checkpoint, partition_from_dict, save_
 from geocell.train.config import TrainConfig, add_arguments, resolve, save_yaml, scaled_taus
 from geocell.train.losses import MultitaskLoss
 from geocell.train.metrics import BASELINE_ROW, HIERARCHY_ROW, evaluate_full, format_table, partition_names
-from geocell.train.model import GeoModel
+from geocell.train.model import GeoModel, PretrainedWeightsError
 
 VAL_SPLITS = ("val", "valid", "validation")
 
@@ -359,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             run_ablation(cfg)
         else:
             train(cfg)
+    except PretrainedWeightsError as exc:
+        print(f"geocell train: {exc}", file=sys.stderr)
+        return 2
     finally:
         engine.cleanup_distributed()
     return 0
