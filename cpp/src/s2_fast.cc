@@ -10,7 +10,7 @@
 // component: such points, and anything outside the polynomials' range, are
 // detected with a wide margin and recomputed by the scalar libm path.
 //
-// Then a scalar stage turns (face, i, j) into ids with 5-bit Hilbert tables.
+// Then a scalar stage turns (face, i, j) into ids with 6-bit Hilbert tables.
 // Points go through in blocks so both stages stay in L1.
 #include "s2_fast.h"
 
@@ -26,18 +26,31 @@ namespace geocell::detail {
 
 namespace {
 
-constexpr int kFastBits = 5;  // 6 table steps of 5 bits cover i, j < 2^30
+constexpr int kFastBits = 6;  // 5 table steps of 6 bits cover i, j < 2^30
 constexpr int kFastSteps = kMaxLevel / kFastBits;
+constexpr uint32_t kStepMask = ((1u << (2 * kFastBits)) - 1) << 2;
 
 struct FastHilbertTable {
-  // ((i5 << 7) | (j5 << 2) | orientation) -> (pos10 << 2) | orientation
+  // ((interleaved i6, j6) << 2 | orientation) -> (pos12 << 2) | orientation,
+  // where the interleaving puts bit b of i at 2b + 1 and bit b of j at 2b.
   uint16_t pos[1 << (2 * kFastBits + 2)];
 };
+
+// Bit b of x moved to bit 2b (x < 2^32).
+inline uint64_t spread_bits(uint64_t x) {
+  x = (x | (x << 16)) & 0x0000FFFF0000FFFFULL;
+  x = (x | (x << 8)) & 0x00FF00FF00FF00FFULL;
+  x = (x | (x << 4)) & 0x0F0F0F0F0F0F0F0FULL;
+  x = (x | (x << 2)) & 0x3333333333333333ULL;
+  x = (x | (x << 1)) & 0x5555555555555555ULL;
+  return x;
+}
 
 void init_fast_cell(FastHilbertTable& t, int level, int i, int j, int orig_orientation, int pos,
                     int orientation) {
   if (level == kFastBits) {
-    const int ij = (i << kFastBits) + j;
+    const auto ij = static_cast<int>((spread_bits(static_cast<uint64_t>(i)) << 1) |
+                                     spread_bits(static_cast<uint64_t>(j)));
     t.pos[(ij << 2) + orig_orientation] = static_cast<uint16_t>((pos << 2) + orientation);
     return;
   }
@@ -57,18 +70,39 @@ const FastHilbertTable& fast_table() {
   return table;
 }
 
-inline uint64_t encode_fast(const uint16_t* table, int face, uint32_t i, uint32_t j) {
-  constexpr uint32_t mask = (1u << kFastBits) - 1;
-  uint64_t n = static_cast<uint64_t>(face) << 60;
+// Leaf id from the face and the interleaved (i, j) bits, 12 bits a step.
+inline uint64_t encode_fast(const uint16_t* table, uint64_t face, uint64_t ij) {
+  uint64_t n = face;
   uint32_t bits = static_cast<uint32_t>(face) & kSwapMask;
   for (int k = kFastSteps - 1; k >= 0; --k) {
-    bits += ((i >> (k * kFastBits)) & mask) << (kFastBits + 2);
-    bits += ((j >> (k * kFastBits)) & mask) << 2;
+    bits |= static_cast<uint32_t>((ij >> (k * 2 * kFastBits)) & ((1u << (2 * kFastBits)) - 1)) << 2;
     bits = table[bits];
-    n |= static_cast<uint64_t>(bits >> 2) << (k * 2 * kFastBits);
+    n = (n << (2 * kFastBits)) | (bits >> 2);
     bits &= 3;
   }
   return n * 2 + 1;
+}
+
+// Leaf ids for a block: face and the spread bits of i and j in; out gets the
+// ids at the level given by (keep, lsb). Plain scalar code: each id is a chain
+// of 6 dependent table loads, and independent ids overlap in the core. (Kept
+// out of the vectoriser, whose partial vectorisation of this loop is slower.)
+__attribute__((noinline, optimize("no-tree-vectorize"))) void encode_block(
+    const uint16_t* table, const uint64_t* face, const uint64_t* si, const uint64_t* sj, size_t n,
+    uint64_t keep, uint64_t lsb, uint64_t* out) {
+  for (size_t k = 0; k < n; ++k) {
+    // (i, j) interleaved and shifted left by 2, so a step's table index is
+    // one shift, one mask and the orientation.
+    const uint64_t ij = (si[k] << 3) | (sj[k] << 2);
+    uint64_t id = face[k];
+    uint32_t bits = static_cast<uint32_t>(face[k]) & kSwapMask;
+    for (int step = kFastSteps - 1; step >= 0; --step) {
+      bits = table[static_cast<uint32_t>((ij >> (step * 2 * kFastBits)) & kStepMask) | bits];
+      id = (id << (2 * kFastBits)) | (bits >> 2);
+      bits &= 3;
+    }
+    out[k] = ((id * 2 + 1) & keep) | lsb;
+  }
 }
 
 std::atomic<int> g_simd_enabled{1};
@@ -77,7 +111,8 @@ thread_local size_t t_fallbacks = 0;
 }  // namespace
 
 uint64_t face_ij_to_cell_fast(int face, uint32_t i, uint32_t j) {
-  return encode_fast(fast_table().pos, face, i, j);
+  return encode_fast(fast_table().pos, static_cast<uint64_t>(face),
+                     (spread_bits(i) << 1) | spread_bits(j));
 }
 
 bool avx2_available() {
@@ -144,82 +179,109 @@ constexpr double kFaceTieMargin = 0x1p-40;  // |a| - |b| between xyz components
 constexpr double kLeafEdgeMargin = 0x1p-14;  // frac(2^30 s) near 0 or 1
 constexpr double kMaxFastLngDeg = 1440.0;    // the reduction's range, with room
 
-// Stage 1 for 4 points: face, i, j; returns a 4-bit mask of points that must
-// be redone by the scalar path.
-GEOCELL_AVX2 inline int face_ij4(const double* lat, const double* lng, int32_t* face,
-                                 int32_t* i, int32_t* j) {
+GEOCELL_AVX2 inline __m256i spread_bits4(__m256i x) {
+  x = _mm256_and_si256(_mm256_or_si256(x, _mm256_slli_epi64(x, 16)), _mm256_set1_epi64x(0x0000FFFF0000FFFFLL));
+  x = _mm256_and_si256(_mm256_or_si256(x, _mm256_slli_epi64(x, 8)), _mm256_set1_epi64x(0x00FF00FF00FF00FFLL));
+  x = _mm256_and_si256(_mm256_or_si256(x, _mm256_slli_epi64(x, 4)), _mm256_set1_epi64x(0x0F0F0F0F0F0F0F0FLL));
+  x = _mm256_and_si256(_mm256_or_si256(x, _mm256_slli_epi64(x, 2)), _mm256_set1_epi64x(0x3333333333333333LL));
+  x = _mm256_and_si256(_mm256_or_si256(x, _mm256_slli_epi64(x, 1)), _mm256_set1_epi64x(0x5555555555555555LL));
+  return x;
+}
+
+// Stage 1 for 4 points: the direction (x, y, z) as latlng_to_xyz computes
+// it, to within sin/cos error; returns a 4-bit mask of points outside the
+// polynomials' range (NaN included), which the scalar path redoes.
+GEOCELL_AVX2 inline int xyz4(const double* lat, const double* lng, double* xs, double* ys,
+                             double* zs) {
   const __m256d lat_deg = _mm256_loadu_pd(lat), lng_deg = _mm256_loadu_pd(lng);
   const __m256d sign_mask = _mm256_set1_pd(-0.0);
-  // Out of the fast range, NaN included (ordered compares are false).
   const __m256d in_range = _mm256_and_pd(
       _mm256_cmp_pd(_mm256_andnot_pd(sign_mask, lat_deg), _mm256_set1_pd(90.0), _CMP_LE_OQ),
       _mm256_cmp_pd(_mm256_andnot_pd(sign_mask, lng_deg), _mm256_set1_pd(kMaxFastLngDeg),
                     _CMP_LE_OQ));
-
   // Same product as the scalar (M_PI / 180.0) * deg.
   const __m256d rad = _mm256_set1_pd(M_PI / 180.0);
   const __m256d phi = _mm256_mul_pd(rad, lat_deg), theta = _mm256_mul_pd(rad, lng_deg);
   __m256d sin_phi, cos_phi, sin_theta, cos_theta;
   sincos4(phi, &sin_phi, &cos_phi);
   sincos4(theta, &sin_theta, &cos_theta);
-  const __m256d x = _mm256_mul_pd(cos_theta, cos_phi);
-  const __m256d y = _mm256_mul_pd(sin_theta, cos_phi);
-  const __m256d z = sin_phi;
+  _mm256_store_pd(xs, _mm256_mul_pd(cos_theta, cos_phi));
+  _mm256_store_pd(ys, _mm256_mul_pd(sin_theta, cos_phi));
+  _mm256_store_pd(zs, sin_phi);
+  return _mm256_movemask_pd(in_range) ^ 0xF;
+}
 
+// Stage 2 for 4 points: face, u and v from (x, y, z); returns a 4-bit mask
+// of near-ties between the largest components, which the scalar path redoes.
+// (Short stages keep the dependency chains short enough for the out-of-order
+// core to overlap many iterations.)
+GEOCELL_AVX2 inline int face_uv4(const double* xs, const double* ys, const double* zs,
+                                 uint64_t* face, double* us, double* vs) {
+  const __m256d sign_mask = _mm256_set1_pd(-0.0);
+  const __m256d x = _mm256_load_pd(xs), y = _mm256_load_pd(ys), z = _mm256_load_pd(zs);
   const __m256d ax = _mm256_andnot_pd(sign_mask, x), ay = _mm256_andnot_pd(sign_mask, y),
                 az = _mm256_andnot_pd(sign_mask, z);
   const __m256d margin = _mm256_set1_pd(kFaceTieMargin);
   auto near = [&](__m256d a, __m256d b) GEOCELL_AVX2 {
     return _mm256_cmp_pd(_mm256_andnot_pd(sign_mask, _mm256_sub_pd(a, b)), margin, _CMP_LT_OQ);
   };
-  __m256d redo = _mm256_or_pd(_mm256_or_pd(near(ax, ay), near(ax, az)), near(ay, az));
+  const __m256d ties = _mm256_or_pd(_mm256_or_pd(near(ax, ay), near(ax, az)), near(ay, az));
 
   // Largest component, ties to the later axis (xyz_to_face).
   const __m256d gt_xy = _mm256_cmp_pd(ax, ay, _CMP_GT_OQ);
   const __m256d is_x = _mm256_and_pd(gt_xy, _mm256_cmp_pd(ax, az, _CMP_GT_OQ));
   const __m256d is_y = _mm256_andnot_pd(gt_xy, _mm256_cmp_pd(ay, az, _CMP_GT_OQ));
+  const __m256d is_z = _mm256_xor_pd(_mm256_or_pd(is_x, is_y),
+                                     _mm256_castsi256_pd(_mm256_set1_epi64x(-1)));
   const __m256d denom = _mm256_blendv_pd(_mm256_blendv_pd(z, y, is_y), x, is_x);
   const __m256d neg = _mm256_cmp_pd(denom, _mm256_setzero_pd(), _CMP_LT_OQ);
-  const __m256d nx = _mm256_xor_pd(x, sign_mask), ny = _mm256_xor_pd(y, sign_mask);
-  // Numerators of u and v per face (valid_face_xyz_to_uv); -a / b == -(a / b).
-  const __m256d u_x = _mm256_blendv_pd(y, z, neg), v_x = _mm256_blendv_pd(z, y, neg);
-  const __m256d u_y = _mm256_blendv_pd(nx, z, neg), v_y = _mm256_blendv_pd(z, nx, neg);
-  const __m256d u_z = _mm256_blendv_pd(nx, ny, neg), v_z = _mm256_blendv_pd(ny, nx, neg);
-  const __m256d u_num = _mm256_blendv_pd(_mm256_blendv_pd(u_z, u_y, is_y), u_x, is_x);
-  const __m256d v_num = _mm256_blendv_pd(_mm256_blendv_pd(v_z, v_y, is_y), v_x, is_x);
-  const __m256d u = _mm256_div_pd(u_num, denom), v = _mm256_div_pd(v_num, denom);
+  // valid_face_xyz_to_uv: (u, v) = (a, b) / denom on faces 0-2 and (b, a) /
+  // denom on faces 3-5, with a = y on the x faces and -x otherwise, b = -y on
+  // the z faces and z otherwise (-p / q == -(p / q) exactly).
+  const __m256d a = _mm256_blendv_pd(_mm256_xor_pd(x, sign_mask), y, is_x);
+  const __m256d b = _mm256_blendv_pd(z, _mm256_xor_pd(y, sign_mask), is_z);
+  // One division for both: u and v may be an ulp or two further from the
+  // scalar quotients, which the leaf-edge margin absorbs as well.
+  const __m256d inv = _mm256_div_pd(_mm256_set1_pd(1.0), denom);
+  _mm256_store_pd(us, _mm256_mul_pd(_mm256_blendv_pd(a, b, neg), inv));
+  _mm256_store_pd(vs, _mm256_mul_pd(_mm256_blendv_pd(b, a, neg), inv));
 
   const __m256d axis = _mm256_blendv_pd(
       _mm256_blendv_pd(_mm256_set1_pd(2.0), _mm256_set1_pd(1.0), is_y), _mm256_setzero_pd(), is_x);
   const __m256d face_d = _mm256_add_pd(axis, _mm256_and_pd(neg, _mm256_set1_pd(3.0)));
+  // Small integers sit in the low mantissa bits of x + 2^52.
+  _mm256_store_si256(reinterpret_cast<__m256i*>(face),
+                     _mm256_and_si256(_mm256_castpd_si256(_mm256_add_pd(face_d, _mm256_set1_pd(0x1p52))),
+                                      _mm256_set1_epi64x(7)));
+  return _mm256_movemask_pd(ties);
+}
 
-  // uv_to_st, then floor(2^30 s) clamped as st_to_ij; 1 - 3u == 1 + 3|u| for u < 0.
-  const __m256d one = _mm256_set1_pd(1.0), half = _mm256_set1_pd(0.5),
-                three = _mm256_set1_pd(3.0), limit = _mm256_set1_pd(kLimitIJ),
+// Stage 3 for 4 coordinates (u or v): uv_to_st, then floor(2^30 s) clamped
+// as st_to_ij, its bits spread to the even positions; returns a 4-bit mask
+// of values within the margin of a leaf edge.
+GEOCELL_AVX2 inline int st_ij4(const double* ws, uint64_t* spread) {
+  const __m256d sign_mask = _mm256_set1_pd(-0.0), one = _mm256_set1_pd(1.0),
                 edge = _mm256_set1_pd(kLeafEdgeMargin);
-  auto to_ij = [&](__m256d w, __m256d* redo_mask) GEOCELL_AVX2 {
-    const __m256d h =
-        _mm256_mul_pd(half, _mm256_sqrt_pd(_mm256_add_pd(
-                                one, _mm256_mul_pd(three, _mm256_andnot_pd(sign_mask, w)))));
-    const __m256d nonneg = _mm256_cmp_pd(w, _mm256_setzero_pd(), _CMP_GE_OQ);
-    const __m256d s = _mm256_blendv_pd(_mm256_sub_pd(one, h), h, nonneg);
-    const __m256d t = _mm256_mul_pd(limit, s);
-    const __m256d fl = _mm256_floor_pd(t);
-    const __m256d frac = _mm256_sub_pd(t, fl);
-    *redo_mask = _mm256_or_pd(
-        *redo_mask, _mm256_or_pd(_mm256_cmp_pd(frac, edge, _CMP_LT_OQ),
-                                 _mm256_cmp_pd(frac, _mm256_sub_pd(one, edge), _CMP_GT_OQ)));
-    const __m256d clamped =
-        _mm256_min_pd(_mm256_max_pd(fl, _mm256_setzero_pd()), _mm256_set1_pd(kLimitIJ - 1));
-    return _mm256_cvttpd_epi32(clamped);
-  };
-  const __m128i iv = to_ij(u, &redo);
-  const __m128i jv = to_ij(v, &redo);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(i), iv);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(j), jv);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(face), _mm256_cvttpd_epi32(face_d));
-  redo = _mm256_or_pd(redo, _mm256_xor_pd(in_range, _mm256_castsi256_pd(_mm256_set1_epi64x(-1))));
-  return _mm256_movemask_pd(redo);
+  const __m256d w = _mm256_load_pd(ws);
+  // 1 - 3w == 1 + 3|w| for w < 0.
+  const __m256d h = _mm256_mul_pd(
+      _mm256_set1_pd(0.5),
+      _mm256_sqrt_pd(_mm256_add_pd(
+          one, _mm256_mul_pd(_mm256_set1_pd(3.0), _mm256_andnot_pd(sign_mask, w)))));
+  const __m256d nonneg = _mm256_cmp_pd(w, _mm256_setzero_pd(), _CMP_GE_OQ);
+  const __m256d s = _mm256_blendv_pd(_mm256_sub_pd(one, h), h, nonneg);
+  const __m256d t = _mm256_mul_pd(_mm256_set1_pd(kLimitIJ), s);
+  const __m256d fl = _mm256_floor_pd(t);
+  const __m256d frac = _mm256_sub_pd(t, fl);
+  const __m256d near_edge = _mm256_or_pd(_mm256_cmp_pd(frac, edge, _CMP_LT_OQ),
+                                         _mm256_cmp_pd(frac, _mm256_sub_pd(one, edge), _CMP_GT_OQ));
+  const __m256d clamped =
+      _mm256_min_pd(_mm256_max_pd(fl, _mm256_setzero_pd()), _mm256_set1_pd(kLimitIJ - 1));
+  const __m256i ij = _mm256_and_si256(
+      _mm256_castpd_si256(_mm256_add_pd(clamped, _mm256_set1_pd(0x1p52))),
+      _mm256_set1_epi64x(kLimitIJ - 1));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(spread), spread_bits4(ij));
+  return _mm256_movemask_pd(near_edge);
 }
 
 }  // namespace
@@ -227,7 +289,10 @@ GEOCELL_AVX2 inline int face_ij4(const double* lat, const double* lng, int32_t* 
 GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
                                       uint64_t* out) {
   constexpr size_t kBlock = 256;
-  alignas(32) int32_t face[kBlock], ii[kBlock], jj[kBlock];
+  // Stage buffers; u and v (and their spread bits) share one array each so
+  // stage 3 runs over both in one loop.
+  alignas(32) double xs[kBlock], ys[kBlock], zs[kBlock], uv[2 * kBlock];
+  alignas(32) uint64_t face[kBlock], spread[2 * kBlock];
   uint32_t redo[kBlock];
   const uint16_t* table = fast_table().pos;
   const uint64_t lsb = lowest_bit_at_level(level);
@@ -236,20 +301,20 @@ GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size
   for (size_t b = 0; b < n; b += kBlock) {
     const size_t m = std::min(kBlock, n - b);
     const size_t m4 = m & ~size_t{3};
+    uint64_t redo_bits[kBlock / 64] = {};
+    auto flag = [&](size_t k, int mask) { redo_bits[k / 64] |= static_cast<uint64_t>(mask) << (k % 64); };
+    for (size_t k = 0; k < m4; k += 4) flag(k, xyz4(lat + b + k, lng + b + k, xs + k, ys + k, zs + k));
+    for (size_t k = 0; k < m4; k += 4) flag(k, face_uv4(xs + k, ys + k, zs + k, face + k, uv + k, uv + kBlock + k));
+    for (size_t k = 0; k < m4; k += 4) flag(k, st_ij4(uv + k, spread + k));
+    for (size_t k = 0; k < m4; k += 4) flag(k, st_ij4(uv + kBlock + k, spread + kBlock + k));
+    encode_block(table, face, spread, spread + kBlock, m4, keep, lsb, out + b);
+    for (size_t k = m4; k < m; ++k) out[b + k] = latlng_to_cell(lat[b + k], lng[b + k], level);
     size_t nredo = 0;
-    for (size_t k = 0; k < m4; k += 4) {
-      int mask = face_ij4(lat + b + k, lng + b + k, face + k, ii + k, jj + k);
-      while (mask) {
-        redo[nredo++] = static_cast<uint32_t>(k + __builtin_ctz(mask));
-        mask &= mask - 1;
+    for (size_t w = 0; w < kBlock / 64; ++w) {
+      for (uint64_t mask = redo_bits[w]; mask; mask &= mask - 1) {
+        redo[nredo++] = static_cast<uint32_t>(64 * w + __builtin_ctzll(mask));
       }
     }
-    for (size_t k = 0; k < m4; ++k) {
-      const uint64_t leaf = encode_fast(table, face[k], static_cast<uint32_t>(ii[k]),
-                                        static_cast<uint32_t>(jj[k]));
-      out[b + k] = (leaf & keep) | lsb;
-    }
-    for (size_t k = m4; k < m; ++k) out[b + k] = latlng_to_cell(lat[b + k], lng[b + k], level);
     for (size_t r = 0; r < nredo; ++r) {
       const size_t k = b + redo[r];
       out[k] = latlng_to_cell(lat[k], lng[k], level);

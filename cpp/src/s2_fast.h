@@ -22,7 +22,7 @@ void latlng_to_cell_scalar(const double* lat, const double* lng, size_t n, int l
 void latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
                          uint64_t* out);
 
-// Leaf id from face and (i, j) through 5-bit lookup tables (6 steps instead
+// Leaf id from face and (i, j) through 6-bit lookup tables (5 steps instead
 // of 8); identical to face_ij_to_cell.
 uint64_t face_ij_to_cell_fast(int face, uint32_t i, uint32_t j);
 
