@@ -21,8 +21,25 @@ bool simd_available() { return detail::avx2_available(); }
 void set_simd_enabled(bool enabled) { detail::set_simd_enabled(enabled); }
 
 namespace {
+
+// Clears the upper halves of the vector registers. Callers (numpy's AVX-512
+// kernels, say) can leave them dirty, and then every SSE instruction of the
+// scalar code pays for merging them: several times slower.
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx"))) void clear_upper_vector_state() {
+  if (detail::avx2_available()) __builtin_ia32_vzeroupper();
+}
+#else
+void clear_upper_vector_state() {}
+#endif
+
+// Runs body(begin, end) over [0, n) in `threads` chunks (0 = all cores).
 template <class F>
-void parallel_for(size_t n, int threads, F&& body) {
+void parallel_for(size_t n, int threads, F&& body_in) {
+  auto body = [&body_in](size_t b, size_t e) {
+    clear_upper_vector_state();
+    body_in(b, e);
+  };
   // Below this many items a thread costs more than it saves.
   constexpr size_t kMinPerThread = 1 << 15;
   size_t t = std::min<size_t>(resolve_threads(threads), std::max<size_t>(1, n / kMinPerThread));

@@ -307,6 +307,8 @@ GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size
     for (size_t k = 0; k < m4; k += 4) flag(k, face_uv4(xs + k, ys + k, zs + k, face + k, uv + k, uv + kBlock + k));
     for (size_t k = 0; k < m4; k += 4) flag(k, st_ij4(uv + k, spread + k));
     for (size_t k = 0; k < m4; k += 4) flag(k, st_ij4(uv + kBlock + k, spread + kBlock + k));
+    // The rest is scalar (SSE) code: leave no dirty upper register state.
+    _mm256_zeroupper();
     encode_block(table, face, spread, spread + kBlock, m4, keep, lsb, out + b);
     for (size_t k = m4; k < m; ++k) out[b + k] = latlng_to_cell(lat[b + k], lng[b + k], level);
     size_t nredo = 0;
