@@ -10,8 +10,10 @@
 // component: such points, and anything outside the polynomials' range, are
 // detected with a wide margin and recomputed by the scalar libm path.
 //
-// Then a scalar stage turns (face, i, j) into ids with 6-bit Hilbert tables.
-// Points go through in blocks so both stages stay in L1.
+// Then (face, i, j) become ids by a bit-parallel Hilbert index, 8 points at a
+// time, without tables. Points go through in blocks of 256, stage by stage:
+// short stages keep dependency chains short, so the out-of-order core
+// overlaps many iterations, and the block's buffers stay in L1.
 #include "s2_fast.h"
 
 #include <immintrin.h>
@@ -26,94 +28,11 @@ namespace geocell::detail {
 
 namespace {
 
-constexpr int kFastBits = 6;  // 5 table steps of 6 bits cover i, j < 2^30
-constexpr int kFastSteps = kMaxLevel / kFastBits;
-constexpr uint32_t kStepMask = ((1u << (2 * kFastBits)) - 1) << 2;
-
-struct FastHilbertTable {
-  // ((interleaved i6, j6) << 2 | orientation) -> (pos12 << 2) | orientation,
-  // where the interleaving puts bit b of i at 2b + 1 and bit b of j at 2b.
-  uint16_t pos[1 << (2 * kFastBits + 2)];
-};
-
-// Bit b of x moved to bit 2b (x < 2^32).
-inline uint64_t spread_bits(uint64_t x) {
-  x = (x | (x << 16)) & 0x0000FFFF0000FFFFULL;
-  x = (x | (x << 8)) & 0x00FF00FF00FF00FFULL;
-  x = (x | (x << 4)) & 0x0F0F0F0F0F0F0F0FULL;
-  x = (x | (x << 2)) & 0x3333333333333333ULL;
-  x = (x | (x << 1)) & 0x5555555555555555ULL;
-  return x;
-}
-
-void init_fast_cell(FastHilbertTable& t, int level, int i, int j, int orig_orientation, int pos,
-                    int orientation) {
-  if (level == kFastBits) {
-    const auto ij = static_cast<int>((spread_bits(static_cast<uint64_t>(i)) << 1) |
-                                     spread_bits(static_cast<uint64_t>(j)));
-    t.pos[(ij << 2) + orig_orientation] = static_cast<uint16_t>((pos << 2) + orientation);
-    return;
-  }
-  const int* r = kPosToIJ[orientation];
-  for (int k = 0; k < 4; ++k) {
-    init_fast_cell(t, level + 1, (i << 1) + (r[k] >> 1), (j << 1) + (r[k] & 1), orig_orientation,
-                   (pos << 2) + k, orientation ^ kPosToOrientation[k]);
-  }
-}
-
-const FastHilbertTable& fast_table() {
-  static const FastHilbertTable table = [] {
-    FastHilbertTable t{};
-    for (int o = 0; o < 4; ++o) init_fast_cell(t, 0, 0, 0, o, 0, o);
-    return t;
-  }();
-  return table;
-}
-
-// Leaf id from the face and the interleaved (i, j) bits, 12 bits a step.
-inline uint64_t encode_fast(const uint16_t* table, uint64_t face, uint64_t ij) {
-  uint64_t n = face;
-  uint32_t bits = static_cast<uint32_t>(face) & kSwapMask;
-  for (int k = kFastSteps - 1; k >= 0; --k) {
-    bits |= static_cast<uint32_t>((ij >> (k * 2 * kFastBits)) & ((1u << (2 * kFastBits)) - 1)) << 2;
-    bits = table[bits];
-    n = (n << (2 * kFastBits)) | (bits >> 2);
-    bits &= 3;
-  }
-  return n * 2 + 1;
-}
-
-// Leaf ids for a block: face and the spread bits of i and j in; out gets the
-// ids at the level given by (keep, lsb). Plain scalar code: each id is a chain
-// of 6 dependent table loads, and independent ids overlap in the core. (Kept
-// out of the vectoriser, whose partial vectorisation of this loop is slower.)
-__attribute__((noinline, optimize("no-tree-vectorize"))) void encode_block(
-    const uint16_t* table, const uint64_t* face, const uint64_t* si, const uint64_t* sj, size_t n,
-    uint64_t keep, uint64_t lsb, uint64_t* out) {
-  for (size_t k = 0; k < n; ++k) {
-    // (i, j) interleaved and shifted left by 2, so a step's table index is
-    // one shift, one mask and the orientation.
-    const uint64_t ij = (si[k] << 3) | (sj[k] << 2);
-    uint64_t id = face[k];
-    uint32_t bits = static_cast<uint32_t>(face[k]) & kSwapMask;
-    for (int step = kFastSteps - 1; step >= 0; --step) {
-      bits = table[static_cast<uint32_t>((ij >> (step * 2 * kFastBits)) & kStepMask) | bits];
-      id = (id << (2 * kFastBits)) | (bits >> 2);
-      bits &= 3;
-    }
-    out[k] = ((id * 2 + 1) & keep) | lsb;
-  }
-}
 
 std::atomic<int> g_simd_enabled{1};
 thread_local size_t t_fallbacks = 0;
 
 }  // namespace
-
-uint64_t face_ij_to_cell_fast(int face, uint32_t i, uint32_t j) {
-  return encode_fast(fast_table().pos, static_cast<uint64_t>(face),
-                     (spread_bits(i) << 1) | spread_bits(j));
-}
 
 bool avx2_available() {
   static const bool ok = [] {
@@ -188,6 +107,78 @@ GEOCELL_AVX2 inline __m256i spread_bits4(__m256i x) {
   return x;
 }
 
+// The low 32 bits of four 64-bit lanes, stored as four uint32.
+GEOCELL_AVX2 inline void store_low32(uint32_t* out, __m256i v) {
+  const __m256i packed = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+  _mm_store_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+}
+
+GEOCELL_AVX2 inline __m256i shr(__m256i v, int n) { return _mm256_srli_epi32(v, n); }
+GEOCELL_AVX2 inline __m256i xor_(__m256i p, __m256i q) { return _mm256_xor_si256(p, q); }
+GEOCELL_AVX2 inline __m256i and_(__m256i p, __m256i q) { return _mm256_and_si256(p, q); }
+
+// Stage 4 for 8 points: leaf ids from face, i, j without tables, by the
+// bit-parallel Hilbert index of "2D Hilbert curves in O(1)" (rawrunprotected,
+// public domain): prefix scans over the bits of the 32-bit lanes compute every
+// level's orientation at once. S2's curve is that curve with (x, y) = (i, j)
+// on even faces and (j, i) on odd faces (which start with axes swapped).
+GEOCELL_AVX2 inline void hilbert8(const uint32_t* face, const uint32_t* is, const uint32_t* js,
+                                  uint64_t keep, uint64_t lsb, uint64_t* out) {
+  const __m256i f = _mm256_load_si256(reinterpret_cast<const __m256i*>(face));
+  const __m256i i = _mm256_load_si256(reinterpret_cast<const __m256i*>(is));
+  const __m256i j = _mm256_load_si256(reinterpret_cast<const __m256i*>(js));
+  const __m256 odd = _mm256_castsi256_ps(_mm256_slli_epi32(f, 31));
+  // 30-bit coordinates moved to the top of the 32-bit lanes.
+  const __m256i x = _mm256_slli_epi32(
+      _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(i), _mm256_castsi256_ps(j), odd)), 2);
+  const __m256i y = _mm256_slli_epi32(
+      _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(j), _mm256_castsi256_ps(i), odd)), 2);
+  const __m256i ones = _mm256_set1_epi32(-1);
+  __m256i A, B, C, D;
+  {
+    const __m256i a = xor_(x, y);
+    const __m256i b = xor_(ones, a);
+    const __m256i c = xor_(ones, _mm256_or_si256(x, y));
+    const __m256i d = _mm256_andnot_si256(y, x);
+    A = _mm256_or_si256(a, shr(b, 1));
+    B = xor_(shr(a, 1), a);
+    C = xor_(xor_(shr(c, 1), and_(b, shr(d, 1))), c);
+    D = xor_(xor_(and_(a, shr(c, 1)), shr(d, 1)), d);
+  }
+  // Each round combines the scans over runs of n levels into runs of 2n.
+  auto round = [&](int n, bool last) GEOCELL_AVX2 {
+    const __m256i a = A, b = B, c = C, d = D, ab = xor_(a, b);
+    const __m256i cn = shr(c, n), dn = shr(d, n);
+    if (!last) {
+      A = xor_(and_(a, shr(a, n)), and_(b, shr(b, n)));
+      B = xor_(and_(a, shr(b, n)), and_(b, shr(ab, n)));
+    }
+    C = xor_(C, xor_(and_(a, cn), and_(b, dn)));
+    D = xor_(D, xor_(and_(b, cn), and_(ab, dn)));
+  };
+  round(2, false);
+  round(4, false);
+  round(8, false);
+  round(16, true);
+  const __m256i a = xor_(C, shr(C, 1));
+  const __m256i b = xor_(D, shr(D, 1));
+  const __m256i i0 = xor_(x, y);
+  const __m256i i1 = _mm256_or_si256(b, _mm256_andnot_si256(_mm256_or_si256(i0, a), ones));
+  const __m256i keep_v = _mm256_set1_epi64x(static_cast<long long>(keep));
+  const __m256i lsb_v = _mm256_set1_epi64x(static_cast<long long>(lsb));
+  for (int half = 0; half < 2; ++half) {
+    const __m256i hi = spread_bits4(_mm256_cvtepu32_epi64(half ? _mm256_extracti128_si256(i1, 1) : _mm256_castsi256_si128(i1)));
+    const __m256i lo = spread_bits4(_mm256_cvtepu32_epi64(half ? _mm256_extracti128_si256(i0, 1) : _mm256_castsi256_si128(i0)));
+    const __m256i f64 = _mm256_cvtepu32_epi64(half ? _mm256_extracti128_si256(f, 1) : _mm256_castsi256_si128(f));
+    // Position bits: 60 of the 64 interleaved bits; then face, the marker bit.
+    const __m256i pos = _mm256_srli_epi64(_mm256_or_si256(_mm256_slli_epi64(hi, 1), lo), 4);
+    __m256i id = _mm256_or_si256(_mm256_or_si256(_mm256_slli_epi64(f64, 61), _mm256_slli_epi64(pos, 1)),
+                                 _mm256_set1_epi64x(1));
+    id = _mm256_or_si256(_mm256_and_si256(id, keep_v), lsb_v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 4 * half), id);
+  }
+}
+
 // Stage 1 for 4 points: the direction (x, y, z) as latlng_to_xyz computes
 // it, to within sin/cos error; returns a 4-bit mask of points outside the
 // polynomials' range (NaN included), which the scalar path redoes.
@@ -216,7 +207,7 @@ GEOCELL_AVX2 inline int xyz4(const double* lat, const double* lng, double* xs, d
 // (Short stages keep the dependency chains short enough for the out-of-order
 // core to overlap many iterations.)
 GEOCELL_AVX2 inline int face_uv4(const double* xs, const double* ys, const double* zs,
-                                 uint64_t* face, double* us, double* vs) {
+                                 uint32_t* face, double* us, double* vs) {
   const __m256d sign_mask = _mm256_set1_pd(-0.0);
   const __m256d x = _mm256_load_pd(xs), y = _mm256_load_pd(ys), z = _mm256_load_pd(zs);
   const __m256d ax = _mm256_andnot_pd(sign_mask, x), ay = _mm256_andnot_pd(sign_mask, y),
@@ -250,16 +241,15 @@ GEOCELL_AVX2 inline int face_uv4(const double* xs, const double* ys, const doubl
       _mm256_blendv_pd(_mm256_set1_pd(2.0), _mm256_set1_pd(1.0), is_y), _mm256_setzero_pd(), is_x);
   const __m256d face_d = _mm256_add_pd(axis, _mm256_and_pd(neg, _mm256_set1_pd(3.0)));
   // Small integers sit in the low mantissa bits of x + 2^52.
-  _mm256_store_si256(reinterpret_cast<__m256i*>(face),
-                     _mm256_and_si256(_mm256_castpd_si256(_mm256_add_pd(face_d, _mm256_set1_pd(0x1p52))),
-                                      _mm256_set1_epi64x(7)));
+  store_low32(face, _mm256_and_si256(_mm256_castpd_si256(_mm256_add_pd(face_d, _mm256_set1_pd(0x1p52))),
+                                     _mm256_set1_epi64x(7)));
   return _mm256_movemask_pd(ties);
 }
 
 // Stage 3 for 4 coordinates (u or v): uv_to_st, then floor(2^30 s) clamped
-// as st_to_ij, its bits spread to the even positions; returns a 4-bit mask
-// of values within the margin of a leaf edge.
-GEOCELL_AVX2 inline int st_ij4(const double* ws, uint64_t* spread) {
+// as st_to_ij; returns a 4-bit mask of values within the margin of a leaf
+// edge.
+GEOCELL_AVX2 inline int st_ij4(const double* ws, uint32_t* ij_out) {
   const __m256d sign_mask = _mm256_set1_pd(-0.0), one = _mm256_set1_pd(1.0),
                 edge = _mm256_set1_pd(kLeafEdgeMargin);
   const __m256d w = _mm256_load_pd(ws);
@@ -280,37 +270,52 @@ GEOCELL_AVX2 inline int st_ij4(const double* ws, uint64_t* spread) {
   const __m256i ij = _mm256_and_si256(
       _mm256_castpd_si256(_mm256_add_pd(clamped, _mm256_set1_pd(0x1p52))),
       _mm256_set1_epi64x(kLimitIJ - 1));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(spread), spread_bits4(ij));
+  store_low32(ij_out, ij);
   return _mm256_movemask_pd(near_edge);
 }
 
 }  // namespace
 
+GEOCELL_AVX2 void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, const uint32_t* j,
+                                       size_t n, uint64_t* out) {
+  alignas(32) uint32_t f8[8], i8[8], j8[8];
+  for (size_t b = 0; b < n; b += 8) {
+    const size_t m = std::min<size_t>(8, n - b);
+    for (size_t k = 0; k < 8; ++k) {
+      f8[k] = k < m ? face[b + k] : 0;
+      i8[k] = k < m ? i[b + k] : 0;
+      j8[k] = k < m ? j[b + k] : 0;
+    }
+    uint64_t ids[8];
+    hilbert8(f8, i8, j8, ~uint64_t{0}, 0, ids);
+    for (size_t k = 0; k < m; ++k) out[b + k] = ids[k];
+  }
+}
+
 GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
                                       uint64_t* out) {
   constexpr size_t kBlock = 256;
-  // Stage buffers; u and v (and their spread bits) share one array each so
-  // stage 3 runs over both in one loop.
+  // Stage buffers; u and v (and i and j) share one array each so stage 3
+  // runs over both in one loop.
   alignas(32) double xs[kBlock], ys[kBlock], zs[kBlock], uv[2 * kBlock];
-  alignas(32) uint64_t face[kBlock], spread[2 * kBlock];
+  alignas(32) uint32_t face[kBlock], ij[2 * kBlock];
   uint32_t redo[kBlock];
-  const uint16_t* table = fast_table().pos;
   const uint64_t lsb = lowest_bit_at_level(level);
   const uint64_t keep = ~lsb + 1;
   size_t fallbacks = 0;
   for (size_t b = 0; b < n; b += kBlock) {
     const size_t m = std::min(kBlock, n - b);
-    const size_t m4 = m & ~size_t{3};
+    const size_t m8 = m & ~size_t{7};
     uint64_t redo_bits[kBlock / 64] = {};
     auto flag = [&](size_t k, int mask) { redo_bits[k / 64] |= static_cast<uint64_t>(mask) << (k % 64); };
-    for (size_t k = 0; k < m4; k += 4) flag(k, xyz4(lat + b + k, lng + b + k, xs + k, ys + k, zs + k));
-    for (size_t k = 0; k < m4; k += 4) flag(k, face_uv4(xs + k, ys + k, zs + k, face + k, uv + k, uv + kBlock + k));
-    for (size_t k = 0; k < m4; k += 4) flag(k, st_ij4(uv + k, spread + k));
-    for (size_t k = 0; k < m4; k += 4) flag(k, st_ij4(uv + kBlock + k, spread + kBlock + k));
+    for (size_t k = 0; k < m8; k += 4) flag(k, xyz4(lat + b + k, lng + b + k, xs + k, ys + k, zs + k));
+    for (size_t k = 0; k < m8; k += 4) flag(k, face_uv4(xs + k, ys + k, zs + k, face + k, uv + k, uv + kBlock + k));
+    for (size_t k = 0; k < m8; k += 4) flag(k, st_ij4(uv + k, ij + k));
+    for (size_t k = 0; k < m8; k += 4) flag(k, st_ij4(uv + kBlock + k, ij + kBlock + k));
+    for (size_t k = 0; k < m8; k += 8) hilbert8(face + k, ij + k, ij + kBlock + k, keep, lsb, out + b + k);
     // The rest is scalar (SSE) code: leave no dirty upper register state.
     _mm256_zeroupper();
-    encode_block(table, face, spread, spread + kBlock, m4, keep, lsb, out + b);
-    for (size_t k = m4; k < m; ++k) out[b + k] = latlng_to_cell(lat[b + k], lng[b + k], level);
+    for (size_t k = m8; k < m; ++k) out[b + k] = latlng_to_cell(lat[b + k], lng[b + k], level);
     size_t nredo = 0;
     for (size_t w = 0; w < kBlock / 64; ++w) {
       for (uint64_t mask = redo_bits[w]; mask; mask &= mask - 1) {

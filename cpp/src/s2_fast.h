@@ -22,9 +22,10 @@ void latlng_to_cell_scalar(const double* lat, const double* lng, size_t n, int l
 void latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
                          uint64_t* out);
 
-// Leaf id from face and (i, j) through 6-bit lookup tables (5 steps instead
-// of 8); identical to face_ij_to_cell.
-uint64_t face_ij_to_cell_fast(int face, uint32_t i, uint32_t j);
+// Leaf ids of (face, i, j) by the AVX2 Hilbert stage; identical to
+// face_ij_to_cell. Only when avx2_available().
+void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, const uint32_t* j, size_t n,
+                          uint64_t* out);
 
 // For tests: how many of the points the last call on this thread of
 // latlng_to_cell_avx2 sent back to the scalar path.
