@@ -98,15 +98,6 @@ constexpr double kFaceTieMargin = 0x1p-40;  // |a| - |b| between xyz components
 constexpr double kLeafEdgeMargin = 0x1p-14;  // frac(2^30 s) near 0 or 1
 constexpr double kMaxFastLngDeg = 1440.0;    // the reduction's range, with room
 
-GEOCELL_AVX2 inline __m256i spread_bits4(__m256i x) {
-  x = _mm256_and_si256(_mm256_or_si256(x, _mm256_slli_epi64(x, 16)), _mm256_set1_epi64x(0x0000FFFF0000FFFFLL));
-  x = _mm256_and_si256(_mm256_or_si256(x, _mm256_slli_epi64(x, 8)), _mm256_set1_epi64x(0x00FF00FF00FF00FFLL));
-  x = _mm256_and_si256(_mm256_or_si256(x, _mm256_slli_epi64(x, 4)), _mm256_set1_epi64x(0x0F0F0F0F0F0F0F0FLL));
-  x = _mm256_and_si256(_mm256_or_si256(x, _mm256_slli_epi64(x, 2)), _mm256_set1_epi64x(0x3333333333333333LL));
-  x = _mm256_and_si256(_mm256_or_si256(x, _mm256_slli_epi64(x, 1)), _mm256_set1_epi64x(0x5555555555555555LL));
-  return x;
-}
-
 // The low 32 bits of four 64-bit lanes, stored as four uint32.
 GEOCELL_AVX2 inline void store_low32(uint32_t* out, __m256i v) {
   const __m256i packed = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
@@ -164,15 +155,28 @@ GEOCELL_AVX2 inline void hilbert8(const uint32_t* face, const uint32_t* is, cons
   const __m256i b = xor_(D, shr(D, 1));
   const __m256i i0 = xor_(x, y);
   const __m256i i1 = _mm256_or_si256(b, _mm256_andnot_si256(_mm256_or_si256(i0, a), ones));
+  // Interleave i1 (odd bits) and i0 (even bits) a nibble at a time through
+  // byte shuffles: each byte then holds 4 bits of each, and unpacking the
+  // low and high nibbles' bytes gives the 64-bit index of each point.
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i spread_even = _mm256_setr_epi8(
+      0x00, 0x01, 0x04, 0x05, 0x10, 0x11, 0x14, 0x15, 0x40, 0x41, 0x44, 0x45, 0x50, 0x51, 0x54, 0x55,
+      0x00, 0x01, 0x04, 0x05, 0x10, 0x11, 0x14, 0x15, 0x40, 0x41, 0x44, 0x45, 0x50, 0x51, 0x54, 0x55);
+  const __m256i spread_odd = _mm256_slli_epi16(spread_even, 1);
+  const __m256i lo = _mm256_or_si256(_mm256_shuffle_epi8(spread_odd, and_(i1, nibble)),
+                                     _mm256_shuffle_epi8(spread_even, and_(i0, nibble)));
+  const __m256i hi = _mm256_or_si256(
+      _mm256_shuffle_epi8(spread_odd, and_(_mm256_srli_epi16(i1, 4), nibble)),
+      _mm256_shuffle_epi8(spread_even, and_(_mm256_srli_epi16(i0, 4), nibble)));
+  // Points 0, 1 | 4, 5 and 2, 3 | 6, 7 (unpacking works within 128-bit lanes).
+  const __m256i u0 = _mm256_unpacklo_epi8(lo, hi), u1 = _mm256_unpackhi_epi8(lo, hi);
   const __m256i keep_v = _mm256_set1_epi64x(static_cast<long long>(keep));
   const __m256i lsb_v = _mm256_set1_epi64x(static_cast<long long>(lsb));
   for (int half = 0; half < 2; ++half) {
-    const __m256i hi = spread_bits4(_mm256_cvtepu32_epi64(half ? _mm256_extracti128_si256(i1, 1) : _mm256_castsi256_si128(i1)));
-    const __m256i lo = spread_bits4(_mm256_cvtepu32_epi64(half ? _mm256_extracti128_si256(i0, 1) : _mm256_castsi256_si128(i0)));
+    const __m256i index = _mm256_permute2x128_si256(u0, u1, half ? 0x31 : 0x20);
     const __m256i f64 = _mm256_cvtepu32_epi64(half ? _mm256_extracti128_si256(f, 1) : _mm256_castsi256_si128(f));
-    // Position bits: 60 of the 64 interleaved bits; then face, the marker bit.
-    const __m256i pos = _mm256_srli_epi64(_mm256_or_si256(_mm256_slli_epi64(hi, 1), lo), 4);
-    __m256i id = _mm256_or_si256(_mm256_or_si256(_mm256_slli_epi64(f64, 61), _mm256_slli_epi64(pos, 1)),
+    // The index's top 60 bits are the position; face above it, marker bit below.
+    __m256i id = _mm256_or_si256(_mm256_or_si256(_mm256_slli_epi64(f64, 61), _mm256_srli_epi64(index, 3)),
                                  _mm256_set1_epi64x(1));
     id = _mm256_or_si256(_mm256_and_si256(id, keep_v), lsb_v);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 4 * half), id);
