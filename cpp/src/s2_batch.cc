@@ -1,6 +1,7 @@
 // Batch kernels over arrays of points or cells, split across threads.
 // latlng_to_cell_batch takes the AVX2 path where the CPU has it (s2_fast.cc).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <thread>
@@ -70,6 +71,36 @@ void latlng_to_cell_batch(const double* lat, const double* lng, size_t n, int le
       detail::latlng_to_cell_scalar(lat + b, lng + b, e - b, level, out + b);
     }
   });
+}
+
+int64_t latlng_to_cell_batch_checked(const double* lat, const double* lng, size_t n, int level,
+                                     uint64_t* out, int threads) {
+  // Checked a slice at a time while the slice is in cache: one pass over
+  // memory instead of two.
+  constexpr size_t kSlice = 4096;
+  const bool fast = detail::simd_enabled();
+  std::atomic<int64_t> first_bad{-1};
+  parallel_for(n, threads, [&](size_t b, size_t e) {
+    for (size_t s = b; s < e; s += kSlice) {
+      const size_t m = std::min(kSlice, e - s);
+      const int64_t bad = find_invalid_latlng(lat + s, lng + s, m);
+      if (bad >= 0) {
+        // Each chunk stops at its first bad point; the smallest of those is
+        // the first overall.
+        const int64_t index = static_cast<int64_t>(s) + bad;
+        int64_t seen = first_bad.load();
+        while ((seen < 0 || index < seen) && !first_bad.compare_exchange_weak(seen, index)) {
+        }
+        return;
+      }
+      if (fast) {
+        detail::latlng_to_cell_avx2(lat + s, lng + s, m, level, out + s);
+      } else {
+        detail::latlng_to_cell_scalar(lat + s, lng + s, m, level, out + s);
+      }
+    }
+  });
+  return first_bad.load();
 }
 
 void cell_to_latlng_batch(const uint64_t* cells, size_t n, double* lat, double* lng,

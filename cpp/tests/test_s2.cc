@@ -355,3 +355,21 @@ TEST(s2_tokens_and_validation) {
   CHECK(is_valid_cell(0x1000000000000000ULL));   // face 0 itself
   CHECK_EQ(great_circle_km(0, 0, 0, 180), M_PI * 6371.0);
 }
+
+TEST(s2_checked_batch_reports_first_bad_point) {
+  const size_t n = 300000;
+  std::vector<double> lat(n, 10.0), lng(n, 20.0);
+  std::vector<uint64_t> out(n);
+  CHECK_EQ(latlng_to_cell_batch_checked(lat.data(), lng.data(), n, 30, out.data(), 4), int64_t{-1});
+  CHECK_EQ(out[n - 1], latlng_to_cell(10.0, 20.0));
+  // Bad points in several threads' chunks: the first one wins.
+  lat[250000] = NAN;
+  lng[200001] = INFINITY;
+  lat[100003] = 90.5;
+  for (int threads : {1, 2, 4, 7}) {
+    CHECK_EQ(latlng_to_cell_batch_checked(lat.data(), lng.data(), n, 30, out.data(), threads),
+             int64_t{100003});
+  }
+  CHECK_EQ(find_invalid_latlng(lat.data(), lng.data(), n), int64_t{100003});
+  CHECK_EQ(find_invalid_latlng(lat.data() + 100004, lng.data() + 100004, n - 100004), int64_t{200001 - 100004});
+}

@@ -105,8 +105,11 @@ def _check_same_shape(**arrays: np.ndarray) -> tuple:
 
 def _check_latlng(lat: np.ndarray, lng: np.ndarray, lat_name: str, lng_name: str) -> None:
     k = _core.find_invalid_latlng(lat.reshape(-1), lng.reshape(-1))
-    if k < 0:
-        return
+    if k >= 0:
+        _raise_invalid_latlng(lat, lng, lat_name, lng_name, k)
+
+
+def _raise_invalid_latlng(lat: np.ndarray, lng: np.ndarray, lat_name: str, lng_name: str, k: int):
     la, ln = lat.reshape(-1)[k], lng.reshape(-1)[k]
     if not (-90.0 <= la <= 90.0):
         raise ValueError(
@@ -172,8 +175,10 @@ def latlng_to_cell(lat, lng, level: int = 30, *, threads: int = 0):
     shape = _check_same_shape(lat=lat_a, lng=lng_a)
     level = _check_level(level)
     threads = _check_threads(threads)
-    _check_latlng(lat_a, lng_a, "lat", "lng")
-    out = _core.latlng_to_cell(lat_a.reshape(-1), lng_a.reshape(-1), level, threads)
+    # The kernel checks the points as it goes (one pass over memory).
+    out, bad = _core.latlng_to_cell(lat_a.reshape(-1), lng_a.reshape(-1), level, threads)
+    if bad >= 0:
+        _raise_invalid_latlng(lat_a, lng_a, "lat", "lng", bad)
     return _shaped(out, shape)
 
 
