@@ -31,8 +31,8 @@ constexpr bool kSanitized = false;
 constexpr bool kSanitized = false;
 #endif
 
-// Sanitizers slow the core ~10x: keep that run under a minute.
-size_t scaled(size_t n) { return kSanitized ? n / 10 : n; }
+// Sanitizers slow the core several times: keep that run well under a minute.
+size_t scaled(size_t n) { return kSanitized ? n / 2 : n; }
 
 struct CorpusRow {
   double lat, lng;
