@@ -9,9 +9,8 @@
 // only at near-ties of the largest |component|, and (i, j) only within that
 // distance of a leaf edge (u = 0 included: s = 1/2 is one). Points within
 // a wide margin of either (2^-40 between components; 2^-14 of a leaf width,
-// ~60x the error) and
-// anything outside the polynomials' range are recomputed by the scalar libm
-// path; the rest agree exactly. About 2.4e-4 of random points are redone.
+// ~60x the error) and anything outside the polynomials' range are recomputed
+// by the scalar libm path; the rest agree exactly. About 2.4e-4 of random points are redone.
 //
 // Then (face, i, j) become ids by a bit-parallel Hilbert index, 8 points at a
 // time, without tables. Points go through in blocks of 256, stage by stage:
