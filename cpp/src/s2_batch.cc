@@ -50,7 +50,8 @@ void parallel_for(size_t n, int threads, F&& body_in) {
   }
   std::vector<std::thread> pool;
   pool.reserve(t - 1);
-  const size_t chunk = (n + t - 1) / t;
+  // Chunks of whole cache lines (8 ids), so aligned outputs stay aligned.
+  const size_t chunk = ((n + t - 1) / t + 7) & ~size_t{7};
   // The calling thread takes the first chunk itself.
   for (size_t k = 1; k < t; ++k) {
     const size_t b = k * chunk, e = std::min(n, b + chunk);
@@ -64,9 +65,10 @@ void parallel_for(size_t n, int threads, F&& body_in) {
 void latlng_to_cell_batch(const double* lat, const double* lng, size_t n, int level,
                           uint64_t* out, int threads) {
   const bool fast = detail::simd_enabled();
+  const bool stream = n >= detail::kStreamOutMin;
   parallel_for(n, threads, [&](size_t b, size_t e) {
     if (fast) {
-      detail::latlng_to_cell_avx2(lat + b, lng + b, e - b, level, out + b);
+      detail::latlng_to_cell_avx2(lat + b, lng + b, e - b, level, out + b, stream);
     } else {
       detail::latlng_to_cell_scalar(lat + b, lng + b, e - b, level, out + b);
     }
@@ -79,6 +81,7 @@ int64_t latlng_to_cell_batch_checked(const double* lat, const double* lng, size_
   // memory instead of two.
   constexpr size_t kSlice = 4096;
   const bool fast = detail::simd_enabled();
+  const bool stream = n >= detail::kStreamOutMin;
   std::atomic<int64_t> first_bad{-1};
   parallel_for(n, threads, [&](size_t b, size_t e) {
     for (size_t s = b; s < e; s += kSlice) {
@@ -94,7 +97,7 @@ int64_t latlng_to_cell_batch_checked(const double* lat, const double* lng, size_
         return;
       }
       if (fast) {
-        detail::latlng_to_cell_avx2(lat + s, lng + s, m, level, out + s);
+        detail::latlng_to_cell_avx2(lat + s, lng + s, m, level, out + s, stream);
       } else {
         detail::latlng_to_cell_scalar(lat + s, lng + s, m, level, out + s);
       }

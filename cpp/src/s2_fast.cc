@@ -108,7 +108,8 @@ GEOCELL_AVX2 inline void sincos4(__m256d x, __m256d* sin_out, __m256d* cos_out) 
 // Margins, far wider than the sin/cos error they cover (see the top).
 constexpr double kFaceTieMargin = 0x1p-40;  // |a| - |b| between xyz components
 constexpr double kLeafEdgeMargin = 0x1p-14;  // frac(2^30 s) near 0 or 1
-constexpr double kMaxFastLngDeg = 1440.0;    // the reduction's range, with room
+constexpr double kMaxFastLngDeg = 1440.0;
+constexpr size_t kStreamMin = size_t{1} << 18;  // 2 MiB of ids: beyond L2    // the reduction's range, with room
 
 // The low 32 bits of four 64-bit lanes, stored as four uint32.
 GEOCELL_AVX2 inline void store_low32(uint32_t* out, __m256i v) {
@@ -125,6 +126,7 @@ GEOCELL_AVX2 inline __m256i and_(__m256i p, __m256i q) { return _mm256_and_si256
 // public domain): prefix scans over the bits of the 32-bit lanes compute every
 // level's orientation at once. S2's curve is that curve with (x, y) = (i, j)
 // on even faces and (j, i) on odd faces (which start with axes swapped).
+template <bool kStream>
 GEOCELL_AVX2 inline void hilbert8(const uint32_t* face, const uint32_t* is, const uint32_t* js,
                                   uint64_t keep, uint64_t lsb, uint64_t* out) {
   const __m256i f = _mm256_load_si256(reinterpret_cast<const __m256i*>(face));
@@ -191,7 +193,11 @@ GEOCELL_AVX2 inline void hilbert8(const uint32_t* face, const uint32_t* is, cons
     __m256i id = _mm256_or_si256(_mm256_or_si256(_mm256_slli_epi64(f64, 61), _mm256_srli_epi64(index, 3)),
                                  _mm256_set1_epi64x(1));
     id = _mm256_or_si256(_mm256_and_si256(id, keep_v), lsb_v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 4 * half), id);
+    if (kStream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(out + 4 * half), id);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 4 * half), id);
+    }
   }
 }
 
@@ -303,13 +309,13 @@ GEOCELL_AVX2 void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, 
       j8[k] = k < m ? j[b + k] : 0;
     }
     uint64_t ids[8];
-    hilbert8(f8, i8, j8, ~uint64_t{0}, 0, ids);
+    hilbert8<false>(f8, i8, j8, ~uint64_t{0}, 0, ids);
     for (size_t k = 0; k < m; ++k) out[b + k] = ids[k];
   }
 }
 
 GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
-                                      uint64_t* out) {
+                                      uint64_t* out, bool stream_out) {
   constexpr size_t kBlock = 256;
   // Stage buffers; u and v (and i and j) share one array each so stage 3
   // runs over both in one loop.
@@ -319,6 +325,20 @@ GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size
   const uint64_t lsb = lowest_bit_at_level(level);
   const uint64_t keep = ~lsb + 1;
   size_t fallbacks = 0;
+  // Streamed output bypasses the caches (no read for ownership, no eviction
+  // of the input); blocks are multiples of 8 ids, so an aligned start suffices.
+  if (stream_out && (reinterpret_cast<uintptr_t>(out) & 31) != 0) {
+    // Large numpy arrays start 16 bytes into a page: the first few ids by the
+    // scalar path, then everything aligned.
+    const size_t head = std::min(n, ((32 - (reinterpret_cast<uintptr_t>(out) & 31)) & 31) / 8);
+    for (size_t k = 0; k < head; ++k) out[k] = latlng_to_cell(lat[k], lng[k], level);
+    if ((reinterpret_cast<uintptr_t>(out + head) & 31) != 0) stream_out = false;  // not 8-aligned
+    lat += head;
+    lng += head;
+    out += head;
+    n -= head;
+  }
+  const bool stream = stream_out;
   for (size_t b = 0; b < n; b += kBlock) {
     const size_t m = std::min(kBlock, n - b);
     const size_t m8 = m & ~size_t{7};
@@ -328,7 +348,11 @@ GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size
     for (size_t k = 0; k < m8; k += 4) flag(k, face_uv4(xs + k, ys + k, zs + k, face + k, uv + k, uv + kBlock + k));
     for (size_t k = 0; k < m8; k += 4) flag(k, st_ij4(uv + k, ij + k));
     for (size_t k = 0; k < m8; k += 4) flag(k, st_ij4(uv + kBlock + k, ij + kBlock + k));
-    for (size_t k = 0; k < m8; k += 8) hilbert8(face + k, ij + k, ij + kBlock + k, keep, lsb, out + b + k);
+    if (stream) {
+      for (size_t k = 0; k < m8; k += 8) hilbert8<true>(face + k, ij + k, ij + kBlock + k, keep, lsb, out + b + k);
+    } else {
+      for (size_t k = 0; k < m8; k += 8) hilbert8<false>(face + k, ij + k, ij + kBlock + k, keep, lsb, out + b + k);
+    }
     // The rest is scalar (SSE) code: leave no dirty upper register state.
     _mm256_zeroupper();
     for (size_t k = m8; k < m; ++k) out[b + k] = latlng_to_cell(lat[b + k], lng[b + k], level);
@@ -344,6 +368,7 @@ GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size
     }
     fallbacks += nredo;
   }
+  if (stream) _mm_sfence();
   t_fallbacks = fallbacks;
 }
 
@@ -357,7 +382,7 @@ void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, const uint32_
 }
 
 void latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
-                         uint64_t* out) {
+                         uint64_t* out, bool) {
   latlng_to_cell_scalar(lat, lng, n, level, out);
 }
 

@@ -19,8 +19,13 @@ bool simd_enabled();
 // must only be called when avx2_available(); both give identical results.
 void latlng_to_cell_scalar(const double* lat, const double* lng, size_t n, int level,
                            uint64_t* out);
+// stream_out: write ids with non-temporal stores (for outputs larger than
+// the caches; used only where out is 32-byte aligned).
 void latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
-                         uint64_t* out);
+                         uint64_t* out, bool stream_out = false);
+
+// Outputs from this many ids on are streamed (2 MiB: beyond L2).
+constexpr size_t kStreamOutMin = size_t{1} << 18;
 
 // Leaf ids of (face, i, j) by the AVX2 Hilbert stage; identical to
 // face_ij_to_cell. Only when avx2_available().
