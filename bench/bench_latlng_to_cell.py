@@ -42,7 +42,7 @@ def test_geocell(benchmark, points, threads):
     label = "1 thread" if threads == 1 else f"{_core.resolve_threads(0)} threads"
     path = "avx2" if _core.simd_available() else "baseline"
     out = benchmark.pedantic(geocell.latlng_to_cell, args=(lat, lng, 30), kwargs={"threads": threads},
-                             rounds=5, iterations=1, warmup_rounds=1)
+                             rounds=15, iterations=1, warmup_rounds=1)
     assert out.shape == lat.shape
     record(benchmark, f"geocell ({path}, {label})", lat.size)
 
@@ -64,7 +64,7 @@ def _loop_bench(benchmark, loop_points, name, convert):
     def run():
         return [convert(a, b) for a, b in zip(lat, lng)]
 
-    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.pedantic(run, rounds=5, iterations=1)
     record(benchmark, name, len(lat))
 
 

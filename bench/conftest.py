@@ -6,7 +6,8 @@ RESULTS: list[tuple[str, int, float]] = []  # (name, points per call, points per
 
 
 def record(benchmark, name: str, n_points: int) -> None:
-    """Stores points/s (from the fastest round) in extra_info and for the summary table."""
+    """Stores points/s of the fastest round (the least disturbed on a shared machine) in
+    extra_info and for the summary table."""
     best = benchmark.stats.stats.min
     rate = n_points / best
     benchmark.extra_info["points"] = n_points
