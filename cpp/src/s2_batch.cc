@@ -77,30 +77,34 @@ void latlng_to_cell_batch(const double* lat, const double* lng, size_t n, int le
 
 int64_t latlng_to_cell_batch_checked(const double* lat, const double* lng, size_t n, int level,
                                      uint64_t* out, int threads) {
-  // Checked a slice at a time while the slice is in cache: one pass over
-  // memory instead of two.
-  constexpr size_t kSlice = 4096;
   const bool fast = detail::simd_enabled();
   const bool stream = n >= detail::kStreamOutMin;
   std::atomic<int64_t> first_bad{-1};
+  // Each chunk stops at its first bad point; the smallest of those is the
+  // first overall.
+  auto report = [&first_bad](int64_t index) {
+    int64_t seen = first_bad.load();
+    while ((seen < 0 || index < seen) && !first_bad.compare_exchange_weak(seen, index)) {
+    }
+  };
   parallel_for(n, threads, [&](size_t b, size_t e) {
+    if (fast) {
+      // The fast path checks the few points it hands to the scalar path:
+      // invalid points are always among them.
+      const int64_t bad = detail::latlng_to_cell_avx2(lat + b, lng + b, e - b, level, out + b, stream, true);
+      if (bad >= 0) report(static_cast<int64_t>(b) + bad);
+      return;
+    }
+    // Checked a slice at a time while the slice is in cache.
+    constexpr size_t kSlice = 4096;
     for (size_t s = b; s < e; s += kSlice) {
       const size_t m = std::min(kSlice, e - s);
       const int64_t bad = find_invalid_latlng(lat + s, lng + s, m);
       if (bad >= 0) {
-        // Each chunk stops at its first bad point; the smallest of those is
-        // the first overall.
-        const int64_t index = static_cast<int64_t>(s) + bad;
-        int64_t seen = first_bad.load();
-        while ((seen < 0 || index < seen) && !first_bad.compare_exchange_weak(seen, index)) {
-        }
+        report(static_cast<int64_t>(s) + bad);
         return;
       }
-      if (fast) {
-        detail::latlng_to_cell_avx2(lat + s, lng + s, m, level, out + s, stream);
-      } else {
-        detail::latlng_to_cell_scalar(lat + s, lng + s, m, level, out + s);
-      }
+      detail::latlng_to_cell_scalar(lat + s, lng + s, m, level, out + s);
     }
   });
   return first_bad.load();

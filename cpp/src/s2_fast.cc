@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 
 #include "geocell/s2.h"
 #include "s2_internal.h"
@@ -35,6 +36,11 @@ namespace {
 
 
 std::atomic<int> g_simd_enabled{1};
+
+// As find_invalid_latlng.
+inline bool point_is_valid(double lat, double lng) {
+  return lat >= -90.0 && lat <= 90.0 && std::isfinite(lng);
+}
 thread_local size_t t_fallbacks = 0;
 
 }  // namespace
@@ -314,8 +320,8 @@ GEOCELL_AVX2 void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, 
   }
 }
 
-GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
-                                      uint64_t* out, bool stream_out) {
+GEOCELL_AVX2 int64_t latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
+                                         uint64_t* out, bool stream_out, bool check) {
   constexpr size_t kBlock = 256;
   // Stage buffers; u and v (and i and j) share one array each so stage 3
   // runs over both in one loop.
@@ -325,13 +331,20 @@ GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size
   const uint64_t lsb = lowest_bit_at_level(level);
   const uint64_t keep = ~lsb + 1;
   size_t fallbacks = 0;
+  // Invalid points (NaN, inf, |lat| > 90) always fail the fast path's range
+  // test, so checking only the points redone by the scalar path finds them.
+  auto invalid = [&](size_t k) { return check && !point_is_valid(lat[k], lng[k]); };
   // Streamed output bypasses the caches (no read for ownership, no eviction
   // of the input); blocks are multiples of 8 ids, so an aligned start suffices.
+  size_t head = 0;
   if (stream_out && (reinterpret_cast<uintptr_t>(out) & 31) != 0) {
     // Large numpy arrays start 16 bytes into a page: the first few ids by the
     // scalar path, then everything aligned.
-    const size_t head = std::min(n, ((32 - (reinterpret_cast<uintptr_t>(out) & 31)) & 31) / 8);
-    for (size_t k = 0; k < head; ++k) out[k] = latlng_to_cell(lat[k], lng[k], level);
+    head = std::min(n, ((32 - (reinterpret_cast<uintptr_t>(out) & 31)) & 31) / 8);
+    for (size_t k = 0; k < head; ++k) {
+      if (invalid(k)) return static_cast<int64_t>(k);
+      out[k] = latlng_to_cell(lat[k], lng[k], level);
+    }
     if ((reinterpret_cast<uintptr_t>(out + head) & 31) != 0) stream_out = false;  // not 8-aligned
     lat += head;
     lng += head;
@@ -339,6 +352,11 @@ GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size
     n -= head;
   }
   const bool stream = stream_out;
+  auto finish = [&](int64_t first_invalid) {
+    if (stream) _mm_sfence();
+    t_fallbacks = fallbacks;
+    return first_invalid < 0 ? first_invalid : first_invalid + static_cast<int64_t>(head);
+  };
   for (size_t b = 0; b < n; b += kBlock) {
     const size_t m = std::min(kBlock, n - b);
     const size_t m8 = m & ~size_t{7};
@@ -355,21 +373,26 @@ GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size
     }
     // The rest is scalar (SSE) code: leave no dirty upper register state.
     _mm256_zeroupper();
-    for (size_t k = m8; k < m; ++k) out[b + k] = latlng_to_cell(lat[b + k], lng[b + k], level);
     size_t nredo = 0;
     for (size_t w = 0; w < kBlock / 64; ++w) {
       for (uint64_t mask = redo_bits[w]; mask; mask &= mask - 1) {
         redo[nredo++] = static_cast<uint32_t>(64 * w + __builtin_ctzll(mask));
       }
     }
+    fallbacks += nredo;
+    // In index order (redone points lie below m8), so the first invalid
+    // point found is the block's first.
     for (size_t r = 0; r < nredo; ++r) {
       const size_t k = b + redo[r];
+      if (invalid(k)) return finish(static_cast<int64_t>(k));
       out[k] = latlng_to_cell(lat[k], lng[k], level);
     }
-    fallbacks += nredo;
+    for (size_t k = b + m8; k < b + m; ++k) {
+      if (invalid(k)) return finish(static_cast<int64_t>(k));
+      out[k] = latlng_to_cell(lat[k], lng[k], level);
+    }
   }
-  if (stream) _mm_sfence();
-  t_fallbacks = fallbacks;
+  return finish(-1);
 }
 
 #else  // not x86: no fast path (avx2_available() is false); same results.
@@ -381,9 +404,14 @@ void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, const uint32_
   }
 }
 
-void latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
-                         uint64_t* out, bool) {
+int64_t latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
+                            uint64_t* out, bool, bool check) {
+  if (check) {
+    const int64_t bad = find_invalid_latlng(lat, lng, n);
+    if (bad >= 0) return bad;
+  }
   latlng_to_cell_scalar(lat, lng, n, level, out);
+  return -1;
 }
 
 #endif  // GEOCELL_X86

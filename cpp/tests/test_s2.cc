@@ -385,3 +385,43 @@ TEST(s2_checked_batch_reports_first_bad_point) {
   CHECK_EQ(find_invalid_latlng(lat.data(), lng.data(), n), int64_t{100003});
   CHECK_EQ(find_invalid_latlng(lat.data() + 100004, lng.data() + 100004, n - 100004), int64_t{200001 - 100004});
 }
+
+TEST(s2_checked_batch_matches_find_invalid) {
+  // One bad value at many positions (head, blocks, tail), both paths, several
+  // output alignments: the kernel reports exactly what find_invalid_latlng does.
+  std::mt19937_64 rng(21);
+  const size_t n = (size_t{1} << 18) + 13;
+  std::vector<double> lat(n), lng(n);
+  std::uniform_real_distribution<double> la(-90, 90), ln(-720, 720);
+  for (size_t k = 0; k < n; ++k) {
+    lat[k] = la(rng);
+    lng[k] = ln(rng);
+  }
+  const double bad_lat[] = {NAN, 90.000000000001, -1e300, INFINITY};
+  const double bad_lng[] = {NAN, INFINITY, -INFINITY};
+  std::vector<uint64_t> out(n + 4);
+  size_t wrong = 0;
+  const size_t positions[] = {0, 1, 2, 7, 255, 256, 4099, 100000, n - 14, n - 9, n - 1};
+  for (bool simd : {true, false}) {
+    set_simd_enabled(simd);
+    for (size_t p = 0; p < sizeof(positions) / sizeof(positions[0]); ++p) {
+      const size_t pos = positions[p];
+      const bool use_lat = p % 2 == 0;
+      const double saved = use_lat ? lat[pos] : lng[pos];
+      (use_lat ? lat[pos] : lng[pos]) = use_lat ? bad_lat[p % 4] : bad_lng[p % 3];
+      const int64_t want = find_invalid_latlng(lat.data(), lng.data(), n);
+      for (int threads : {1, 3}) {
+        const int64_t got = latlng_to_cell_batch_checked(lat.data(), lng.data(), n, 30,
+                                                         out.data() + p % 4, threads);
+        if (got != want || want != static_cast<int64_t>(pos)) ++wrong;
+      }
+      (use_lat ? lat[pos] : lng[pos]) = saved;
+    }
+  }
+  set_simd_enabled(true);
+  CHECK_EQ(wrong, size_t{0});
+  std::vector<uint64_t> want(n);
+  latlng_to_cell_batch(lat.data(), lng.data(), n, 30, want.data(), 1);
+  CHECK_EQ(latlng_to_cell_batch_checked(lat.data(), lng.data(), n, 30, out.data() + 1, 2), int64_t{-1});
+  CHECK(std::equal(want.begin(), want.end(), out.begin() + 1));
+}
