@@ -279,26 +279,22 @@ GEOCELL_AVX2 inline int face_uv4(const double* xs, const double* ys, const doubl
 // edge.
 GEOCELL_AVX2 inline int st_ij4(const double* ws, uint32_t* ij_out) {
   const __m256d sign_mask = _mm256_set1_pd(-0.0), one = _mm256_set1_pd(1.0),
-                edge = _mm256_set1_pd(kLeafEdgeMargin);
+                half = _mm256_set1_pd(0.5), edge = _mm256_set1_pd(kLeafEdgeMargin);
   const __m256d w = _mm256_load_pd(ws);
   // 1 - 3w == 1 + 3|w| for w < 0.
   const __m256d h = _mm256_mul_pd(
-      _mm256_set1_pd(0.5),
-      _mm256_sqrt_pd(_mm256_add_pd(
-          one, _mm256_mul_pd(_mm256_set1_pd(3.0), _mm256_andnot_pd(sign_mask, w)))));
-  const __m256d nonneg = _mm256_cmp_pd(w, _mm256_setzero_pd(), _CMP_GE_OQ);
-  const __m256d s = _mm256_blendv_pd(_mm256_sub_pd(one, h), h, nonneg);
+      half, _mm256_sqrt_pd(_mm256_add_pd(
+                one, _mm256_mul_pd(_mm256_set1_pd(3.0), _mm256_andnot_pd(sign_mask, w)))));
+  // s = h for w >= 0 and 1 - h for w < 0, as 1/2 +- (h - 1/2): every step
+  // exact for h in [1/2, 1], so the same doubles as the scalar branches.
+  const __m256d s = _mm256_add_pd(half, _mm256_xor_pd(_mm256_sub_pd(h, half), _mm256_and_pd(w, sign_mask)));
   const __m256d t = _mm256_mul_pd(_mm256_set1_pd(kLimitIJ), s);
-  const __m256d fl = _mm256_floor_pd(t);
-  const __m256d frac = _mm256_sub_pd(t, fl);
+  const __m256d frac = _mm256_sub_pd(t, _mm256_floor_pd(t));
   const __m256d near_edge = _mm256_or_pd(_mm256_cmp_pd(frac, edge, _CMP_LT_OQ),
                                          _mm256_cmp_pd(frac, _mm256_sub_pd(one, edge), _CMP_GT_OQ));
-  const __m256d clamped =
-      _mm256_min_pd(_mm256_max_pd(fl, _mm256_setzero_pd()), _mm256_set1_pd(kLimitIJ - 1));
-  const __m256i ij = _mm256_and_si256(
-      _mm256_castpd_si256(_mm256_add_pd(clamped, _mm256_set1_pd(0x1p52))),
-      _mm256_set1_epi64x(kLimitIJ - 1));
-  store_low32(ij_out, ij);
+  // Truncation is floor, and no clamping is needed: t < 0 or t >= 2^30 takes
+  // |u| > 1, i.e. a near-tie of the largest components, redone anyway.
+  _mm_store_si128(reinterpret_cast<__m128i*>(ij_out), _mm256_cvttpd_epi32(t));
   return _mm256_movemask_pd(near_edge);
 }
 
