@@ -34,7 +34,6 @@ namespace geocell::detail {
 
 namespace {
 
-
 std::atomic<int> g_simd_enabled{1};
 
 // As find_invalid_latlng.

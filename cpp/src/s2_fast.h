@@ -22,7 +22,7 @@ void latlng_to_cell_scalar(const double* lat, const double* lng, size_t n, int l
 // stream_out: write ids with non-temporal stores (for outputs larger than
 // the caches; used only where out is 32-byte aligned). check: stop at the
 // first point find_invalid_latlng would report and return its index (ids
-// from there on are not written); -1 when none (or !check).
+// from there on are not all written); -1 when none (or !check).
 int64_t latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
                             uint64_t* out, bool stream_out = false, bool check = false);
 
