@@ -50,15 +50,17 @@ void register_s2(py::module_& m) {
   m.def(
       "latlng_to_cell",
       [](const F64& lat, const F64& lng, int level, int threads) {
+        // Returns (ids, first invalid index or -1); ids are garbage past -1.
         const size_t n = same_size({static_cast<size_t>(lat.size()), static_cast<size_t>(lng.size())});
         check_level(level);
         U64 out(static_cast<py::ssize_t>(n));
         uint64_t* o = out.mutable_data();
+        int64_t bad;
         {
           py::gil_scoped_release nogil;
-          geocell::latlng_to_cell_batch(lat.data(), lng.data(), n, level, o, threads);
+          bad = geocell::latlng_to_cell_batch_checked(lat.data(), lng.data(), n, level, o, threads);
         }
-        return out;
+        return py::make_tuple(out, bad);
       },
       py::arg("lat"), py::arg("lng"), py::arg("level"), py::arg("threads") = 0);
   m.def(

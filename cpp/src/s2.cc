@@ -203,10 +203,20 @@ double great_circle_km(double lat1, double lng1, double lat2, double lng2) {
 }
 
 int64_t find_invalid_latlng(const double* lat, const double* lng, size_t n) {
-  for (size_t k = 0; k < n; ++k) {
-    // The comparison form also rejects NaN.
-    if (!(lat[k] >= -90.0 && lat[k] <= 90.0) || !std::isfinite(lng[k])) {
-      return static_cast<int64_t>(k);
+  // Branch-free over runs of 64 (vectorisable); the run with a bad point is
+  // searched again for its first one. The comparisons also reject NaN.
+  constexpr size_t kRun = 64;
+  for (size_t b = 0; b < n; b += kRun) {
+    const size_t e = std::min(n, b + kRun);
+    bool any_bad = false;
+    for (size_t k = b; k < e; ++k) {
+      any_bad |= !(std::fabs(lat[k]) <= 90.0) | !(std::fabs(lng[k]) <= 1.7976931348623157e308);
+    }
+    if (!any_bad) continue;
+    for (size_t k = b; k < e; ++k) {
+      if (!(lat[k] >= -90.0 && lat[k] <= 90.0) || !std::isfinite(lng[k])) {
+        return static_cast<int64_t>(k);
+      }
     }
   }
   return -1;

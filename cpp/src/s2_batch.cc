@@ -1,6 +1,7 @@
 // Batch kernels over arrays of points or cells, split across threads.
 // latlng_to_cell_batch takes the AVX2 path where the CPU has it (s2_fast.cc).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <thread>
@@ -21,8 +22,25 @@ bool simd_available() { return detail::avx2_available(); }
 void set_simd_enabled(bool enabled) { detail::set_simd_enabled(enabled); }
 
 namespace {
+
+// Clears the upper halves of the vector registers. Callers (numpy's AVX-512
+// kernels, say) can leave them dirty, and then every SSE instruction of the
+// scalar code pays for merging them: several times slower.
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx"))) void clear_upper_vector_state() {
+  if (detail::avx2_available()) __builtin_ia32_vzeroupper();
+}
+#else
+void clear_upper_vector_state() {}
+#endif
+
+// Runs body(begin, end) over [0, n) in `threads` chunks (0 = all cores).
 template <class F>
-void parallel_for(size_t n, int threads, F&& body) {
+void parallel_for(size_t n, int threads, F&& body_in) {
+  auto body = [&body_in](size_t b, size_t e) {
+    clear_upper_vector_state();
+    body_in(b, e);
+  };
   // Below this many items a thread costs more than it saves.
   constexpr size_t kMinPerThread = 1 << 15;
   size_t t = std::min<size_t>(resolve_threads(threads), std::max<size_t>(1, n / kMinPerThread));
@@ -32,7 +50,8 @@ void parallel_for(size_t n, int threads, F&& body) {
   }
   std::vector<std::thread> pool;
   pool.reserve(t - 1);
-  const size_t chunk = (n + t - 1) / t;
+  // Chunks of whole cache lines (8 ids), so aligned outputs stay aligned.
+  const size_t chunk = ((n + t - 1) / t + 7) & ~size_t{7};
   // The calling thread takes the first chunk itself.
   for (size_t k = 1; k < t; ++k) {
     const size_t b = k * chunk, e = std::min(n, b + chunk);
@@ -46,13 +65,49 @@ void parallel_for(size_t n, int threads, F&& body) {
 void latlng_to_cell_batch(const double* lat, const double* lng, size_t n, int level,
                           uint64_t* out, int threads) {
   const bool fast = detail::simd_enabled();
+  const bool stream = n >= detail::kStreamOutMin;
   parallel_for(n, threads, [&](size_t b, size_t e) {
     if (fast) {
-      detail::latlng_to_cell_avx2(lat + b, lng + b, e - b, level, out + b);
+      detail::latlng_to_cell_avx2(lat + b, lng + b, e - b, level, out + b, stream);
     } else {
       detail::latlng_to_cell_scalar(lat + b, lng + b, e - b, level, out + b);
     }
   });
+}
+
+int64_t latlng_to_cell_batch_checked(const double* lat, const double* lng, size_t n, int level,
+                                     uint64_t* out, int threads) {
+  const bool fast = detail::simd_enabled();
+  const bool stream = n >= detail::kStreamOutMin;
+  std::atomic<int64_t> first_bad{-1};
+  // Each chunk stops at its first bad point; the smallest of those is the
+  // first overall.
+  auto report = [&first_bad](int64_t index) {
+    int64_t seen = first_bad.load();
+    while ((seen < 0 || index < seen) && !first_bad.compare_exchange_weak(seen, index)) {
+    }
+  };
+  parallel_for(n, threads, [&](size_t b, size_t e) {
+    if (fast) {
+      // The fast path checks the few points it hands to the scalar path:
+      // invalid points are always among them.
+      const int64_t bad = detail::latlng_to_cell_avx2(lat + b, lng + b, e - b, level, out + b, stream, true);
+      if (bad >= 0) report(static_cast<int64_t>(b) + bad);
+      return;
+    }
+    // Checked a slice at a time while the slice is in cache.
+    constexpr size_t kSlice = 4096;
+    for (size_t s = b; s < e; s += kSlice) {
+      const size_t m = std::min(kSlice, e - s);
+      const int64_t bad = find_invalid_latlng(lat + s, lng + s, m);
+      if (bad >= 0) {
+        report(static_cast<int64_t>(s) + bad);
+        return;
+      }
+      detail::latlng_to_cell_scalar(lat + s, lng + s, m, level, out + s);
+    }
+  });
+  return first_bad.load();
 }
 
 void cell_to_latlng_batch(const uint64_t* cells, size_t n, double* lat, double* lng,

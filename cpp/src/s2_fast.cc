@@ -1,23 +1,31 @@
 // Vectorised lat/lng -> cell ids, bit-exact with the scalar path.
 //
-// Four points at a time (AVX2 doubles): degrees -> radians, sin/cos by our own
-// polynomials, the face by blends, u and v by true IEEE divisions, the
-// quadratic projection with true square roots, floor(2^30 s). Every step
-// except sin/cos is the same IEEE operation in the same order as the scalar
-// code, so the only difference is the sin/cos error (absolute error ~1e-16,
-// libm's ~1e-16 too). That moves (i, j) only for points within ~2e-6 leaf
-// widths of a leaf boundary, or the face only for near-ties of the largest
-// component: such points, and anything outside the polynomials' range, are
-// detected with a wide margin and recomputed by the scalar libm path.
+// Four points at a time (AVX2 doubles): degrees -> radians (the same product
+// as the scalar code), sin/cos by our own polynomials, the face by blends,
+// u and v through one reciprocal of the face's component, the quadratic
+// projection with true square roots, floor(2^30 s). The values differ from
+// the scalar path's only by the sin/cos and reciprocal errors: a few ulps,
+// under ~1e-15 in s, i.e. ~1e-6 of a leaf width. That can change the face
+// only at near-ties of the largest |component|, and (i, j) only within that
+// distance of a leaf edge (u = 0 included: s = 1/2 is one). Points within
+// a wide margin of either (2^-40 between components; 2^-14 of a leaf width,
+// ~60x the error) and anything outside the polynomials' range are recomputed
+// by the scalar libm path; the rest agree exactly. About 2.4e-4 of random points are redone.
 //
-// Then a scalar stage turns (face, i, j) into ids with 5-bit Hilbert tables.
-// Points go through in blocks so both stages stay in L1.
+// Then (face, i, j) become ids by a bit-parallel Hilbert index, 8 points at a
+// time, without tables. Points go through in blocks of 256, stage by stage:
+// short stages keep dependency chains short, so the out-of-order core
+// overlaps many iterations, and the block's buffers stay in L1.
 #include "s2_fast.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#define GEOCELL_X86 1
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 
 #include "geocell/s2.h"
 #include "s2_internal.h"
@@ -26,66 +34,27 @@ namespace geocell::detail {
 
 namespace {
 
-constexpr int kFastBits = 5;  // 6 table steps of 5 bits cover i, j < 2^30
-constexpr int kFastSteps = kMaxLevel / kFastBits;
-
-struct FastHilbertTable {
-  // ((i5 << 7) | (j5 << 2) | orientation) -> (pos10 << 2) | orientation
-  uint16_t pos[1 << (2 * kFastBits + 2)];
-};
-
-void init_fast_cell(FastHilbertTable& t, int level, int i, int j, int orig_orientation, int pos,
-                    int orientation) {
-  if (level == kFastBits) {
-    const int ij = (i << kFastBits) + j;
-    t.pos[(ij << 2) + orig_orientation] = static_cast<uint16_t>((pos << 2) + orientation);
-    return;
-  }
-  const int* r = kPosToIJ[orientation];
-  for (int k = 0; k < 4; ++k) {
-    init_fast_cell(t, level + 1, (i << 1) + (r[k] >> 1), (j << 1) + (r[k] & 1), orig_orientation,
-                   (pos << 2) + k, orientation ^ kPosToOrientation[k]);
-  }
-}
-
-const FastHilbertTable& fast_table() {
-  static const FastHilbertTable table = [] {
-    FastHilbertTable t{};
-    for (int o = 0; o < 4; ++o) init_fast_cell(t, 0, 0, 0, o, 0, o);
-    return t;
-  }();
-  return table;
-}
-
-inline uint64_t encode_fast(const uint16_t* table, int face, uint32_t i, uint32_t j) {
-  constexpr uint32_t mask = (1u << kFastBits) - 1;
-  uint64_t n = static_cast<uint64_t>(face) << 60;
-  uint32_t bits = static_cast<uint32_t>(face) & kSwapMask;
-  for (int k = kFastSteps - 1; k >= 0; --k) {
-    bits += ((i >> (k * kFastBits)) & mask) << (kFastBits + 2);
-    bits += ((j >> (k * kFastBits)) & mask) << 2;
-    bits = table[bits];
-    n |= static_cast<uint64_t>(bits >> 2) << (k * 2 * kFastBits);
-    bits &= 3;
-  }
-  return n * 2 + 1;
-}
-
 std::atomic<int> g_simd_enabled{1};
+
+// As find_invalid_latlng.
+inline bool point_is_valid(double lat, double lng) {
+  return lat >= -90.0 && lat <= 90.0 && std::isfinite(lng);
+}
 thread_local size_t t_fallbacks = 0;
 
 }  // namespace
 
-uint64_t face_ij_to_cell_fast(int face, uint32_t i, uint32_t j) {
-  return encode_fast(fast_table().pos, face, i, j);
-}
-
 bool avx2_available() {
+#ifdef GEOCELL_X86
+  // libgcc's checks include the OS's support for the AVX register state.
   static const bool ok = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
   return ok;
+#else
+  return false;
+#endif
 }
 
 void set_simd_enabled(bool enabled) { g_simd_enabled.store(enabled ? 1 : 0); }
@@ -96,6 +65,8 @@ void latlng_to_cell_scalar(const double* lat, const double* lng, size_t n, int l
                            uint64_t* out) {
   for (size_t k = 0; k < n; ++k) out[k] = latlng_to_cell(lat[k], lng[k], level);
 }
+
+#ifdef GEOCELL_X86
 
 #define GEOCELL_AVX2 __attribute__((target("avx2,fma")))
 
@@ -142,121 +113,302 @@ GEOCELL_AVX2 inline void sincos4(__m256d x, __m256d* sin_out, __m256d* cos_out) 
 // Margins, far wider than the sin/cos error they cover (see the top).
 constexpr double kFaceTieMargin = 0x1p-40;  // |a| - |b| between xyz components
 constexpr double kLeafEdgeMargin = 0x1p-14;  // frac(2^30 s) near 0 or 1
-constexpr double kMaxFastLngDeg = 1440.0;    // the reduction's range, with room
+constexpr double kMaxFastLngDeg = 1440.0;
+constexpr size_t kStreamMin = size_t{1} << 18;  // 2 MiB of ids: beyond L2    // the reduction's range, with room
 
-// Stage 1 for 4 points: face, i, j; returns a 4-bit mask of points that must
-// be redone by the scalar path.
-GEOCELL_AVX2 inline int face_ij4(const double* lat, const double* lng, int32_t* face,
-                                 int32_t* i, int32_t* j) {
+// The low 32 bits of four 64-bit lanes, stored as four uint32.
+GEOCELL_AVX2 inline void store_low32(uint32_t* out, __m256i v) {
+  const __m256i packed = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+  _mm_store_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+}
+
+GEOCELL_AVX2 inline __m256i shr(__m256i v, int n) { return _mm256_srli_epi32(v, n); }
+GEOCELL_AVX2 inline __m256i xor_(__m256i p, __m256i q) { return _mm256_xor_si256(p, q); }
+GEOCELL_AVX2 inline __m256i and_(__m256i p, __m256i q) { return _mm256_and_si256(p, q); }
+
+// Stage 4 for 8 points: leaf ids from face, i, j without tables, by the
+// bit-parallel Hilbert index of "2D Hilbert curves in O(1)" (rawrunprotected,
+// public domain): prefix scans over the bits of the 32-bit lanes compute every
+// level's orientation at once. S2's curve is that curve with (x, y) = (i, j)
+// on even faces and (j, i) on odd faces (which start with axes swapped).
+template <bool kStream>
+GEOCELL_AVX2 inline void hilbert8(const uint32_t* face, const uint32_t* is, const uint32_t* js,
+                                  uint64_t keep, uint64_t lsb, uint64_t* out) {
+  const __m256i f = _mm256_load_si256(reinterpret_cast<const __m256i*>(face));
+  const __m256i i = _mm256_load_si256(reinterpret_cast<const __m256i*>(is));
+  const __m256i j = _mm256_load_si256(reinterpret_cast<const __m256i*>(js));
+  const __m256 odd = _mm256_castsi256_ps(_mm256_slli_epi32(f, 31));
+  // 30-bit coordinates moved to the top of the 32-bit lanes.
+  const __m256i x = _mm256_slli_epi32(
+      _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(i), _mm256_castsi256_ps(j), odd)), 2);
+  const __m256i y = _mm256_slli_epi32(
+      _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(j), _mm256_castsi256_ps(i), odd)), 2);
+  const __m256i ones = _mm256_set1_epi32(-1);
+  __m256i A, B, C, D;
+  {
+    const __m256i a = xor_(x, y);
+    const __m256i b = xor_(ones, a);
+    const __m256i c = xor_(ones, _mm256_or_si256(x, y));
+    const __m256i d = _mm256_andnot_si256(y, x);
+    A = _mm256_or_si256(a, shr(b, 1));
+    B = xor_(shr(a, 1), a);
+    C = xor_(xor_(shr(c, 1), and_(b, shr(d, 1))), c);
+    D = xor_(xor_(and_(a, shr(c, 1)), shr(d, 1)), d);
+  }
+  // Each round combines the scans over runs of n levels into runs of 2n.
+  auto round = [&](int n, bool last) GEOCELL_AVX2 {
+    const __m256i a = A, b = B, c = C, d = D, ab = xor_(a, b);
+    const __m256i cn = shr(c, n), dn = shr(d, n);
+    if (!last) {
+      A = xor_(and_(a, shr(a, n)), and_(b, shr(b, n)));
+      B = xor_(and_(a, shr(b, n)), and_(b, shr(ab, n)));
+    }
+    C = xor_(C, xor_(and_(a, cn), and_(b, dn)));
+    D = xor_(D, xor_(and_(b, cn), and_(ab, dn)));
+  };
+  round(2, false);
+  round(4, false);
+  round(8, false);
+  round(16, true);
+  const __m256i a = xor_(C, shr(C, 1));
+  const __m256i b = xor_(D, shr(D, 1));
+  const __m256i i0 = xor_(x, y);
+  const __m256i i1 = _mm256_or_si256(b, _mm256_andnot_si256(_mm256_or_si256(i0, a), ones));
+  // Interleave i1 (odd bits) and i0 (even bits) a nibble at a time through
+  // byte shuffles: each byte then holds 4 bits of each, and unpacking the
+  // low and high nibbles' bytes gives the 64-bit index of each point.
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i spread_even = _mm256_setr_epi8(
+      0x00, 0x01, 0x04, 0x05, 0x10, 0x11, 0x14, 0x15, 0x40, 0x41, 0x44, 0x45, 0x50, 0x51, 0x54, 0x55,
+      0x00, 0x01, 0x04, 0x05, 0x10, 0x11, 0x14, 0x15, 0x40, 0x41, 0x44, 0x45, 0x50, 0x51, 0x54, 0x55);
+  const __m256i spread_odd = _mm256_slli_epi16(spread_even, 1);
+  const __m256i lo = _mm256_or_si256(_mm256_shuffle_epi8(spread_odd, and_(i1, nibble)),
+                                     _mm256_shuffle_epi8(spread_even, and_(i0, nibble)));
+  const __m256i hi = _mm256_or_si256(
+      _mm256_shuffle_epi8(spread_odd, and_(_mm256_srli_epi16(i1, 4), nibble)),
+      _mm256_shuffle_epi8(spread_even, and_(_mm256_srli_epi16(i0, 4), nibble)));
+  // Points 0, 1 | 4, 5 and 2, 3 | 6, 7 (unpacking works within 128-bit lanes).
+  const __m256i u0 = _mm256_unpacklo_epi8(lo, hi), u1 = _mm256_unpackhi_epi8(lo, hi);
+  const __m256i keep_v = _mm256_set1_epi64x(static_cast<long long>(keep));
+  const __m256i lsb_v = _mm256_set1_epi64x(static_cast<long long>(lsb));
+  for (int half = 0; half < 2; ++half) {
+    const __m256i index = _mm256_permute2x128_si256(u0, u1, half ? 0x31 : 0x20);
+    const __m256i f64 = _mm256_cvtepu32_epi64(half ? _mm256_extracti128_si256(f, 1) : _mm256_castsi256_si128(f));
+    // The index's top 60 bits are the position; face above it, marker bit below.
+    __m256i id = _mm256_or_si256(_mm256_or_si256(_mm256_slli_epi64(f64, 61), _mm256_srli_epi64(index, 3)),
+                                 _mm256_set1_epi64x(1));
+    id = _mm256_or_si256(_mm256_and_si256(id, keep_v), lsb_v);
+    if (kStream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(out + 4 * half), id);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 4 * half), id);
+    }
+  }
+}
+
+// Stage 1 for 4 points: the direction (x, y, z) as latlng_to_xyz computes
+// it, to within sin/cos error; returns a 4-bit mask of points outside the
+// polynomials' range (NaN included), which the scalar path redoes.
+GEOCELL_AVX2 inline int xyz4(const double* lat, const double* lng, double* xs, double* ys,
+                             double* zs) {
   const __m256d lat_deg = _mm256_loadu_pd(lat), lng_deg = _mm256_loadu_pd(lng);
   const __m256d sign_mask = _mm256_set1_pd(-0.0);
-  // Out of the fast range, NaN included (ordered compares are false).
   const __m256d in_range = _mm256_and_pd(
       _mm256_cmp_pd(_mm256_andnot_pd(sign_mask, lat_deg), _mm256_set1_pd(90.0), _CMP_LE_OQ),
       _mm256_cmp_pd(_mm256_andnot_pd(sign_mask, lng_deg), _mm256_set1_pd(kMaxFastLngDeg),
                     _CMP_LE_OQ));
-
   // Same product as the scalar (M_PI / 180.0) * deg.
   const __m256d rad = _mm256_set1_pd(M_PI / 180.0);
   const __m256d phi = _mm256_mul_pd(rad, lat_deg), theta = _mm256_mul_pd(rad, lng_deg);
   __m256d sin_phi, cos_phi, sin_theta, cos_theta;
   sincos4(phi, &sin_phi, &cos_phi);
   sincos4(theta, &sin_theta, &cos_theta);
-  const __m256d x = _mm256_mul_pd(cos_theta, cos_phi);
-  const __m256d y = _mm256_mul_pd(sin_theta, cos_phi);
-  const __m256d z = sin_phi;
+  _mm256_store_pd(xs, _mm256_mul_pd(cos_theta, cos_phi));
+  _mm256_store_pd(ys, _mm256_mul_pd(sin_theta, cos_phi));
+  _mm256_store_pd(zs, sin_phi);
+  return _mm256_movemask_pd(in_range) ^ 0xF;
+}
 
+// Stage 2 for 4 points: face, u and v from (x, y, z); returns a 4-bit mask
+// of near-ties between the largest components, which the scalar path redoes.
+// (Short stages keep the dependency chains short enough for the out-of-order
+// core to overlap many iterations.)
+GEOCELL_AVX2 inline int face_uv4(const double* xs, const double* ys, const double* zs,
+                                 uint32_t* face, double* us, double* vs) {
+  const __m256d sign_mask = _mm256_set1_pd(-0.0);
+  const __m256d x = _mm256_load_pd(xs), y = _mm256_load_pd(ys), z = _mm256_load_pd(zs);
   const __m256d ax = _mm256_andnot_pd(sign_mask, x), ay = _mm256_andnot_pd(sign_mask, y),
                 az = _mm256_andnot_pd(sign_mask, z);
   const __m256d margin = _mm256_set1_pd(kFaceTieMargin);
   auto near = [&](__m256d a, __m256d b) GEOCELL_AVX2 {
     return _mm256_cmp_pd(_mm256_andnot_pd(sign_mask, _mm256_sub_pd(a, b)), margin, _CMP_LT_OQ);
   };
-  __m256d redo = _mm256_or_pd(_mm256_or_pd(near(ax, ay), near(ax, az)), near(ay, az));
+  const __m256d ties = _mm256_or_pd(_mm256_or_pd(near(ax, ay), near(ax, az)), near(ay, az));
 
   // Largest component, ties to the later axis (xyz_to_face).
   const __m256d gt_xy = _mm256_cmp_pd(ax, ay, _CMP_GT_OQ);
   const __m256d is_x = _mm256_and_pd(gt_xy, _mm256_cmp_pd(ax, az, _CMP_GT_OQ));
   const __m256d is_y = _mm256_andnot_pd(gt_xy, _mm256_cmp_pd(ay, az, _CMP_GT_OQ));
+  const __m256d is_z = _mm256_xor_pd(_mm256_or_pd(is_x, is_y),
+                                     _mm256_castsi256_pd(_mm256_set1_epi64x(-1)));
   const __m256d denom = _mm256_blendv_pd(_mm256_blendv_pd(z, y, is_y), x, is_x);
   const __m256d neg = _mm256_cmp_pd(denom, _mm256_setzero_pd(), _CMP_LT_OQ);
-  const __m256d nx = _mm256_xor_pd(x, sign_mask), ny = _mm256_xor_pd(y, sign_mask);
-  // Numerators of u and v per face (valid_face_xyz_to_uv); -a / b == -(a / b).
-  const __m256d u_x = _mm256_blendv_pd(y, z, neg), v_x = _mm256_blendv_pd(z, y, neg);
-  const __m256d u_y = _mm256_blendv_pd(nx, z, neg), v_y = _mm256_blendv_pd(z, nx, neg);
-  const __m256d u_z = _mm256_blendv_pd(nx, ny, neg), v_z = _mm256_blendv_pd(ny, nx, neg);
-  const __m256d u_num = _mm256_blendv_pd(_mm256_blendv_pd(u_z, u_y, is_y), u_x, is_x);
-  const __m256d v_num = _mm256_blendv_pd(_mm256_blendv_pd(v_z, v_y, is_y), v_x, is_x);
-  const __m256d u = _mm256_div_pd(u_num, denom), v = _mm256_div_pd(v_num, denom);
+  // valid_face_xyz_to_uv: (u, v) = (a, b) / denom on faces 0-2 and (b, a) /
+  // denom on faces 3-5, with a = y on the x faces and -x otherwise, b = -y on
+  // the z faces and z otherwise (-p / q == -(p / q) exactly).
+  const __m256d a = _mm256_blendv_pd(_mm256_xor_pd(x, sign_mask), y, is_x);
+  const __m256d b = _mm256_blendv_pd(z, _mm256_xor_pd(y, sign_mask), is_z);
+  // One division for both: u and v may be an ulp or two further from the
+  // scalar quotients, which the leaf-edge margin absorbs as well.
+  const __m256d inv = _mm256_div_pd(_mm256_set1_pd(1.0), denom);
+  _mm256_store_pd(us, _mm256_mul_pd(_mm256_blendv_pd(a, b, neg), inv));
+  _mm256_store_pd(vs, _mm256_mul_pd(_mm256_blendv_pd(b, a, neg), inv));
 
   const __m256d axis = _mm256_blendv_pd(
       _mm256_blendv_pd(_mm256_set1_pd(2.0), _mm256_set1_pd(1.0), is_y), _mm256_setzero_pd(), is_x);
   const __m256d face_d = _mm256_add_pd(axis, _mm256_and_pd(neg, _mm256_set1_pd(3.0)));
+  // Small integers sit in the low mantissa bits of x + 2^52.
+  store_low32(face, _mm256_and_si256(_mm256_castpd_si256(_mm256_add_pd(face_d, _mm256_set1_pd(0x1p52))),
+                                     _mm256_set1_epi64x(7)));
+  return _mm256_movemask_pd(ties);
+}
 
-  // uv_to_st, then floor(2^30 s) clamped as st_to_ij; 1 - 3u == 1 + 3|u| for u < 0.
-  const __m256d one = _mm256_set1_pd(1.0), half = _mm256_set1_pd(0.5),
-                three = _mm256_set1_pd(3.0), limit = _mm256_set1_pd(kLimitIJ),
-                edge = _mm256_set1_pd(kLeafEdgeMargin);
-  auto to_ij = [&](__m256d w, __m256d* redo_mask) GEOCELL_AVX2 {
-    const __m256d h =
-        _mm256_mul_pd(half, _mm256_sqrt_pd(_mm256_add_pd(
-                                one, _mm256_mul_pd(three, _mm256_andnot_pd(sign_mask, w)))));
-    const __m256d nonneg = _mm256_cmp_pd(w, _mm256_setzero_pd(), _CMP_GE_OQ);
-    const __m256d s = _mm256_blendv_pd(_mm256_sub_pd(one, h), h, nonneg);
-    const __m256d t = _mm256_mul_pd(limit, s);
-    const __m256d fl = _mm256_floor_pd(t);
-    const __m256d frac = _mm256_sub_pd(t, fl);
-    *redo_mask = _mm256_or_pd(
-        *redo_mask, _mm256_or_pd(_mm256_cmp_pd(frac, edge, _CMP_LT_OQ),
-                                 _mm256_cmp_pd(frac, _mm256_sub_pd(one, edge), _CMP_GT_OQ)));
-    const __m256d clamped =
-        _mm256_min_pd(_mm256_max_pd(fl, _mm256_setzero_pd()), _mm256_set1_pd(kLimitIJ - 1));
-    return _mm256_cvttpd_epi32(clamped);
-  };
-  const __m128i iv = to_ij(u, &redo);
-  const __m128i jv = to_ij(v, &redo);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(i), iv);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(j), jv);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(face), _mm256_cvttpd_epi32(face_d));
-  redo = _mm256_or_pd(redo, _mm256_xor_pd(in_range, _mm256_castsi256_pd(_mm256_set1_epi64x(-1))));
-  return _mm256_movemask_pd(redo);
+// Stage 3 for 4 coordinates (u or v): uv_to_st, then floor(2^30 s) clamped
+// as st_to_ij; returns a 4-bit mask of values within the margin of a leaf
+// edge.
+GEOCELL_AVX2 inline int st_ij4(const double* ws, uint32_t* ij_out) {
+  const __m256d sign_mask = _mm256_set1_pd(-0.0), one = _mm256_set1_pd(1.0),
+                half = _mm256_set1_pd(0.5), edge = _mm256_set1_pd(kLeafEdgeMargin);
+  const __m256d w = _mm256_load_pd(ws);
+  // 1 - 3w == 1 + 3|w| for w < 0.
+  const __m256d h = _mm256_mul_pd(
+      half, _mm256_sqrt_pd(_mm256_add_pd(
+                one, _mm256_mul_pd(_mm256_set1_pd(3.0), _mm256_andnot_pd(sign_mask, w)))));
+  // s = h for w >= 0 and 1 - h for w < 0, as 1/2 +- (h - 1/2): every step
+  // exact for h in [1/2, 1], so the same doubles as the scalar branches.
+  const __m256d s = _mm256_add_pd(half, _mm256_xor_pd(_mm256_sub_pd(h, half), _mm256_and_pd(w, sign_mask)));
+  const __m256d t = _mm256_mul_pd(_mm256_set1_pd(kLimitIJ), s);
+  const __m256d frac = _mm256_sub_pd(t, _mm256_floor_pd(t));
+  const __m256d near_edge = _mm256_or_pd(_mm256_cmp_pd(frac, edge, _CMP_LT_OQ),
+                                         _mm256_cmp_pd(frac, _mm256_sub_pd(one, edge), _CMP_GT_OQ));
+  // Truncation is floor, and no clamping is needed: t < 0 or t >= 2^30 takes
+  // |u| > 1, i.e. a near-tie of the largest components, redone anyway.
+  _mm_store_si128(reinterpret_cast<__m128i*>(ij_out), _mm256_cvttpd_epi32(t));
+  return _mm256_movemask_pd(near_edge);
 }
 
 }  // namespace
 
-GEOCELL_AVX2 void latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
-                                      uint64_t* out) {
+GEOCELL_AVX2 void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, const uint32_t* j,
+                                       size_t n, uint64_t* out) {
+  alignas(32) uint32_t f8[8], i8[8], j8[8];
+  for (size_t b = 0; b < n; b += 8) {
+    const size_t m = std::min<size_t>(8, n - b);
+    for (size_t k = 0; k < 8; ++k) {
+      f8[k] = k < m ? face[b + k] : 0;
+      i8[k] = k < m ? i[b + k] : 0;
+      j8[k] = k < m ? j[b + k] : 0;
+    }
+    uint64_t ids[8];
+    hilbert8<false>(f8, i8, j8, ~uint64_t{0}, 0, ids);
+    for (size_t k = 0; k < m; ++k) out[b + k] = ids[k];
+  }
+}
+
+GEOCELL_AVX2 int64_t latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
+                                         uint64_t* out, bool stream_out, bool check) {
   constexpr size_t kBlock = 256;
-  alignas(32) int32_t face[kBlock], ii[kBlock], jj[kBlock];
+  // Stage buffers; u and v (and i and j) share one array each so stage 3
+  // runs over both in one loop.
+  alignas(32) double xs[kBlock], ys[kBlock], zs[kBlock], uv[2 * kBlock];
+  alignas(32) uint32_t face[kBlock], ij[2 * kBlock];
   uint32_t redo[kBlock];
-  const uint16_t* table = fast_table().pos;
   const uint64_t lsb = lowest_bit_at_level(level);
   const uint64_t keep = ~lsb + 1;
   size_t fallbacks = 0;
-  for (size_t b = 0; b < n; b += kBlock) {
-    const size_t m = std::min(kBlock, n - b);
-    const size_t m4 = m & ~size_t{3};
-    size_t nredo = 0;
-    for (size_t k = 0; k < m4; k += 4) {
-      int mask = face_ij4(lat + b + k, lng + b + k, face + k, ii + k, jj + k);
-      while (mask) {
-        redo[nredo++] = static_cast<uint32_t>(k + __builtin_ctz(mask));
-        mask &= mask - 1;
-      }
-    }
-    for (size_t k = 0; k < m4; ++k) {
-      const uint64_t leaf = encode_fast(table, face[k], static_cast<uint32_t>(ii[k]),
-                                        static_cast<uint32_t>(jj[k]));
-      out[b + k] = (leaf & keep) | lsb;
-    }
-    for (size_t k = m4; k < m; ++k) out[b + k] = latlng_to_cell(lat[b + k], lng[b + k], level);
-    for (size_t r = 0; r < nredo; ++r) {
-      const size_t k = b + redo[r];
+  // Invalid points (NaN, inf, |lat| > 90) always fail the fast path's range
+  // test, so checking only the points redone by the scalar path finds them.
+  auto invalid = [&](size_t k) { return check && !point_is_valid(lat[k], lng[k]); };
+  // Streamed output bypasses the caches (no read for ownership, no eviction
+  // of the input); blocks are multiples of 8 ids, so an aligned start suffices.
+  size_t head = 0;
+  if (stream_out && (reinterpret_cast<uintptr_t>(out) & 31) != 0) {
+    // Large numpy arrays start 16 bytes into a page: the first few ids by the
+    // scalar path, then everything aligned.
+    head = std::min(n, ((32 - (reinterpret_cast<uintptr_t>(out) & 31)) & 31) / 8);
+    for (size_t k = 0; k < head; ++k) {
+      if (invalid(k)) return static_cast<int64_t>(k);
       out[k] = latlng_to_cell(lat[k], lng[k], level);
     }
-    fallbacks += nredo;
+    if ((reinterpret_cast<uintptr_t>(out + head) & 31) != 0) stream_out = false;  // not 8-aligned
+    lat += head;
+    lng += head;
+    out += head;
+    n -= head;
   }
-  t_fallbacks = fallbacks;
+  const bool stream = stream_out;
+  auto finish = [&](int64_t first_invalid) {
+    if (stream) _mm_sfence();
+    t_fallbacks = fallbacks;
+    return first_invalid < 0 ? first_invalid : first_invalid + static_cast<int64_t>(head);
+  };
+  for (size_t b = 0; b < n; b += kBlock) {
+    const size_t m = std::min(kBlock, n - b);
+    const size_t m8 = m & ~size_t{7};
+    uint64_t redo_bits[kBlock / 64] = {};
+    auto flag = [&](size_t k, int mask) { redo_bits[k / 64] |= static_cast<uint64_t>(mask) << (k % 64); };
+    for (size_t k = 0; k < m8; k += 4) flag(k, xyz4(lat + b + k, lng + b + k, xs + k, ys + k, zs + k));
+    for (size_t k = 0; k < m8; k += 4) flag(k, face_uv4(xs + k, ys + k, zs + k, face + k, uv + k, uv + kBlock + k));
+    for (size_t k = 0; k < m8; k += 4) flag(k, st_ij4(uv + k, ij + k));
+    for (size_t k = 0; k < m8; k += 4) flag(k, st_ij4(uv + kBlock + k, ij + kBlock + k));
+    if (stream) {
+      for (size_t k = 0; k < m8; k += 8) hilbert8<true>(face + k, ij + k, ij + kBlock + k, keep, lsb, out + b + k);
+    } else {
+      for (size_t k = 0; k < m8; k += 8) hilbert8<false>(face + k, ij + k, ij + kBlock + k, keep, lsb, out + b + k);
+    }
+    // The rest is scalar (SSE) code: leave no dirty upper register state.
+    _mm256_zeroupper();
+    size_t nredo = 0;
+    for (size_t w = 0; w < kBlock / 64; ++w) {
+      for (uint64_t mask = redo_bits[w]; mask; mask &= mask - 1) {
+        redo[nredo++] = static_cast<uint32_t>(64 * w + __builtin_ctzll(mask));
+      }
+    }
+    fallbacks += nredo;
+    // In index order (redone points lie below m8), so the first invalid
+    // point found is the block's first.
+    for (size_t r = 0; r < nredo; ++r) {
+      const size_t k = b + redo[r];
+      if (invalid(k)) return finish(static_cast<int64_t>(k));
+      out[k] = latlng_to_cell(lat[k], lng[k], level);
+    }
+    for (size_t k = b + m8; k < b + m; ++k) {
+      if (invalid(k)) return finish(static_cast<int64_t>(k));
+      out[k] = latlng_to_cell(lat[k], lng[k], level);
+    }
+  }
+  return finish(-1);
 }
+
+#else  // not x86: no fast path (avx2_available() is false); same results.
+
+void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, const uint32_t* j, size_t n,
+                          uint64_t* out) {
+  for (size_t k = 0; k < n; ++k) {
+    out[k] = face_ij_to_cell(static_cast<int>(face[k]), static_cast<int>(i[k]), static_cast<int>(j[k]));
+  }
+}
+
+int64_t latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
+                            uint64_t* out, bool, bool check) {
+  if (check) {
+    const int64_t bad = find_invalid_latlng(lat, lng, n);
+    if (bad >= 0) return bad;
+  }
+  latlng_to_cell_scalar(lat, lng, n, level, out);
+  return -1;
+}
+
+#endif  // GEOCELL_X86
 
 }  // namespace geocell::detail

@@ -19,12 +19,20 @@ bool simd_enabled();
 // must only be called when avx2_available(); both give identical results.
 void latlng_to_cell_scalar(const double* lat, const double* lng, size_t n, int level,
                            uint64_t* out);
-void latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
-                         uint64_t* out);
+// stream_out: write ids with non-temporal stores (for outputs larger than
+// the caches; used only where out is 32-byte aligned). check: stop at the
+// first point find_invalid_latlng would report and return its index (ids
+// from there on are not all written); -1 when none (or !check).
+int64_t latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
+                            uint64_t* out, bool stream_out = false, bool check = false);
 
-// Leaf id from face and (i, j) through 5-bit lookup tables (6 steps instead
-// of 8); identical to face_ij_to_cell.
-uint64_t face_ij_to_cell_fast(int face, uint32_t i, uint32_t j);
+// Outputs from this many ids on are streamed (2 MiB: beyond L2).
+constexpr size_t kStreamOutMin = size_t{1} << 18;
+
+// Leaf ids of (face, i, j) by the AVX2 Hilbert stage; identical to
+// face_ij_to_cell. Only when avx2_available().
+void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, const uint32_t* j, size_t n,
+                          uint64_t* out);
 
 // For tests: how many of the points the last call on this thread of
 // latlng_to_cell_avx2 sent back to the scalar path.

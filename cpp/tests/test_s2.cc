@@ -1,6 +1,7 @@
 // Tests of the S2 core: the golden corpus from Google's C++ library, the fast
 // path against the scalar path over many random and adversarial points, and
 // invariants ported from s2geometry's s2cell_id_test.cc.
+#include <algorithm>
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
@@ -31,8 +32,8 @@ constexpr bool kSanitized = false;
 constexpr bool kSanitized = false;
 #endif
 
-// Sanitizers slow the core ~10x: keep that run under a minute.
-size_t scaled(size_t n) { return kSanitized ? n / 10 : n; }
+// Sanitizers slow the core several times: keep that run well under a minute.
+size_t scaled(size_t n) { return kSanitized ? n / 2 : n; }
 
 struct CorpusRow {
   double lat, lng;
@@ -108,6 +109,17 @@ size_t compare_fast_scalar(const std::vector<double>& lat, const std::vector<dou
   std::vector<uint64_t> fast(n), slow(n);
   detail::latlng_to_cell_avx2(lat.data(), lng.data(), n, level, fast.data());
   detail::latlng_to_cell_scalar(lat.data(), lng.data(), n, level, slow.data());
+  // Streamed output, from every alignment of the first id (on a prefix).
+  const size_t ns = std::min<size_t>(n, 300'000);
+  for (size_t offset = 0; offset < 4; ++offset) {
+    std::vector<uint64_t> streamed(ns + 4, 0);
+    detail::latlng_to_cell_avx2(lat.data(), lng.data(), ns, level, streamed.data() + offset, true);
+    if (!std::equal(slow.begin(), slow.begin() + static_cast<std::ptrdiff_t>(ns),
+                    streamed.begin() + static_cast<std::ptrdiff_t>(offset))) {
+      std::fprintf(stderr, "streamed output (offset %zu) differs\n", offset);
+      return n;
+    }
+  }
   size_t bad = 0;
   for (size_t k = 0; k < n; ++k) {
     if (fast[k] != slow[k]) {
@@ -153,17 +165,23 @@ TEST(s2_corpus_matches_google) {
   }
 }
 
-TEST(s2_fast_hilbert_table_matches_scalar) {
+TEST(s2_fast_hilbert_matches_scalar) {
+  if (!detail::avx2_available()) return;
   std::mt19937_64 rng(7);
   std::uniform_int_distribution<uint32_t> ij(0, (1u << kMaxLevel) - 1);
+  const size_t n = 300003;
+  std::vector<uint32_t> face(n), i(n), j(n);
+  for (size_t k = 0; k < n; ++k) {
+    face[k] = static_cast<uint32_t>(k % 6);
+    // Every 16th point on the face's edges and corners.
+    i[k] = (k % 16 == 0) ? (k % 32 == 0 ? 0 : (1u << kMaxLevel) - 1) : ij(rng);
+    j[k] = (k % 16 == 8) ? 0 : ij(rng);
+  }
+  std::vector<uint64_t> got(n);
+  detail::face_ij_to_cell_avx2(face.data(), i.data(), j.data(), n, got.data());
   size_t bad = 0;
-  for (int k = 0; k < 200000; ++k) {
-    const int face = k % 6;
-    const uint32_t i = ij(rng), j = ij(rng);
-    if (detail::face_ij_to_cell_fast(face, i, j) !=
-        face_ij_to_cell(face, static_cast<int>(i), static_cast<int>(j))) {
-      ++bad;
-    }
+  for (size_t k = 0; k < n; ++k) {
+    if (got[k] != face_ij_to_cell(static_cast<int>(face[k]), static_cast<int>(i[k]), static_cast<int>(j[k]))) ++bad;
   }
   CHECK_EQ(bad, size_t{0});
 }
@@ -348,4 +366,62 @@ TEST(s2_tokens_and_validation) {
   CHECK(!is_valid_cell(0x8000000000000002ULL));  // level marker at an odd bit
   CHECK(is_valid_cell(0x1000000000000000ULL));   // face 0 itself
   CHECK_EQ(great_circle_km(0, 0, 0, 180), M_PI * 6371.0);
+}
+
+TEST(s2_checked_batch_reports_first_bad_point) {
+  const size_t n = 300000;
+  std::vector<double> lat(n, 10.0), lng(n, 20.0);
+  std::vector<uint64_t> out(n);
+  CHECK_EQ(latlng_to_cell_batch_checked(lat.data(), lng.data(), n, 30, out.data(), 4), int64_t{-1});
+  CHECK_EQ(out[n - 1], latlng_to_cell(10.0, 20.0));
+  // Bad points in several threads' chunks: the first one wins.
+  lat[250000] = NAN;
+  lng[200001] = INFINITY;
+  lat[100003] = 90.5;
+  for (int threads : {1, 2, 4, 7}) {
+    CHECK_EQ(latlng_to_cell_batch_checked(lat.data(), lng.data(), n, 30, out.data(), threads),
+             int64_t{100003});
+  }
+  CHECK_EQ(find_invalid_latlng(lat.data(), lng.data(), n), int64_t{100003});
+  CHECK_EQ(find_invalid_latlng(lat.data() + 100004, lng.data() + 100004, n - 100004), int64_t{200001 - 100004});
+}
+
+TEST(s2_checked_batch_matches_find_invalid) {
+  // One bad value at many positions (head, blocks, tail), both paths, several
+  // output alignments: the kernel reports exactly what find_invalid_latlng does.
+  std::mt19937_64 rng(21);
+  const size_t n = (size_t{1} << 18) + 13;
+  std::vector<double> lat(n), lng(n);
+  std::uniform_real_distribution<double> la(-90, 90), ln(-720, 720);
+  for (size_t k = 0; k < n; ++k) {
+    lat[k] = la(rng);
+    lng[k] = ln(rng);
+  }
+  const double bad_lat[] = {NAN, 90.000000000001, -1e300, INFINITY};
+  const double bad_lng[] = {NAN, INFINITY, -INFINITY};
+  std::vector<uint64_t> out(n + 4);
+  size_t wrong = 0;
+  const size_t positions[] = {0, 1, 2, 7, 255, 256, 4099, 100000, n - 14, n - 9, n - 1};
+  for (bool simd : {true, false}) {
+    set_simd_enabled(simd);
+    for (size_t p = 0; p < sizeof(positions) / sizeof(positions[0]); ++p) {
+      const size_t pos = positions[p];
+      const bool use_lat = p % 2 == 0;
+      const double saved = use_lat ? lat[pos] : lng[pos];
+      (use_lat ? lat[pos] : lng[pos]) = use_lat ? bad_lat[p % 4] : bad_lng[p % 3];
+      const int64_t want = find_invalid_latlng(lat.data(), lng.data(), n);
+      for (int threads : {1, 3}) {
+        const int64_t got = latlng_to_cell_batch_checked(lat.data(), lng.data(), n, 30,
+                                                         out.data() + p % 4, threads);
+        if (got != want || want != static_cast<int64_t>(pos)) ++wrong;
+      }
+      (use_lat ? lat[pos] : lng[pos]) = saved;
+    }
+  }
+  set_simd_enabled(true);
+  CHECK_EQ(wrong, size_t{0});
+  std::vector<uint64_t> want(n);
+  latlng_to_cell_batch(lat.data(), lng.data(), n, 30, want.data(), 1);
+  CHECK_EQ(latlng_to_cell_batch_checked(lat.data(), lng.data(), n, 30, out.data() + 1, 2), int64_t{-1});
+  CHECK(std::equal(want.begin(), want.end(), out.begin() + 1));
 }

@@ -14,8 +14,8 @@ def find_invalid_latlng(lat: F64, lng: F64) -> int:
 def find_invalid_cell(cells: U64) -> int:
     """First index that is not a valid S2 cell id; -1 if none."""
 
-def latlng_to_cell(lat: F64, lng: F64, level: int, threads: int = 0) -> U64:
-    """Cell ids at `level` (no validation of the points; see find_invalid_latlng)."""
+def latlng_to_cell(lat: F64, lng: F64, level: int, threads: int = 0) -> tuple[U64, int]:
+    """Cell ids at `level` and the first invalid point's index (-1 if none; then the ids are not all set)."""
 
 def cell_to_latlng(cells: U64, threads: int = 0) -> tuple[F64, F64]:
     """Cell centres (lat, lng) in degrees."""

@@ -8,7 +8,9 @@ numpy arrays of the input's shape. Conventions shared by all of them:
 - Cell ids are uint64. int64 arrays are accepted and reinterpreted bit for bit
   (ids stored "viewed as int64", as in checkpoints).
 - Scalar (0-d) input gives numpy scalar output (``np.uint64``, ``np.float64``,
-  ``np.bool_``, ``np.str_``), or a tuple of them.
+  ``np.int64``, ``np.bool_``, ``np.str_``), or a tuple of them; the return
+  annotations say ``np.ndarray`` for brevity. ``cell_to_boundary`` and
+  ``cell_to_children`` of a scalar give arrays of shape (4, 2) and (4,).
 - Bad input raises ``ValueError`` naming the first offending index and value:
   non-finite or out-of-range coordinates, arrays of different shapes, a level
   outside 0..30, an invalid cell id where a valid one is needed, a malformed
@@ -22,8 +24,11 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _core
+
+ArrayLike = npt.ArrayLike
 
 __all__ = [
     "cell_contains",
@@ -105,8 +110,11 @@ def _check_same_shape(**arrays: np.ndarray) -> tuple:
 
 def _check_latlng(lat: np.ndarray, lng: np.ndarray, lat_name: str, lng_name: str) -> None:
     k = _core.find_invalid_latlng(lat.reshape(-1), lng.reshape(-1))
-    if k < 0:
-        return
+    if k >= 0:
+        _raise_invalid_latlng(lat, lng, lat_name, lng_name, k)
+
+
+def _raise_invalid_latlng(lat: np.ndarray, lng: np.ndarray, lat_name: str, lng_name: str, k: int):
     la, ln = lat.reshape(-1)[k], lng.reshape(-1)[k]
     if not (-90.0 <= la <= 90.0):
         raise ValueError(
@@ -160,7 +168,7 @@ def _levels_of(cells: np.ndarray) -> np.ndarray:
 # ---- the API -------------------------------------------------------------------
 
 
-def latlng_to_cell(lat, lng, level: int = 30, *, threads: int = 0):
+def latlng_to_cell(lat: ArrayLike, lng: ArrayLike, level: int = 30, *, threads: int = 0) -> np.ndarray:
     """Cell ids (uint64) at ``level`` of the points ``(lat, lng)`` in degrees.
 
     Identical to ``S2CellId(S2LatLng::FromDegrees(lat, lng)).parent(level)``.
@@ -172,12 +180,14 @@ def latlng_to_cell(lat, lng, level: int = 30, *, threads: int = 0):
     shape = _check_same_shape(lat=lat_a, lng=lng_a)
     level = _check_level(level)
     threads = _check_threads(threads)
-    _check_latlng(lat_a, lng_a, "lat", "lng")
-    out = _core.latlng_to_cell(lat_a.reshape(-1), lng_a.reshape(-1), level, threads)
+    # The kernel checks the points as it goes (one pass over memory).
+    out, bad = _core.latlng_to_cell(lat_a.reshape(-1), lng_a.reshape(-1), level, threads)
+    if bad >= 0:
+        _raise_invalid_latlng(lat_a, lng_a, "lat", "lng", bad)
     return _shaped(out, shape)
 
 
-def cell_to_latlng(cells, *, threads: int = 0):
+def cell_to_latlng(cells: ArrayLike, *, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Centres ``(lat, lng)`` in degrees of the cells (float64 arrays).
 
     Identical to ``S2CellId::ToLatLng`` (within 1e-12 degrees).
@@ -187,7 +197,7 @@ def cell_to_latlng(cells, *, threads: int = 0):
     return _shaped(lat, c.shape), _shaped(lng, c.shape)
 
 
-def cell_to_boundary(cells, *, threads: int = 0) -> np.ndarray:
+def cell_to_boundary(cells: ArrayLike, *, threads: int = 0) -> np.ndarray:
     """Vertices of the cells, float64 of shape ``cells.shape + (4, 2)``.
 
     Each row holds four ``(lat, lng)`` pairs in degrees, counter-clockwise seen
@@ -198,13 +208,13 @@ def cell_to_boundary(cells, *, threads: int = 0) -> np.ndarray:
     return out.reshape(c.shape + (4, 2))
 
 
-def cell_level(cells):
+def cell_level(cells: ArrayLike) -> np.ndarray:
     """Level (0..30, int64) of each cell."""
     c = _valid_cells(cells)
     return _shaped(_levels_of(c.reshape(-1)), c.shape)
 
 
-def cell_to_parent(cells, level):
+def cell_to_parent(cells: ArrayLike, level: int | ArrayLike) -> np.ndarray:
     """Ancestor of each cell at ``level`` (an int, or an array of the cells' shape).
 
     A cell is its own parent at its own level. Raises ValueError when
@@ -236,7 +246,7 @@ def cell_to_parent(cells, level):
     return _shaped((flat & (~lsb + _ONE)) | lsb, c.shape)
 
 
-def cell_to_children(cells) -> np.ndarray:
+def cell_to_children(cells: ArrayLike) -> np.ndarray:
     """The four children (Hilbert order) of each cell, shape ``cells.shape + (4,)``.
 
     Raises ValueError for leaf (level-30) cells, which have no children.
@@ -256,7 +266,7 @@ def cell_to_children(cells) -> np.ndarray:
     return out.reshape(c.shape + (4,))
 
 
-def cell_range(cells):
+def cell_range(cells: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """First and last leaf ids ``(min, max)`` under each cell (uint64 arrays)."""
     c = _valid_cells(cells)
     flat = c.reshape(-1)
@@ -264,7 +274,7 @@ def cell_range(cells):
     return _shaped(flat - half, c.shape), _shaped(flat + half, c.shape)
 
 
-def cell_contains(a, b):
+def cell_contains(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     """Whether cell ``a`` contains cell ``b`` (or equals it), elementwise (bool)."""
     ca, cb = _valid_cells(a, "a"), _valid_cells(b, "b")
     shape = _check_same_shape(a=ca, b=cb)
@@ -273,7 +283,7 @@ def cell_contains(a, b):
     return _shaped((fb >= fa - half) & (fb <= fa + half), shape)
 
 
-def is_valid_cell(cells):
+def is_valid_cell(cells: ArrayLike) -> np.ndarray:
     """Whether each id is a valid S2 cell (face 0..5, a level marker bit); never raises for bad ids."""
     c = _as_cells(cells, "cells")
     flat = c.reshape(-1)
@@ -283,14 +293,14 @@ def is_valid_cell(cells):
     return _shaped(ok, c.shape)
 
 
-def cell_to_token(cells):
+def cell_to_token(cells: ArrayLike) -> np.ndarray:
     """Tokens (shortest lowercase hex, as ``S2CellId::ToToken``) as a str array."""
     c = _valid_cells(cells)
     out = _core.cell_to_token(c.reshape(-1)).astype("U16")
     return _shaped(out, c.shape)
 
 
-def token_to_cell(tokens):
+def token_to_cell(tokens: ArrayLike) -> np.ndarray:
     """Cell ids (uint64) of tokens; raises ValueError for a token of no valid cell.
 
     Hex digits may be upper or lower case; "X" (the token of the invalid id 0)
@@ -325,7 +335,9 @@ def token_to_cell(tokens):
     return _shaped(ids, a.shape)
 
 
-def great_circle_km(lat1, lng1, lat2, lng2, *, threads: int = 0):
+def great_circle_km(
+    lat1: ArrayLike, lng1: ArrayLike, lat2: ArrayLike, lng2: ArrayLike, *, threads: int = 0
+) -> np.ndarray:
     """Haversine great-circle distance in km (sphere of radius 6371.0 km), elementwise."""
     arrays = {
         "lat1": _as_float64(lat1, "lat1"),

@@ -79,6 +79,11 @@ double great_circle_km(double lat1, double lng1, double lat2, double lng2);
 
 void latlng_to_cell_batch(const double* lat, const double* lng, size_t n, int level,
                           uint64_t* out, int threads = 0);
+// latlng_to_cell_batch that checks the points as find_invalid_latlng does,
+// slice by slice; returns the first invalid index (then `out` is partly
+// written) or -1.
+int64_t latlng_to_cell_batch_checked(const double* lat, const double* lng, size_t n, int level,
+                                     uint64_t* out, int threads = 0);
 void cell_to_latlng_batch(const uint64_t* cells, size_t n, double* lat, double* lng,
                           int threads = 0);
 // Vertices of each cell, 8 doubles per cell (as cell_to_boundary).
