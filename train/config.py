@@ -38,7 +38,7 @@ class TrainConfig:
     scene_weight: float = 1.0
     smoothing_km: float = 0.0  # haversine label smoothing temperature; 0 = one-hot targets
     # optimisation
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
