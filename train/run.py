@@ -5,6 +5,11 @@ for a few minutes and prints the accuracy table. Multi-GPU / multi-node: launch 
 ``torchrun --nproc_per_node 8 train/run.py --manifest mp16.csv --arch resnet50 --image-size 224``.
 
 Reads top to bottom: configuration -> data -> partitionings -> model -> optimiser -> loop -> report.
+
+--resume restores model, optimiser, schedule, scaler, epoch/step (mid-epoch too, with
+--checkpoint-every), RNG states and the loader epoch. Bit-for-bit identical to an uninterrupted run
+with the torch loader backend and --workers 0 (what the tests check); with worker processes or
+DALI the batch order is the same but the random augmentations of the resumed epochs differ.
 """
 
 from __future__ import annotations
