@@ -1,7 +1,10 @@
 """Manifest reading (both layouts), bad-row reports with line numbers, label tables."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from geocell.train.labels import LabelTable
 from geocell.train.manifest import ManifestError, read_manifest, write_manifest
@@ -121,3 +124,18 @@ def test_label_table_with_real_partitions(tmp_path):
     for k, p in enumerate(ps):
         np.testing.assert_array_equal(t.geo[:, k], p.assign(m.lat, m.lng))
         assert t.geo[:, k].max() < len(p)
+
+
+def test_relative_paths_are_written_relative_to_the_manifest(tmp_path, monkeypatch):
+    # Paths relative to the working folder must still resolve once read back from the file.
+    from geocell.train.manifest import Manifest
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.jpg")
+    m = Manifest(paths=["imgs/a.jpg"], lat=np.array([1.0]), lng=np.array([2.0]),
+                 scene=np.array([-1]), scene_names=[], split=None)
+    out = write_manifest(m, tmp_path / "sub" / "m.csv")
+    back = read_manifest(out)
+    assert not back.report
+    assert Path(back.paths[0]).resolve() == (tmp_path / "imgs" / "a.jpg").resolve()

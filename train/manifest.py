@@ -292,11 +292,12 @@ def write_manifest(manifest: Manifest, path, relative_to=None, relative: bool = 
         w = csv.writer(f)
         w.writerow(header)
         for i, p in enumerate(manifest.paths):
-            ap = Path(p)
+            # A relative path in a Manifest is relative to the working folder, not to the file.
+            ap = Path(os.path.abspath(p))
             try:
-                shown = ap.resolve().relative_to(base).as_posix() if relative and ap.is_absolute() else p
+                shown = ap.resolve().relative_to(base).as_posix() if relative else str(ap)
             except ValueError:
-                shown = str(p)
+                shown = str(ap)
             s = int(manifest.scene[i])
             row = [shown, repr(float(manifest.lat[i])), repr(float(manifest.lng[i])),
                    manifest.scene_names[s] if s >= 0 else ""]
