@@ -1,4 +1,5 @@
-"""End-to-end training on a tiny Earth dataset: a run, exact resume, DDP on two CPU processes, config."""
+"""End-to-end training on a tiny Earth dataset: a run, exact mid-epoch resume (torch loader with worker
+processes, DALI CPU pipeline), DDP on two CPU processes, config."""
 
 import json
 import os
@@ -45,8 +46,12 @@ def test_end_to_end_run(earth, tmp_path, capsys):
     assert 0.0 <= rows["hierarchy"]["acc_2500km"] <= 1.0
 
 
-def test_resume_matches_an_uninterrupted_run(earth, tmp_path):
-    args = ["--manifest", earth, "--epochs", "2", *TINY]
+@pytest.mark.parametrize("backend,workers", [("torch", "2"), ("dali", "2")])
+def test_resume_matches_an_uninterrupted_run(earth, tmp_path, backend, workers):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    # Worker processes / DALI threads must not change the augmentations of the resumed epoch.
+    args = ["--manifest", earth, "--epochs", "2", *TINY, "--backend", backend, "--workers", workers]
     run.main([*args, "-o", str(tmp_path / "full")])
     steps = load_checkpoint(tmp_path / "full" / "last.pt")["train_state"]["step"]
     # Interrupted mid-epoch (periodic checkpoint), then resumed from the run folder.

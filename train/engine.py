@@ -267,9 +267,15 @@ def train_one_epoch(
     count = 0
     window_images, window_start = 0, time.perf_counter()
     stopped = False
-    it = iter(loader)
-    for _ in range(skip):
-        next(it)
+    if skip and hasattr(loader, "skip_batches"):
+        # The loader starts at batch `skip` of the epoch without loading the batches before it;
+        # its batches depend only on (seed, epoch, position), so this equals the uninterrupted run.
+        loader.skip_batches(skip)
+        it = iter(loader)
+    else:
+        it = iter(loader)
+        for _ in range(skip):
+            next(it)
     if after_skip is not None:
         after_skip()
     for step_in_epoch in range(skip, steps):

@@ -9,6 +9,13 @@ int64 (B,) (row in the manifest).
 Training: random-resized crop + horizontal flip. Evaluation: shorter side resized to
 ``resize_size`` + centre crop, and every sample of the shard exactly once.
 
+Reproducibility (what makes ``--resume`` exact): a training epoch's order is
+``epoch_rows(rows, seed, epoch, shard_id, num_shards)`` (a permutation drawn from (seed, epoch);
+rank ``shard_id`` takes its equal-sized slice) and every sample's augmentation parameters come
+from ``sample_rng(seed, epoch, row)``, so batch ``k`` of epoch ``e`` is the same whatever the
+number of worker processes / DALI threads, and ``loader.skip_batches(k)`` starts the next
+iteration at batch ``k`` without loading the batches before it.
+
 Bad samples never stop an epoch and are always counted: files that are missing, empty or not
 JPEG/PNG (magic bytes, JPEG end marker) are excluded up front, images that fail to decode are
 skipped at run time; both show in ``loader.skipped`` / ``loader.skipped_paths``.
@@ -75,6 +82,49 @@ def validate_files(paths, threads: int = 8) -> list:
 def shard_range(n: int, shard_id: int, num_shards: int) -> tuple:
     """Contiguous [start, stop) of ``shard_id`` — the same split DALI's readers make."""
     return (n * shard_id) // num_shards, (n * (shard_id + 1)) // num_shards
+
+
+def epoch_rows(rows: np.ndarray, seed: int, epoch: int, shard_id: int = 0, num_shards: int = 1) -> np.ndarray:
+    """Training rows of ``shard_id`` for ``epoch``, in order: a permutation of ``rows`` drawn
+    from (seed, epoch), cut into ``num_shards`` equal slices (the remainder sits out the epoch,
+    so data-parallel ranks run the same number of steps)."""
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    per = len(rows) // num_shards
+    order = rng.permutation(len(rows))[shard_id * per:(shard_id + 1) * per]
+    return rows[order]
+
+
+def sample_rng(seed: int, epoch: int, row: int) -> np.random.Generator:
+    """The generator of one sample's augmentation in one epoch: a function of (seed, epoch, row)
+    only, never of worker processes, threads or global RNG state."""
+    return np.random.default_rng([int(seed), int(epoch), int(row)])
+
+
+def crop_params(height: int, width: int, rng: np.random.Generator) -> tuple:
+    """(top, left, h, w) of a random-resized crop: torchvision's ``RandomResizedCrop.get_params``
+    algorithm (area fraction in SCALE, log-uniform aspect ratio in RATIO, 10 attempts, then a
+    centre crop) drawing from ``rng``."""
+    import math
+
+    area = height * width
+    lo, hi = math.log(RATIO[0]), math.log(RATIO[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(SCALE[0], SCALE[1])
+        aspect = math.exp(rng.uniform(lo, hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(RATIO):
+        w, h = width, int(round(width / min(RATIO)))
+    elif in_ratio > max(RATIO):
+        h, w = height, int(round(height * max(RATIO)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def dali_available() -> bool:

@@ -1,5 +1,9 @@
 """The torchvision DataLoader backend: libjpeg-turbo decode (torchvision.io) in worker processes,
-or nvJPEG decode on the GPU (``gpu_decode``) for machines with a GPU but without DALI."""
+or nvJPEG decode on the GPU (``gpu_decode``) for machines with a GPU but without DALI.
+
+The batch sampler yields ``(epoch, row)`` keys; a sample's crop and flip are drawn from
+``sample_rng(seed, epoch, row)`` in whichever process handles it (worker or, with ``gpu_decode``,
+the main one), so the batches of an epoch do not depend on ``num_workers``."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from geocell.train.loaders import RATIO, SCALE, Loader, shard_range
+from geocell.train.loaders import Loader, crop_params, epoch_rows, sample_rng, shard_range
 
 
 def _read_bytes(source, row) -> bytes:
@@ -57,15 +61,15 @@ def _decode_cpu(data: bytes) -> torch.Tensor:
         ctx.__exit__(None, None, None)
 
 
-def _augment(img: torch.Tensor, train: bool, image_size: int, resize_size: int) -> torch.Tensor:
-    """uint8 (3,H,W) -> uint8 (3,S,S), on whatever device ``img`` is on."""
+def _augment(img: torch.Tensor, rng, image_size: int, resize_size: int) -> torch.Tensor:
+    """uint8 (3,H,W) -> uint8 (3,S,S), on whatever device ``img`` is on. ``rng``: the sample's
+    generator (training: random-resized crop + flip) or None (evaluation: resize + centre crop)."""
     import torchvision.transforms.v2.functional as F
-    from torchvision.transforms.v2 import RandomResizedCrop
 
-    if train:
-        top, left, h, w = RandomResizedCrop.get_params(img, scale=list(SCALE), ratio=list(RATIO))
+    if rng is not None:
+        top, left, h, w = crop_params(img.shape[-2], img.shape[-1], rng)
         img = F.resized_crop(img, top, left, h, w, [image_size, image_size], antialias=True)
-        if torch.rand(()) < 0.5:
+        if rng.random() < 0.5:
             img = F.horizontal_flip(img)
         return img
     img = F.resize(img, [resize_size], antialias=True)
@@ -73,22 +77,24 @@ def _augment(img: torch.Tensor, train: bool, image_size: int, resize_size: int) 
 
 
 class _Samples(Dataset):
-    """Indexed by manifest row (the sampler yields rows). Item = (uint8 image or raw bytes,
-    row, error or None); never raises."""
+    """Indexed by (epoch, manifest row) (the sampler yields those). Item = (uint8 image or raw
+    bytes, row, error or None, epoch); never raises."""
 
-    def __init__(self, source, train, image_size, resize_size, decode):
-        self.source, self.train = source, train
+    def __init__(self, source, train, image_size, resize_size, decode, seed):
+        self.source, self.train, self.seed = source, train, seed
         self.image_size, self.resize_size, self.decode = image_size, resize_size, decode
 
-    def __getitem__(self, row):
+    def __getitem__(self, key):
+        epoch, row = key
         try:
             data = _read_bytes(self.source, row)
             if not self.decode:
-                return data, row, None
-            img = _augment(_decode_cpu(data), self.train, self.image_size, self.resize_size)
-            return img, row, None
+                return data, row, None, epoch
+            rng = sample_rng(self.seed, epoch, row) if self.train else None
+            img = _augment(_decode_cpu(data), rng, self.image_size, self.resize_size)
+            return img, row, None, epoch
         except Exception as e:  # one bad image must not end the epoch
-            return None, row, f"{type(e).__name__}: {e}"
+            return None, row, f"{type(e).__name__}: {e}", epoch
 
 
 def _collate(items):
@@ -99,11 +105,12 @@ def _collate(items):
         images = torch.stack([it[0] for it in good])
     else:
         images = [it[0] for it in good]
-    return images, rows, bad
+    return images, rows, bad, (items[0][3] if items else 0)
 
 
 class _EpochBatches(Sampler):
-    """Batches of manifest rows for this shard; reshuffled per epoch from (seed, epoch).
+    """Batches of (epoch, manifest row) keys for this shard; training order ``epoch_rows``
+    (from (seed, epoch)); ``start``: a one-shot number of leading batches to leave out.
     Holds its own copy of the settings: a reference back to the loader would make a cycle that
     keeps worker processes alive until a garbage collection (possibly in a forked child)."""
 
@@ -111,23 +118,22 @@ class _EpochBatches(Sampler):
         self.rows, self.train, self.batch_size = rows, train, batch_size
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self.epoch = 0
+        self.start = 0
 
     def _positions(self):
         n = len(self.rows)
         if not self.train:
             start, stop = shard_range(n, self.shard_id, self.num_shards)
             return self.rows[start:stop]
-        rng = np.random.default_rng([self.seed, self.epoch])
-        per = n // self.num_shards  # equal shard sizes keep data-parallel ranks in step
-        order = rng.permutation(n)[self.shard_id * per:(self.shard_id + 1) * per]
-        return self.rows[order]
+        return epoch_rows(self.rows, self.seed, self.epoch, self.shard_id, self.num_shards)
 
     def __iter__(self):
         rows = self._positions().tolist()
-        b = self.batch_size
+        b, epoch = self.batch_size, self.epoch
         stop = len(rows) - len(rows) % b if self.train else len(rows)
-        for s in range(0, stop, b):
-            yield rows[s:s + b]
+        first, self.start = self.start, 0
+        for s in range(first * b, stop, b):
+            yield [(epoch, r) for r in rows[s:s + b]]
 
     def __len__(self):
         n = len(self.rows)
@@ -155,7 +161,7 @@ class TorchLoader(Loader):
         self.detail = ("nvJPEG decode on " + str(self.device)) if self.gpu_decode else \
             f"torchvision.io CPU decode, {self.num_workers} workers"
         dataset = _Samples(self._source, self.train, self.image_size, self.resize_size,
-                           decode=not self.gpu_decode)
+                           decode=not self.gpu_decode, seed=self.seed)
         generator = torch.Generator()
         generator.manual_seed(self.seed)
         self._batches = _EpochBatches(self.rows, self.train, self.batch_size, self.shard_id,
@@ -172,6 +178,11 @@ class TorchLoader(Loader):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = self._batches.epoch = int(epoch)
 
+    def skip_batches(self, count: int) -> None:
+        if not self.train:
+            raise ValueError("skip_batches is for training loaders")
+        self._batches.start = int(count)
+
     def close(self) -> None:
         """Stops the worker processes now rather than when the loader is collected."""
         it = getattr(self._dl, "_iterator", None)
@@ -180,10 +191,10 @@ class TorchLoader(Loader):
         self._dl._iterator = None
 
     def __iter__(self):
-        for images, rows, bad in self._dl:
+        for images, rows, bad, epoch in self._dl:
             self._count_bad(bad)
             if self.gpu_decode:
-                images, rows = self._decode_on_gpu(images, rows)
+                images, rows = self._decode_on_gpu(images, rows, epoch)
             if len(rows) == 0:
                 continue
             yield self._normalize(images), self._targets(rows)
@@ -195,7 +206,7 @@ class TorchLoader(Loader):
     def _describe(self, row):
         return self.manifest.paths[row]
 
-    def _decode_on_gpu(self, blobs, rows):
+    def _decode_on_gpu(self, blobs, rows, epoch):
         from torchvision.io import decode_jpeg
 
         tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
@@ -224,25 +235,27 @@ class TorchLoader(Loader):
         keep = [i for i, d in enumerate(decoded) if d is not None]
         if not keep:
             return None, rows[:0]
-        images = _augment_batch([decoded[i] for i in keep], self.train, self.image_size,
-                                self.resize_size)
+        rngs = [sample_rng(self.seed, epoch, int(rows[i])) for i in keep] if self.train else None
+        images = _augment_batch([decoded[i] for i in keep], rngs, self.image_size, self.resize_size)
         return images, rows[keep]
 
 
-def _augment_batch(images, train: bool, image_size: int, resize_size: int) -> torch.Tensor:
-    """The crops of ``_augment`` for a list of (3,H,W) uint8 GPU images in one ``roi_align``
+def _augment_batch(images, rngs, image_size: int, resize_size: int) -> torch.Tensor:
+    """The crops of ``_augment`` (``rngs``: one generator per image, or None for evaluation)
+    for a list of (3,H,W) uint8 GPU images in one ``roi_align``
     call (a per-image loop is launch-bound at a few thousand images/s). Returns float32
     (B,3,S,S) in [0, 255]. Bilinear sampling when enlarging; when shrinking, roi_align
     averages ceil(box/S) samples per output pixel, which antialiases like ``resize``."""
     from torchvision.ops import roi_align
-    from torchvision.transforms.v2 import RandomResizedCrop
 
     S = image_size
-    boxes = []
+    train = rngs is not None
+    boxes, flips = [], []
     for k, img in enumerate(images):
         h, w = img.shape[-2:]
         if train:
-            top, left, ch, cw = RandomResizedCrop.get_params(img, scale=list(SCALE), ratio=list(RATIO))
+            top, left, ch, cw = crop_params(h, w, rngs[k])
+            flips.append(bool(rngs[k].random() < 0.5))
         else:
             # Shorter side to resize_size, then the central S x S, expressed in input pixels.
             side = S * min(h, w) / resize_size
@@ -260,7 +273,7 @@ def _augment_batch(images, train: bool, image_size: int, resize_size: int) -> to
     rois = torch.tensor(boxes, dtype=torch.float32, device=batch.device)
     out = roi_align(batch, rois, output_size=(S, S), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     if train:
-        flip = torch.rand(len(images)) < 0.5
+        flip = torch.tensor(flips, dtype=torch.bool)
         if flip.any():
             idx = flip.nonzero().reshape(-1).to(out.device)
             out[idx] = out[idx].flip(-1)

@@ -7,9 +7,11 @@ for a few minutes and prints the accuracy table. Multi-GPU / multi-node: launch 
 Reads top to bottom: configuration -> data -> partitionings -> model -> optimiser -> loop -> report.
 
 --resume restores model, optimiser, schedule, scaler, epoch/step (mid-epoch too, with
---checkpoint-every), RNG states and the loader epoch. Bit-for-bit identical to an uninterrupted run
-with the torch loader backend and --workers 0 (what the tests check); with worker processes or
-DALI the batch order is the same but the random augmentations of the resumed epochs differ.
+--checkpoint-every), RNG states and the loader epoch; a mid-epoch resume starts the loader at the
+next batch (loader.skip_batches). The loaders draw each epoch's order from (seed, epoch) and each
+sample's crop/flip from (seed, epoch, row), so the resumed run is bit-for-bit identical to an
+uninterrupted one on the same machine with either backend and any --workers (the tests check torch
+with 0 and 2 workers and DALI on the CPU); exception: DALI over packed shards (see loaders_dali).
 """
 
 from __future__ import annotations
