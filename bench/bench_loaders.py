@@ -1,5 +1,6 @@
-"""Loader throughput: the DALI CPU pipeline vs the torchvision DataLoader on the same JPEGs and
-the same two cores (num_threads=2 for DALI, num_workers=2 for torch).
+"""Loader throughput: the DALI CPU pipeline vs the torchvision DataLoaders on the same JPEGs and
+the same two cores (num_threads=2 for DALI, num_workers=2 for the others): geocell's torch
+backend (torchvision.io.decode_jpeg + tensor transforms) and the classic PIL + transforms recipe.
 
     python -m pytest bench/bench_loaders.py --benchmark-only -s
 
@@ -68,13 +69,46 @@ def _epoch(loader):
     return n
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch"])
+class _PilImages:
+    """The classic torchvision recipe (PIL decode + transforms in DataLoader workers): the
+    loader most training scripts use, measured as a third peer."""
+
+    def __init__(self, paths):
+        import torchvision.transforms as T
+
+        from geocell.train.loaders import MEAN, STD
+
+        self.paths = paths
+        self.transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize(MEAN, STD)])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            return self.transform(im.convert("RGB")), i
+
+
+def _pil_loader(manifest):
+    import torch
+
+    return torch.utils.data.DataLoader(_PilImages(manifest.paths), batch_size=BATCH, shuffle=True,
+                                       num_workers=CORES, persistent_workers=True, drop_last=True)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch", "pil"])
 def test_loader_throughput(benchmark, dataset, backend):
     if backend == "dali" and not dali_available():
         pytest.skip("DALI is not installed")
     m, labels = dataset
-    loader = make_loader(m, labels, train=True, batch_size=BATCH, image_size=224, backend=backend,
-                         num_workers=CORES, seed=0)
+    if backend == "pil":
+        loader = _pil_loader(m)
+    else:
+        loader = make_loader(m, labels, train=True, batch_size=BATCH, image_size=224, backend=backend,
+                             num_workers=CORES, seed=0)
     _epoch(loader)  # warm-up: worker start, first allocations
     benchmark.group = "loaders: images/s = batches*64 / time"
     seen, cpu = [], []
@@ -92,10 +126,13 @@ def test_loader_throughput(benchmark, dataset, backend):
     benchmark.extra_info["images_per_s"] = round(rate, 1)
     benchmark.extra_info["cpu_ms_per_image"] = round(cpu_ms, 3)
     benchmark.extra_info["images_per_epoch"] = images
-    if len(RATES) == 2:
-        (r_d, c_d), (r_t, c_t) = RATES["dali"], RATES["torch"]
+    if len(RATES) == 3:
+        (r_d, c_d), (r_t, c_t), (r_p, _) = RATES["dali"], RATES["torch"], RATES["pil"]
         benchmark.extra_info["dali_over_torch"] = round(r_d / r_t, 2)
         benchmark.extra_info["dali_over_torch_by_cpu_time"] = round(c_t / c_d, 2)
-        print(f"\nwall clock: DALI CPU {r_d:.0f} img/s, torchvision {r_t:.0f} img/s, ratio {r_d / r_t:.2f}x"
-              f"\nCPU time:   DALI CPU {c_d:.2f} ms/img, torchvision {c_t:.2f} ms/img, ratio {c_t / c_d:.2f}x "
-              f"(idle 2-core rates {2000 / c_d:.0f} vs {2000 / c_t:.0f} img/s)")
+        benchmark.extra_info["dali_over_pil"] = round(r_d / r_p, 2)
+        print("\nloader                              img/s   CPU ms/img   DALI is x faster (wall / CPU)")
+        for name, (r, c) in [("DALI CPU pipeline", RATES["dali"]),
+                             ("geocell torch loader (decode_jpeg)", RATES["torch"]),
+                             ("PIL + torchvision transforms", RATES["pil"])]:
+            print(f"{name:34s} {r:7.0f} {c:12.2f}   {r_d / r:5.2f} / {c / c_d:5.2f}")
