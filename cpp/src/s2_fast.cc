@@ -1,6 +1,7 @@
 // Vectorised lat/lng -> cell ids, bit-exact with the scalar path.
 //
-// Four points at a time (AVX2 doubles): degrees -> radians (the same product
+// Four points at a time (AVX2 doubles), or eight (AVX-512, the same operations
+// lane for lane, with mask registers for the blends and compares): degrees -> radians (the same product
 // as the scalar code), sin/cos by our own polynomials, the face by blends,
 // u and v through one reciprocal of the face's component, the quadratic
 // projection with true square roots, floor(2^30 s). The values differ from
@@ -15,7 +16,9 @@
 // Then (face, i, j) become ids by a bit-parallel Hilbert index, 8 points at a
 // time, without tables. Points go through in blocks of 256, stage by stage:
 // short stages keep dependency chains short, so the out-of-order core
-// overlaps many iterations, and the block's buffers stay in L1.
+// overlaps many iterations, and the block's buffers stay in L1. One driver,
+// templated on the stage set (Avx2, Avx512), is inlined into each ISA's entry
+// point; the Hilbert stage is the AVX2 one for both.
 #include "s2_fast.h"
 
 #if defined(__x86_64__) || defined(__i386__)
