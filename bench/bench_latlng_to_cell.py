@@ -38,13 +38,36 @@ def loop_points(points):
 
 @pytest.mark.parametrize("threads", [1, 0], ids=["1-thread", "all-threads"])
 def test_geocell(benchmark, points, threads):
+    """The honest default: a fresh output array per call (its page faults included)."""
     lat, lng = points
     label = "1 thread" if threads == 1 else f"{_core.resolve_threads(0)} threads"
-    path = "avx2" if _core.simd_available() else "baseline"
     out = benchmark.pedantic(geocell.latlng_to_cell, args=(lat, lng, 30), kwargs={"threads": threads},
                              rounds=15, iterations=1, warmup_rounds=1)
     assert out.shape == lat.shape
-    record(benchmark, f"geocell ({path}, {label})", lat.size)
+    record(benchmark, f"geocell ({_core.simd_level()}, {label})", lat.size)
+
+
+def test_geocell_out(benchmark, points):
+    """Repeated calls into one preallocated output (out=): no fresh 80 MB to fault in."""
+    lat, lng = points
+    out = np.empty(lat.shape, np.uint64)
+    res = benchmark.pedantic(geocell.latlng_to_cell, args=(lat, lng, 30), kwargs={"threads": 1, "out": out},
+                             rounds=15, iterations=1, warmup_rounds=1)
+    assert res is out
+    record(benchmark, f"geocell ({_core.simd_level()}, 1 thread, out=)", lat.size)
+
+
+@pytest.mark.parametrize("path", [p for p in _core.simd_levels()[1:] if p != "scalar"])
+def test_geocell_other_vector_path(benchmark, points, path):
+    """The slower vector paths this CPU also runs (AVX2 where AVX-512 is the default), fresh output."""
+    lat, lng = points
+    _core.set_simd_level(path)
+    try:
+        benchmark.pedantic(geocell.latlng_to_cell, args=(lat, lng, 30), kwargs={"threads": 1},
+                           rounds=15, iterations=1, warmup_rounds=1)
+    finally:
+        _core.set_simd_enabled(True)
+    record(benchmark, f"geocell ({path}, 1 thread)", lat.size)
 
 
 def test_geocell_baseline_path(benchmark, points):

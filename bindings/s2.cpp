@@ -3,8 +3,11 @@
 // live in geocell/cells.py; these functions expect what it passes.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstring>
+#include <optional>
+#include <string>
 #include <stdexcept>
 #include <vector>
 
@@ -49,12 +52,24 @@ void register_s2(py::module_& m) {
       py::arg("cells"));
   m.def(
       "latlng_to_cell",
-      [](const F64& lat, const F64& lng, int level, int threads) {
+      [](const F64& lat, const F64& lng, int level, int threads, std::optional<py::array> out_arg) {
         // Returns (ids, first invalid index or -1); ids are garbage past -1.
+        // out: a C-contiguous, writeable uint64 array of n ids to fill (and
+        // return) instead of a fresh one; cells.py checks it too, with fuller
+        // messages.
         const size_t n = same_size({static_cast<size_t>(lat.size()), static_cast<size_t>(lng.size())});
         check_level(level);
-        U64 out(static_cast<py::ssize_t>(n));
-        uint64_t* o = out.mutable_data();
+        py::array out;
+        if (out_arg) {
+          out = *out_arg;
+          if (!out.dtype().equal(py::dtype::of<uint64_t>()) || !(out.flags() & py::array::c_style) ||
+              !out.writeable() || static_cast<size_t>(out.size()) != n) {
+            throw std::invalid_argument("out must be a writeable C-contiguous uint64 array of the points' size");
+          }
+        } else {
+          out = U64(static_cast<py::ssize_t>(n));
+        }
+        uint64_t* o = static_cast<uint64_t*>(out.mutable_data());
         int64_t bad;
         {
           py::gil_scoped_release nogil;
@@ -62,7 +77,7 @@ void register_s2(py::module_& m) {
         }
         return py::make_tuple(out, bad);
       },
-      py::arg("lat"), py::arg("lng"), py::arg("level"), py::arg("threads") = 0);
+      py::arg("lat"), py::arg("lng"), py::arg("level"), py::arg("threads") = 0, py::arg("out") = py::none());
   m.def(
       "cell_to_latlng",
       [](const U64& cells, int threads) {
@@ -141,8 +156,14 @@ void register_s2(py::module_& m) {
       },
       py::arg("tokens"));
   m.def("simd_available", &geocell::simd_available,
-        "Whether this CPU runs the AVX2/FMA path of latlng_to_cell.");
+        "Whether this CPU runs a vector path (AVX2/FMA or AVX-512) of latlng_to_cell.");
   m.def("set_simd_enabled", &geocell::set_simd_enabled, py::arg("enabled"),
-        "Turns the AVX2 path on or off (results are identical; for tests and benchmarks).");
+        "Switches between the best vector path and the scalar one (results are identical; for tests "
+        "and benchmarks).");
+  m.def("simd_levels", &geocell::simd_levels,
+        "The paths of latlng_to_cell this CPU runs, best first: from 'avx512', 'avx2', 'scalar'.");
+  m.def("simd_level", &geocell::simd_level, "The path latlng_to_cell takes now.");
+  m.def("set_simd_level", &geocell::set_simd_level, py::arg("level"),
+        "Forces a path (one of simd_levels(); ValueError otherwise). Results are identical.");
   m.def("resolve_threads", &geocell::resolve_threads, py::arg("threads"));
 }

@@ -152,18 +152,81 @@ def test_random_batch_matches_oracle():
     np.testing.assert_allclose(clng[:2000], cen[:, 1], rtol=0, atol=1e-12)
 
 
-def test_fast_path_equals_baseline_path():
-    rng = np.random.default_rng(1)
-    lat, lng = sphere_points(rng, 300_000)
-    fast = geocell.latlng_to_cell(lat, lng)
-    _core.set_simd_enabled(False)
+@pytest.fixture(params=_core.simd_levels())
+def simd_level(request):
+    """Each path this CPU runs ("avx512", "avx2", "scalar"), restored to the best afterwards."""
+    _core.set_simd_level(request.param)
+    assert _core.simd_level() == request.param
     try:
-        base = geocell.latlng_to_cell(lat, lng)
+        yield request.param
     finally:
         _core.set_simd_enabled(True)
+
+
+def test_every_path_equals_scalar_path(simd_level):
+    rng = np.random.default_rng(1)
+    lat, lng = sphere_points(rng, 300_000)
+    lng[::5] = rng.uniform(-1000, 1000, lng[::5].size)
+    fast = geocell.latlng_to_cell(lat, lng)
+    _core.set_simd_level("scalar")
+    base = geocell.latlng_to_cell(lat, lng)
+    _core.set_simd_level(simd_level)
     np.testing.assert_array_equal(fast, base)
     for threads in (1, 2, 3):
         np.testing.assert_array_equal(geocell.latlng_to_cell(lat, lng, threads=threads), fast)
+    # Large enough to take the streamed-output kernel; out= in place.
+    lat, lng = sphere_points(rng, (1 << 18) + 5)
+    want = geocell.latlng_to_cell(lat, lng)
+    _core.set_simd_level("scalar")
+    np.testing.assert_array_equal(geocell.latlng_to_cell(lat, lng), want)
+    _core.set_simd_level(simd_level)
+    out = np.zeros(lat.shape, np.uint64)
+    assert geocell.latlng_to_cell(lat, lng, threads=1, out=out) is out
+    np.testing.assert_array_equal(out, want)
+
+
+def test_every_path_matches_oracle(simd_level):
+    rng = np.random.default_rng(3)
+    lat, lng = sphere_points(rng, 5000)
+    lng[::3] = rng.uniform(-1000, 1000, lng[::3].size)
+    grid_lat, grid_lng = np.meshgrid(SPECIAL_LATS, SPECIAL_LNGS)
+    lat = np.concatenate([lat, grid_lat.ravel()])
+    lng = np.concatenate([lng, grid_lng.ravel()])
+    for lv in (30, 17, 0):
+        got = geocell.latlng_to_cell(lat, lng, lv)
+        assert [int(g) for g in got] == [oracle_cell(a, o, lv) for a, o in zip(lat.tolist(), lng.tolist())]
+
+
+def test_simd_levels():
+    levels = _core.simd_levels()
+    assert levels[-1] == "scalar"
+    assert set(levels) <= {"avx512", "avx2", "scalar"}
+    assert _core.simd_level() == levels[0]
+    assert _core.simd_available() == (len(levels) > 1)
+    with pytest.raises(ValueError, match="simd level must be one of"):
+        _core.set_simd_level("avx1024")
+    assert _core.simd_level() == levels[0]
+
+
+def test_latlng_to_cell_out():
+    rng = np.random.default_rng(4)
+    lat, lng = sphere_points(rng, 1000)
+    lat, lng = lat.reshape(10, 100), lng.reshape(10, 100)
+    want = geocell.latlng_to_cell(lat, lng, 12)
+    out = np.full((10, 100), 7, np.uint64)
+    for _ in range(2):  # reused
+        assert geocell.latlng_to_cell(lat, lng, 12, out=out) is out
+        np.testing.assert_array_equal(out, want)
+    # A C-contiguous view into a bigger buffer is fine.
+    buf = np.zeros(1010, np.uint64)
+    view = buf[5:1005].reshape(10, 100)
+    geocell.latlng_to_cell(lat, lng, 12, out=view)
+    np.testing.assert_array_equal(view, want)
+    assert not buf[:5].any() and not buf[1005:].any()
+    # 0-d: the 0-d array back.
+    out0 = np.zeros((), np.uint64)
+    assert geocell.latlng_to_cell(40.7, -74.0, out=out0) is out0
+    assert out0[()] == geocell.latlng_to_cell(40.7, -74.0)
 
 
 # ---- invariants ported from s2cell_id_test.cc ------------------------------------

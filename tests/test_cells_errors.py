@@ -110,3 +110,45 @@ def test_dtypes_and_scalars():
 
 def test_is_valid_cell_never_raises():
     assert geocell.is_valid_cell([0, 2**64 - 1, -5]).tolist() == [False, False, False]
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ([0, 0, 0], r"out must be a numpy.ndarray of dtype uint64, got list"),
+        (np.zeros(3, np.int64), r"out must have dtype uint64, got int64"),
+        (np.zeros(3, np.float64), r"out must have dtype uint64, got float64"),
+        (np.zeros(4, np.uint64), r"out must have the points' shape \(3,\), got \(4,\)"),
+        (np.zeros((3, 1), np.uint64), r"out must have the points' shape \(3,\), got \(3, 1\)"),
+        (np.zeros(6, np.uint64)[::2], r"out must be C-contiguous"),
+    ],
+)
+def test_bad_out(out, message):
+    with pytest.raises(ValueError, match=message):
+        geocell.latlng_to_cell([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], out=out)
+
+
+def test_out_read_only_or_overlapping():
+    out = np.zeros(3, np.uint64)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writeable"):
+        geocell.latlng_to_cell([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], out=out)
+    lat = np.array([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="out must not share memory with lat or lng"):
+        geocell.latlng_to_cell(lat, [4.0, 5.0, 6.0], out=lat.view(np.uint64))
+
+
+def test_out_with_bad_point_raises():
+    out = np.zeros(3, np.uint64)
+    with pytest.raises(ValueError, match=r"lat\[2\] = nan"):
+        geocell.latlng_to_cell([1.0, 2.0, math.nan], [4.0, 5.0, 6.0], out=out)
+
+
+def test_core_rejects_bad_out():
+    # The binding checks too (for direct callers of _core).
+    from geocell import _core
+
+    lat = np.zeros(3)
+    for bad in (np.zeros(2, np.uint64), np.zeros(3, np.int64), np.zeros(6, np.uint64)[::2]):
+        with pytest.raises(ValueError, match="out must be a writeable C-contiguous uint64 array"):
+            _core.latlng_to_cell(lat, lat, 30, 1, bad)

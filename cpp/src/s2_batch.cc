@@ -1,9 +1,11 @@
 // Batch kernels over arrays of points or cells, split across threads.
-// latlng_to_cell_batch takes the AVX2 path where the CPU has it (s2_fast.cc).
+// latlng_to_cell_batch takes the AVX-512 or AVX2 path where the CPU has it (s2_fast.cc).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -20,6 +22,27 @@ int resolve_threads(int threads) {
 
 bool simd_available() { return detail::avx2_available(); }
 void set_simd_enabled(bool enabled) { detail::set_simd_enabled(enabled); }
+
+namespace {
+const char* const kSimdNames[] = {"scalar", "avx2", "avx512"};  // by detail::SimdLevel
+}  // namespace
+
+std::vector<std::string> simd_levels() {
+  std::vector<std::string> names;
+  for (int l = static_cast<int>(detail::best_simd_level()); l >= 0; --l) names.emplace_back(kSimdNames[l]);
+  return names;
+}
+
+std::string simd_level() { return kSimdNames[static_cast<int>(detail::simd_level())]; }
+
+void set_simd_level(const std::string& level) {
+  for (int l = 0; l < 3; ++l) {
+    if (level == kSimdNames[l] && detail::set_simd_level(static_cast<detail::SimdLevel>(l))) return;
+  }
+  std::string known;
+  for (const auto& name : simd_levels()) known += (known.empty() ? "" : ", ") + name;
+  throw std::invalid_argument("simd level must be one of " + known + " on this CPU, got '" + level + "'");
+}
 
 namespace {
 
@@ -64,11 +87,12 @@ void parallel_for(size_t n, int threads, F&& body_in) {
 
 void latlng_to_cell_batch(const double* lat, const double* lng, size_t n, int level,
                           uint64_t* out, int threads) {
-  const bool fast = detail::simd_enabled();
+  const detail::SimdLevel path = detail::simd_level();
+  const bool fast = path != detail::SimdLevel::kScalar;
   const bool stream = n >= detail::kStreamOutMin;
   parallel_for(n, threads, [&](size_t b, size_t e) {
     if (fast) {
-      detail::latlng_to_cell_avx2(lat + b, lng + b, e - b, level, out + b, stream);
+      detail::latlng_to_cell_fast(path, lat + b, lng + b, e - b, level, out + b, stream);
     } else {
       detail::latlng_to_cell_scalar(lat + b, lng + b, e - b, level, out + b);
     }
@@ -77,7 +101,8 @@ void latlng_to_cell_batch(const double* lat, const double* lng, size_t n, int le
 
 int64_t latlng_to_cell_batch_checked(const double* lat, const double* lng, size_t n, int level,
                                      uint64_t* out, int threads) {
-  const bool fast = detail::simd_enabled();
+  const detail::SimdLevel path = detail::simd_level();
+  const bool fast = path != detail::SimdLevel::kScalar;
   const bool stream = n >= detail::kStreamOutMin;
   std::atomic<int64_t> first_bad{-1};
   // Each chunk stops at its first bad point; the smallest of those is the
@@ -91,7 +116,7 @@ int64_t latlng_to_cell_batch_checked(const double* lat, const double* lng, size_
     if (fast) {
       // The fast path checks the few points it hands to the scalar path:
       // invalid points are always among them.
-      const int64_t bad = detail::latlng_to_cell_avx2(lat + b, lng + b, e - b, level, out + b, stream, true);
+      const int64_t bad = detail::latlng_to_cell_fast(path, lat + b, lng + b, e - b, level, out + b, stream, true);
       if (bad >= 0) report(static_cast<int64_t>(b) + bad);
       return;
     }

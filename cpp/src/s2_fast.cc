@@ -1,6 +1,7 @@
 // Vectorised lat/lng -> cell ids, bit-exact with the scalar path.
 //
-// Four points at a time (AVX2 doubles): degrees -> radians (the same product
+// Four points at a time (AVX2 doubles), or eight (AVX-512, the same operations
+// lane for lane, with mask registers for the blends and compares): degrees -> radians (the same product
 // as the scalar code), sin/cos by our own polynomials, the face by blends,
 // u and v through one reciprocal of the face's component, the quadratic
 // projection with true square roots, floor(2^30 s). The values differ from
@@ -15,7 +16,9 @@
 // Then (face, i, j) become ids by a bit-parallel Hilbert index, 8 points at a
 // time, without tables. Points go through in blocks of 256, stage by stage:
 // short stages keep dependency chains short, so the out-of-order core
-// overlaps many iterations, and the block's buffers stay in L1.
+// overlaps many iterations, and the block's buffers stay in L1. One driver,
+// templated on the stage set (Avx2, Avx512), is inlined into each ISA's entry
+// point; the Hilbert stage is the AVX2 one for both.
 #include "s2_fast.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -34,7 +37,9 @@ namespace geocell::detail {
 
 namespace {
 
-std::atomic<int> g_simd_enabled{1};
+// The path latlng_to_cell_batch takes (a SimdLevel); -1 until first asked:
+// the best this CPU runs.
+std::atomic<int> g_simd_level{-1};
 
 // As find_invalid_latlng.
 inline bool point_is_valid(double lat, double lng) {
@@ -57,8 +62,38 @@ bool avx2_available() {
 #endif
 }
 
-void set_simd_enabled(bool enabled) { g_simd_enabled.store(enabled ? 1 : 0); }
-bool simd_enabled() { return g_simd_enabled.load() != 0 && avx2_available(); }
+bool avx512_available() {
+#ifdef GEOCELL_X86
+  // As above, the checks include the OS's support for the ZMM state.
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return avx2_available() && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+SimdLevel best_simd_level() {
+  return avx512_available() ? SimdLevel::kAvx512 : avx2_available() ? SimdLevel::kAvx2 : SimdLevel::kScalar;
+}
+
+bool set_simd_level(SimdLevel level) {
+  if (static_cast<int>(level) < 0 || level > best_simd_level()) return false;
+  g_simd_level.store(static_cast<int>(level));
+  return true;
+}
+
+SimdLevel simd_level() {
+  const int l = g_simd_level.load();
+  return l < 0 ? best_simd_level() : static_cast<SimdLevel>(l);
+}
+
+void set_simd_enabled(bool enabled) { set_simd_level(enabled ? best_simd_level() : SimdLevel::kScalar); }
+bool simd_enabled() { return simd_level() != SimdLevel::kScalar; }
 size_t avx2_fallback_count() { return t_fallbacks; }
 
 void latlng_to_cell_scalar(const double* lat, const double* lng, size_t n, int level,
@@ -111,10 +146,16 @@ GEOCELL_AVX2 inline void sincos4(__m256d x, __m256d* sin_out, __m256d* cos_out) 
 }
 
 // Margins, far wider than the sin/cos error they cover (see the top).
+// GEOCELL_TEST_ZERO_MARGINS (never in a real build) sets both to 0, to check
+// that the tests notice mismatches without them.
+#ifdef GEOCELL_TEST_ZERO_MARGINS
+constexpr double kFaceTieMargin = 0.0;
+constexpr double kLeafEdgeMargin = 0.0;
+#else
 constexpr double kFaceTieMargin = 0x1p-40;  // |a| - |b| between xyz components
 constexpr double kLeafEdgeMargin = 0x1p-14;  // frac(2^30 s) near 0 or 1
-constexpr double kMaxFastLngDeg = 1440.0;
-constexpr size_t kStreamMin = size_t{1} << 18;  // 2 MiB of ids: beyond L2    // the reduction's range, with room
+#endif
+constexpr double kMaxFastLngDeg = 1440.0;  // the reduction's range, with room
 
 // The low 32 bits of four 64-bit lanes, stored as four uint32.
 GEOCELL_AVX2 inline void store_low32(uint32_t* out, __m256i v) {
@@ -297,31 +338,147 @@ GEOCELL_AVX2 inline int st_ij4(const double* ws, uint32_t* ij_out) {
   return _mm256_movemask_pd(near_edge);
 }
 
-}  // namespace
-
-GEOCELL_AVX2 void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, const uint32_t* j,
-                                       size_t n, uint64_t* out) {
-  alignas(32) uint32_t f8[8], i8[8], j8[8];
-  for (size_t b = 0; b < n; b += 8) {
-    const size_t m = std::min<size_t>(8, n - b);
-    for (size_t k = 0; k < 8; ++k) {
-      f8[k] = k < m ? face[b + k] : 0;
-      i8[k] = k < m ? i[b + k] : 0;
-      j8[k] = k < m ? j[b + k] : 0;
-    }
-    uint64_t ids[8];
-    hilbert8<false>(f8, i8, j8, ~uint64_t{0}, 0, ids);
-    for (size_t k = 0; k < m; ++k) out[b + k] = ids[k];
+// The AVX2 stages, 4 points per call (one 4-point step of each stage).
+struct Avx2 {
+  static constexpr size_t kWidth = 4;
+  GEOCELL_AVX2 static int xyz(const double* lat, const double* lng, double* xs, double* ys, double* zs) {
+    return xyz4(lat, lng, xs, ys, zs);
   }
+  GEOCELL_AVX2 static int face_uv(const double* xs, const double* ys, const double* zs, uint32_t* face,
+                                  double* us, double* vs) {
+    return face_uv4(xs, ys, zs, face, us, vs);
+  }
+  GEOCELL_AVX2 static int st_ij(const double* ws, uint32_t* ij) { return st_ij4(ws, ij); }
+  // Leaves no dirty upper register state for the scalar code that follows.
+  GEOCELL_AVX2 static void zeroupper() { _mm256_zeroupper(); }
+};
+
+// ---- AVX-512: the same stages, 8 points per step, masks instead of blends.
+// (The maskz_ forms with all lanes set avoid GCC 12's false "may be used
+// uninitialized" warnings about the plain forms' undefined source.)
+// Every operation is the AVX2 stage's, lane for lane (the same roundings in
+// the same order), so the values, and hence the margins' validity, are the same.
+
+#define GEOCELL_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
+
+GEOCELL_AVX512 inline __m512d abs8(__m512d v) {
+  return _mm512_castsi512_pd(_mm512_and_si512(_mm512_castpd_si512(v), _mm512_set1_epi64(0x7FFFFFFFFFFFFFFF)));
 }
 
-GEOCELL_AVX2 int64_t latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
-                                         uint64_t* out, bool stream_out, bool check) {
-  constexpr size_t kBlock = 256;
+// As sincos4.
+GEOCELL_AVX512 inline void sincos8(__m512d x, __m512d* sin_out, __m512d* cos_out) {
+  const __m512d k = _mm512_maskz_roundscale_pd(0xFF, _mm512_mul_pd(x, _mm512_set1_pd(0.63661977236758134308)),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512d r = _mm512_fnmadd_pd(k, _mm512_set1_pd(0x1.921fb54442d18p+0), x);
+  r = _mm512_fnmadd_pd(k, _mm512_set1_pd(0x1.1a62633145c07p-54), r);
+  const __m512d z = _mm512_mul_pd(r, r);
+
+  __m512d ps = _mm512_set1_pd(1.58969099521155010221e-10);
+  ps = _mm512_fmadd_pd(ps, z, _mm512_set1_pd(-2.50507602534068634195e-08));
+  ps = _mm512_fmadd_pd(ps, z, _mm512_set1_pd(2.75573137070700676789e-06));
+  ps = _mm512_fmadd_pd(ps, z, _mm512_set1_pd(-1.98412698298579493134e-04));
+  ps = _mm512_fmadd_pd(ps, z, _mm512_set1_pd(8.33333333332248946124e-03));
+  ps = _mm512_fmadd_pd(ps, z, _mm512_set1_pd(-1.66666666666666324348e-01));
+  const __m512d s = _mm512_fmadd_pd(_mm512_mul_pd(r, z), ps, r);
+
+  __m512d pc = _mm512_set1_pd(-1.13596475577881948265e-11);
+  pc = _mm512_fmadd_pd(pc, z, _mm512_set1_pd(2.08757232129817482790e-09));
+  pc = _mm512_fmadd_pd(pc, z, _mm512_set1_pd(-2.75573143513906633035e-07));
+  pc = _mm512_fmadd_pd(pc, z, _mm512_set1_pd(2.48015872894767294178e-05));
+  pc = _mm512_fmadd_pd(pc, z, _mm512_set1_pd(-1.38888888888741095749e-03));
+  pc = _mm512_fmadd_pd(pc, z, _mm512_set1_pd(4.16666666666666019037e-02));
+  const __m512d c = _mm512_fmadd_pd(_mm512_mul_pd(z, z), pc,
+                                    _mm512_fnmadd_pd(_mm512_set1_pd(0.5), z, _mm512_set1_pd(1.0)));
+
+  const __m512i q = _mm512_castpd_si512(_mm512_add_pd(k, _mm512_set1_pd(0x1.8p52)));
+  const __m512i one = _mm512_set1_epi64(1), two = _mm512_set1_epi64(2);
+  const __mmask8 swap = _mm512_test_epi64_mask(q, one);
+  const __m512i sin_sign = _mm512_maskz_slli_epi64(0xFF, _mm512_and_si512(q, two), 62);
+  const __m512i cos_sign = _mm512_maskz_slli_epi64(0xFF, _mm512_and_si512(_mm512_add_epi64(q, one), two), 62);
+  *sin_out = _mm512_xor_pd(_mm512_mask_blend_pd(swap, s, c), _mm512_castsi512_pd(sin_sign));
+  *cos_out = _mm512_xor_pd(_mm512_mask_blend_pd(swap, c, s), _mm512_castsi512_pd(cos_sign));
+}
+
+struct Avx512 {
+  static constexpr size_t kWidth = 8;
+
+  // As xyz4.
+  GEOCELL_AVX512 static int xyz(const double* lat, const double* lng, double* xs, double* ys, double* zs) {
+    const __m512d lat_deg = _mm512_loadu_pd(lat), lng_deg = _mm512_loadu_pd(lng);
+    const __mmask8 in_range =
+        _mm512_cmp_pd_mask(abs8(lat_deg), _mm512_set1_pd(90.0), _CMP_LE_OQ) &
+        _mm512_cmp_pd_mask(abs8(lng_deg), _mm512_set1_pd(kMaxFastLngDeg), _CMP_LE_OQ);
+    const __m512d rad = _mm512_set1_pd(M_PI / 180.0);
+    const __m512d phi = _mm512_mul_pd(rad, lat_deg), theta = _mm512_mul_pd(rad, lng_deg);
+    __m512d sin_phi, cos_phi, sin_theta, cos_theta;
+    sincos8(phi, &sin_phi, &cos_phi);
+    sincos8(theta, &sin_theta, &cos_theta);
+    _mm512_store_pd(xs, _mm512_mul_pd(cos_theta, cos_phi));
+    _mm512_store_pd(ys, _mm512_mul_pd(sin_theta, cos_phi));
+    _mm512_store_pd(zs, sin_phi);
+    return static_cast<uint8_t>(~in_range);
+  }
+
+  // As face_uv4.
+  GEOCELL_AVX512 static int face_uv(const double* xs, const double* ys, const double* zs, uint32_t* face,
+                                    double* us, double* vs) {
+    const __m512d x = _mm512_load_pd(xs), y = _mm512_load_pd(ys), z = _mm512_load_pd(zs);
+    const __m512d ax = abs8(x), ay = abs8(y), az = abs8(z);
+    const __m512d margin = _mm512_set1_pd(kFaceTieMargin);
+    auto near = [&](__m512d a, __m512d b) GEOCELL_AVX512 {
+      return _mm512_cmp_pd_mask(abs8(_mm512_sub_pd(a, b)), margin, _CMP_LT_OQ);
+    };
+    const __mmask8 ties = near(ax, ay) | near(ax, az) | near(ay, az);
+    const __mmask8 gt_xy = _mm512_cmp_pd_mask(ax, ay, _CMP_GT_OQ);
+    const __mmask8 is_x = gt_xy & _mm512_cmp_pd_mask(ax, az, _CMP_GT_OQ);
+    const __mmask8 is_y = static_cast<__mmask8>(~gt_xy) & _mm512_cmp_pd_mask(ay, az, _CMP_GT_OQ);
+    const __mmask8 is_z = static_cast<__mmask8>(~(is_x | is_y));
+    const __m512d denom = _mm512_mask_blend_pd(is_x, _mm512_mask_blend_pd(is_y, z, y), x);
+    const __mmask8 neg = _mm512_cmp_pd_mask(denom, _mm512_setzero_pd(), _CMP_LT_OQ);
+    const __m512d sign_mask = _mm512_set1_pd(-0.0);
+    const __m512d a = _mm512_mask_blend_pd(is_x, _mm512_xor_pd(x, sign_mask), y);
+    const __m512d b = _mm512_mask_blend_pd(is_z, z, _mm512_xor_pd(y, sign_mask));
+    const __m512d inv = _mm512_div_pd(_mm512_set1_pd(1.0), denom);
+    _mm512_store_pd(us, _mm512_mul_pd(_mm512_mask_blend_pd(neg, a, b), inv));
+    _mm512_store_pd(vs, _mm512_mul_pd(_mm512_mask_blend_pd(neg, b, a), inv));
+    __m256i f = _mm256_set1_epi32(2);
+    f = _mm256_mask_mov_epi32(f, is_y, _mm256_set1_epi32(1));
+    f = _mm256_mask_mov_epi32(f, is_x, _mm256_setzero_si256());
+    f = _mm256_mask_add_epi32(f, neg, f, _mm256_set1_epi32(3));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(face), f);
+    return ties;
+  }
+
+  // As st_ij4.
+  GEOCELL_AVX512 static int st_ij(const double* ws, uint32_t* ij_out) {
+    const __m512d sign_mask = _mm512_set1_pd(-0.0), one = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5),
+                  edge = _mm512_set1_pd(kLeafEdgeMargin);
+    const __m512d w = _mm512_load_pd(ws);
+    const __m512d h = _mm512_mul_pd(
+        half, _mm512_maskz_sqrt_pd(0xFF, _mm512_add_pd(one, _mm512_mul_pd(_mm512_set1_pd(3.0), abs8(w)))));
+    const __m512d s = _mm512_add_pd(half, _mm512_xor_pd(_mm512_sub_pd(h, half), _mm512_and_pd(w, sign_mask)));
+    const __m512d t = _mm512_mul_pd(_mm512_set1_pd(kLimitIJ), s);
+    const __m512d frac = _mm512_sub_pd(t, _mm512_maskz_roundscale_pd(0xFF, t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    const __mmask8 near_edge = _mm512_cmp_pd_mask(frac, edge, _CMP_LT_OQ) |
+                               _mm512_cmp_pd_mask(frac, _mm512_sub_pd(one, edge), _CMP_GT_OQ);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ij_out), _mm512_maskz_cvttpd_epi32(0xFF, t));
+    return near_edge;
+  }
+
+  GEOCELL_AVX512 static void zeroupper() { _mm256_zeroupper(); }
+};
+
+// The fast path over stages K (Avx2 or Avx512). Not compiled by itself:
+// inlined, with everything it calls, into the entry points below, which
+// carry the target ISA (flatten).
+template <class K>
+inline int64_t latlng_to_cell_fast(const double* lat, const double* lng, size_t n, int level,
+                                   uint64_t* out, bool stream_out, bool check) {
+  constexpr size_t kBlock = 256, W = K::kWidth;
   // Stage buffers; u and v (and i and j) share one array each so stage 3
   // runs over both in one loop.
-  alignas(32) double xs[kBlock], ys[kBlock], zs[kBlock], uv[2 * kBlock];
-  alignas(32) uint32_t face[kBlock], ij[2 * kBlock];
+  alignas(64) double xs[kBlock], ys[kBlock], zs[kBlock], uv[2 * kBlock];
+  alignas(64) uint32_t face[kBlock], ij[2 * kBlock];
   uint32_t redo[kBlock];
   const uint64_t lsb = lowest_bit_at_level(level);
   const uint64_t keep = ~lsb + 1;
@@ -357,17 +514,17 @@ GEOCELL_AVX2 int64_t latlng_to_cell_avx2(const double* lat, const double* lng, s
     const size_t m8 = m & ~size_t{7};
     uint64_t redo_bits[kBlock / 64] = {};
     auto flag = [&](size_t k, int mask) { redo_bits[k / 64] |= static_cast<uint64_t>(mask) << (k % 64); };
-    for (size_t k = 0; k < m8; k += 4) flag(k, xyz4(lat + b + k, lng + b + k, xs + k, ys + k, zs + k));
-    for (size_t k = 0; k < m8; k += 4) flag(k, face_uv4(xs + k, ys + k, zs + k, face + k, uv + k, uv + kBlock + k));
-    for (size_t k = 0; k < m8; k += 4) flag(k, st_ij4(uv + k, ij + k));
-    for (size_t k = 0; k < m8; k += 4) flag(k, st_ij4(uv + kBlock + k, ij + kBlock + k));
+    for (size_t k = 0; k < m8; k += W) flag(k, K::xyz(lat + b + k, lng + b + k, xs + k, ys + k, zs + k));
+    for (size_t k = 0; k < m8; k += W) flag(k, K::face_uv(xs + k, ys + k, zs + k, face + k, uv + k, uv + kBlock + k));
+    for (size_t k = 0; k < m8; k += W) flag(k, K::st_ij(uv + k, ij + k));
+    for (size_t k = 0; k < m8; k += W) flag(k, K::st_ij(uv + kBlock + k, ij + kBlock + k));
     if (stream) {
       for (size_t k = 0; k < m8; k += 8) hilbert8<true>(face + k, ij + k, ij + kBlock + k, keep, lsb, out + b + k);
     } else {
       for (size_t k = 0; k < m8; k += 8) hilbert8<false>(face + k, ij + k, ij + kBlock + k, keep, lsb, out + b + k);
     }
     // The rest is scalar (SSE) code: leave no dirty upper register state.
-    _mm256_zeroupper();
+    K::zeroupper();
     size_t nredo = 0;
     for (size_t w = 0; w < kBlock / 64; ++w) {
       for (uint64_t mask = redo_bits[w]; mask; mask &= mask - 1) {
@@ -390,6 +547,36 @@ GEOCELL_AVX2 int64_t latlng_to_cell_avx2(const double* lat, const double* lng, s
   return finish(-1);
 }
 
+}  // namespace
+
+GEOCELL_AVX2 void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, const uint32_t* j,
+                                       size_t n, uint64_t* out) {
+  alignas(32) uint32_t f8[8], i8[8], j8[8];
+  for (size_t b = 0; b < n; b += 8) {
+    const size_t m = std::min<size_t>(8, n - b);
+    for (size_t k = 0; k < 8; ++k) {
+      f8[k] = k < m ? face[b + k] : 0;
+      i8[k] = k < m ? i[b + k] : 0;
+      j8[k] = k < m ? j[b + k] : 0;
+    }
+    uint64_t ids[8];
+    hilbert8<false>(f8, i8, j8, ~uint64_t{0}, 0, ids);
+    for (size_t k = 0; k < m; ++k) out[b + k] = ids[k];
+  }
+}
+
+GEOCELL_AVX2 __attribute__((flatten)) int64_t latlng_to_cell_avx2(const double* lat, const double* lng,
+                                                                  size_t n, int level, uint64_t* out,
+                                                                  bool stream_out, bool check) {
+  return latlng_to_cell_fast<Avx2>(lat, lng, n, level, out, stream_out, check);
+}
+
+GEOCELL_AVX512 __attribute__((flatten)) int64_t latlng_to_cell_avx512(const double* lat, const double* lng,
+                                                                      size_t n, int level, uint64_t* out,
+                                                                      bool stream_out, bool check) {
+  return latlng_to_cell_fast<Avx512>(lat, lng, n, level, out, stream_out, check);
+}
+
 #else  // not x86: no fast path (avx2_available() is false); same results.
 
 void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, const uint32_t* j, size_t n,
@@ -409,6 +596,29 @@ int64_t latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int 
   return -1;
 }
 
+int64_t latlng_to_cell_avx512(const double* lat, const double* lng, size_t n, int level,
+                              uint64_t* out, bool stream_out, bool check) {
+  return latlng_to_cell_avx2(lat, lng, n, level, out, stream_out, check);
+}
+
 #endif  // GEOCELL_X86
+
+int64_t latlng_to_cell_fast(SimdLevel path, const double* lat, const double* lng, size_t n, int level,
+                            uint64_t* out, bool stream_out, bool check) {
+  switch (path) {
+    case SimdLevel::kAvx512:
+      return latlng_to_cell_avx512(lat, lng, n, level, out, stream_out, check);
+    case SimdLevel::kAvx2:
+      return latlng_to_cell_avx2(lat, lng, n, level, out, stream_out, check);
+    case SimdLevel::kScalar:
+      break;
+  }
+  if (check) {
+    const int64_t bad = find_invalid_latlng(lat, lng, n);
+    if (bad >= 0) return bad;
+  }
+  latlng_to_cell_scalar(lat, lng, n, level, out);
+  return -1;
+}
 
 }  // namespace geocell::detail

@@ -7,11 +7,20 @@
 
 namespace geocell::detail {
 
-// True when the CPU runs the AVX2/FMA path (checked once, at run time).
-bool avx2_available();
+// The paths, worst to best.
+enum class SimdLevel { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// Enables or disables the AVX2 path for every later batch call (tests and
-// benchmarks compare the two; the default is enabled where available).
+// True when the CPU (and OS) runs the AVX2/FMA path, and the AVX-512
+// (F, DQ, VL, BW) path; checked once, at run time.
+bool avx2_available();
+bool avx512_available();
+SimdLevel best_simd_level();
+
+// The path of every later batch call (tests and benchmarks compare them; the
+// default is the best available). set_simd_level returns false, changing
+// nothing, for a level this CPU lacks. set_simd_enabled(true) picks the best.
+bool set_simd_level(SimdLevel level);
+SimdLevel simd_level();
 void set_simd_enabled(bool enabled);
 bool simd_enabled();
 
@@ -25,6 +34,13 @@ void latlng_to_cell_scalar(const double* lat, const double* lng, size_t n, int l
 // from there on are not all written); -1 when none (or !check).
 int64_t latlng_to_cell_avx2(const double* lat, const double* lng, size_t n, int level,
                             uint64_t* out, bool stream_out = false, bool check = false);
+// The same with the AVX-512 stages; only when avx512_available().
+int64_t latlng_to_cell_avx512(const double* lat, const double* lng, size_t n, int level,
+                              uint64_t* out, bool stream_out = false, bool check = false);
+// The given path's kernel (scalar: check first, then convert); the path must
+// be available.
+int64_t latlng_to_cell_fast(SimdLevel path, const double* lat, const double* lng, size_t n, int level,
+                            uint64_t* out, bool stream_out = false, bool check = false);
 
 // Outputs from this many ids on are streamed (2 MiB: beyond L2).
 constexpr size_t kStreamOutMin = size_t{1} << 18;
@@ -35,7 +51,7 @@ void face_ij_to_cell_avx2(const uint32_t* face, const uint32_t* i, const uint32_
                           uint64_t* out);
 
 // For tests: how many of the points the last call on this thread of
-// latlng_to_cell_avx2 sent back to the scalar path.
+// latlng_to_cell_avx2 or _avx512 sent back to the scalar path.
 size_t avx2_fallback_count();
 
 }  // namespace geocell::detail

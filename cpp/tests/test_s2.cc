@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -103,20 +104,32 @@ void add_adversarial(std::mt19937_64& rng, size_t n, std::vector<double>& lat,
   }
 }
 
-size_t compare_fast_scalar(const std::vector<double>& lat, const std::vector<double>& lng,
-                           int level) {
+// The vector paths this CPU runs (AVX-512 first).
+std::vector<detail::SimdLevel> fast_paths() {
+  std::vector<detail::SimdLevel> paths;
+  if (detail::avx512_available()) paths.push_back(detail::SimdLevel::kAvx512);
+  if (detail::avx2_available()) paths.push_back(detail::SimdLevel::kAvx2);
+  return paths;
+}
+
+const char* path_name(detail::SimdLevel p) {
+  return p == detail::SimdLevel::kAvx512 ? "avx512" : p == detail::SimdLevel::kAvx2 ? "avx2" : "scalar";
+}
+
+size_t compare_fast_scalar(detail::SimdLevel path, const std::vector<double>& lat,
+                           const std::vector<double>& lng, int level) {
   const size_t n = lat.size();
   std::vector<uint64_t> fast(n), slow(n);
-  detail::latlng_to_cell_avx2(lat.data(), lng.data(), n, level, fast.data());
+  detail::latlng_to_cell_fast(path, lat.data(), lng.data(), n, level, fast.data());
   detail::latlng_to_cell_scalar(lat.data(), lng.data(), n, level, slow.data());
   // Streamed output, from every alignment of the first id (on a prefix).
   const size_t ns = std::min<size_t>(n, 300'000);
   for (size_t offset = 0; offset < 4; ++offset) {
     std::vector<uint64_t> streamed(ns + 4, 0);
-    detail::latlng_to_cell_avx2(lat.data(), lng.data(), ns, level, streamed.data() + offset, true);
+    detail::latlng_to_cell_fast(path, lat.data(), lng.data(), ns, level, streamed.data() + offset, true);
     if (!std::equal(slow.begin(), slow.begin() + static_cast<std::ptrdiff_t>(ns),
                     streamed.begin() + static_cast<std::ptrdiff_t>(offset))) {
-      std::fprintf(stderr, "streamed output (offset %zu) differs\n", offset);
+      std::fprintf(stderr, "%s: streamed output (offset %zu) differs\n", path_name(path), offset);
       return n;
     }
   }
@@ -124,8 +137,8 @@ size_t compare_fast_scalar(const std::vector<double>& lat, const std::vector<dou
   for (size_t k = 0; k < n; ++k) {
     if (fast[k] != slow[k]) {
       if (++bad <= 5) {
-        std::fprintf(stderr, "fast != scalar at lat=%.17g lng=%.17g level %d: %016" PRIx64
-                             " vs %016" PRIx64 "\n", lat[k], lng[k], level, fast[k], slow[k]);
+        std::fprintf(stderr, "%s != scalar at lat=%.17g lng=%.17g level %d: %016" PRIx64
+                             " vs %016" PRIx64 "\n", path_name(path), lat[k], lng[k], level, fast[k], slow[k]);
       }
     }
   }
@@ -187,31 +200,34 @@ TEST(s2_fast_hilbert_matches_scalar) {
 }
 
 TEST(s2_fast_path_matches_scalar_random) {
-  if (!detail::avx2_available()) {
+  if (fast_paths().empty()) {
     std::printf("     (no AVX2/FMA on this CPU: fast path not tested)\n");
     return;
   }
-  std::mt19937_64 rng(12345);
-  std::uniform_real_distribution<double> u01(0.0, 1.0), lng_wide(-720.0, 720.0);
-  const size_t total = scaled(16'000'000), block = 1'000'000;
-  size_t bad = 0, fallbacks = 0;
-  for (size_t done = 0; done < total; done += block) {
-    std::vector<double> lat(block), lng(block);
-    for (size_t k = 0; k < block; ++k) {
-      // Uniform on the sphere; every 8th longitude outside [-180, 180].
-      lat[k] = std::asin(2 * u01(rng) - 1) * (180.0 / M_PI);
-      lng[k] = (k % 8 == 0) ? lng_wide(rng) : 360.0 * u01(rng) - 180.0;
+  // Each vector path on its own points (the same count each).
+  for (const detail::SimdLevel path : fast_paths()) {
+    std::mt19937_64 rng(path == detail::SimdLevel::kAvx2 ? 12345 : 54321);
+    std::uniform_real_distribution<double> u01(0.0, 1.0), lng_wide(-720.0, 720.0);
+    const size_t total = scaled(16'000'000), block = 1'000'000;
+    size_t bad = 0, fallbacks = 0;
+    for (size_t done = 0; done < total; done += block) {
+      std::vector<double> lat(block), lng(block);
+      for (size_t k = 0; k < block; ++k) {
+        // Uniform on the sphere; every 8th longitude outside [-180, 180].
+        lat[k] = std::asin(2 * u01(rng) - 1) * (180.0 / M_PI);
+        lng[k] = (k % 8 == 0) ? lng_wide(rng) : 360.0 * u01(rng) - 180.0;
+      }
+      bad += compare_fast_scalar(path, lat, lng, kMaxLevel);
+      fallbacks += detail::avx2_fallback_count();
     }
-    bad += compare_fast_scalar(lat, lng, kMaxLevel);
-    fallbacks += detail::avx2_fallback_count();
+    CHECK_EQ(bad, size_t{0});
+    std::printf("     %s: %zu random points, %zu (%.1e) redone by the scalar path\n", path_name(path), total,
+                fallbacks, static_cast<double>(fallbacks) / static_cast<double>(total));
   }
-  CHECK_EQ(bad, size_t{0});
-  std::printf("     %zu random points, %zu (%.1e) redone by the scalar path\n", total, fallbacks,
-              static_cast<double>(fallbacks) / static_cast<double>(total));
 }
 
 TEST(s2_fast_path_matches_scalar_adversarial) {
-  if (!detail::avx2_available()) return;
+  if (fast_paths().empty()) return;
   std::mt19937_64 rng(99);
   std::vector<double> lat, lng;
   add_adversarial(rng, scaled(4'000'000), lat, lng);
@@ -237,14 +253,16 @@ TEST(s2_fast_path_matches_scalar_adversarial) {
     }
   }
   const std::vector<double> lat_copy = lat, lng_copy = lng;
-  CHECK_EQ(compare_fast_scalar(lat, lng, kMaxLevel), size_t{0});
-  std::printf("     %zu adversarial points, %zu redone by the scalar path\n", lat.size(),
-              detail::avx2_fallback_count());
-  for (int level : {0, 1, 7, 15, 29}) CHECK_EQ(compare_fast_scalar(lat, lng, level), size_t{0});
-  // Ragged lengths exercise the block tails.
-  for (size_t n : {size_t{0}, size_t{1}, size_t{3}, size_t{5}, size_t{255}, size_t{257}}) {
-    std::vector<double> a(lat.begin(), lat.begin() + n), b(lng.begin(), lng.begin() + n);
-    CHECK_EQ(compare_fast_scalar(a, b, kMaxLevel), size_t{0});
+  for (const detail::SimdLevel path : fast_paths()) {
+    CHECK_EQ(compare_fast_scalar(path, lat, lng, kMaxLevel), size_t{0});
+    std::printf("     %s: %zu adversarial points, %zu redone by the scalar path\n", path_name(path), lat.size(),
+                detail::avx2_fallback_count());
+    for (int level : {0, 1, 7, 15, 29}) CHECK_EQ(compare_fast_scalar(path, lat, lng, level), size_t{0});
+    // Ragged lengths exercise the block tails.
+    for (size_t n : {size_t{0}, size_t{1}, size_t{3}, size_t{5}, size_t{9}, size_t{255}, size_t{257}}) {
+      std::vector<double> a(lat.begin(), lat.begin() + n), b(lng.begin(), lng.begin() + n);
+      CHECK_EQ(compare_fast_scalar(path, a, b, kMaxLevel), size_t{0});
+    }
   }
 }
 
@@ -257,14 +275,32 @@ TEST(s2_batch_threads_agree) {
     lat[k] = la(rng);
     lng[k] = ln(rng);
   }
-  std::vector<uint64_t> one(n), many(n), base(n);
-  latlng_to_cell_batch(lat.data(), lng.data(), n, 30, one.data(), 1);
-  latlng_to_cell_batch(lat.data(), lng.data(), n, 30, many.data(), 7);
-  set_simd_enabled(false);
+  std::vector<uint64_t> base(n), one(n), many(n);
+  set_simd_level("scalar");
+  CHECK(simd_level() == "scalar");
   latlng_to_cell_batch(lat.data(), lng.data(), n, 30, base.data(), 0);
+  // Every path this CPU runs, through the public switch.
+  const std::vector<std::string> levels = simd_levels();
+  CHECK(!levels.empty() && levels.back() == "scalar");
+  CHECK((levels.front() == "avx512") == detail::avx512_available());
+  for (const std::string& level : levels) {
+    set_simd_level(level);
+    CHECK(simd_level() == level);
+    latlng_to_cell_batch(lat.data(), lng.data(), n, 30, one.data(), 1);
+    latlng_to_cell_batch(lat.data(), lng.data(), n, 30, many.data(), 7);
+    CHECK(one == base);
+    CHECK(many == base);
+  }
+  bool threw = false;
+  try {
+    set_simd_level("avx1024");
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw);
+  CHECK(simd_level() == levels.back());
   set_simd_enabled(true);
-  CHECK(one == many);
-  CHECK(one == base);
+  CHECK(simd_level() == levels.front());
 }
 
 TEST(s2_invariants) {
@@ -402,8 +438,8 @@ TEST(s2_checked_batch_matches_find_invalid) {
   std::vector<uint64_t> out(n + 4);
   size_t wrong = 0;
   const size_t positions[] = {0, 1, 2, 7, 255, 256, 4099, 100000, n - 14, n - 9, n - 1};
-  for (bool simd : {true, false}) {
-    set_simd_enabled(simd);
+  for (const std::string& simd : simd_levels()) {
+    set_simd_level(simd);
     for (size_t p = 0; p < sizeof(positions) / sizeof(positions[0]); ++p) {
       const size_t pos = positions[p];
       const bool use_lat = p % 2 == 0;

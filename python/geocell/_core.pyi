@@ -14,8 +14,11 @@ def find_invalid_latlng(lat: F64, lng: F64) -> int:
 def find_invalid_cell(cells: U64) -> int:
     """First index that is not a valid S2 cell id; -1 if none."""
 
-def latlng_to_cell(lat: F64, lng: F64, level: int, threads: int = 0) -> tuple[U64, int]:
-    """Cell ids at `level` and the first invalid point's index (-1 if none; then the ids are not all set)."""
+def latlng_to_cell(
+    lat: F64, lng: F64, level: int, threads: int = 0, out: U64 | None = None
+) -> tuple[U64, int]:
+    """Cell ids at `level` (in `out` when given: C-contiguous uint64 of the points' size) and the first
+    invalid point's index (-1 if none; then the ids are not all set)."""
 
 def cell_to_latlng(cells: U64, threads: int = 0) -> tuple[F64, F64]:
     """Cell centres (lat, lng) in degrees."""
@@ -33,10 +36,19 @@ def token_to_cell(tokens: npt.NDArray[np.bytes_]) -> tuple[U64, int]:
     """Ids of a contiguous "S<n>" array and the first index that is not a valid cell's token (-1 if none)."""
 
 def simd_available() -> bool:
-    """Whether this CPU runs the AVX2/FMA path of latlng_to_cell."""
+    """Whether this CPU runs a vector path (AVX2/FMA or AVX-512) of latlng_to_cell."""
 
 def set_simd_enabled(enabled: bool) -> None:
-    """Turns the AVX2 path on or off (results are identical; for tests and benchmarks)."""
+    """Switches between the best vector path and the scalar one (results are identical; for tests and benchmarks)."""
+
+def simd_levels() -> list[str]:
+    """The paths of latlng_to_cell this CPU runs, best first: from "avx512", "avx2", "scalar"."""
+
+def simd_level() -> str:
+    """The path latlng_to_cell takes now."""
+
+def set_simd_level(level: str) -> None:
+    """Forces a path (one of simd_levels(); ValueError otherwise). Results are identical."""
 
 def resolve_threads(threads: int) -> int:
     """Number of worker threads `threads` resolves to (0 = all hardware threads)."""

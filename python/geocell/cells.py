@@ -168,23 +168,49 @@ def _levels_of(cells: np.ndarray) -> np.ndarray:
 # ---- the API -------------------------------------------------------------------
 
 
-def latlng_to_cell(lat: ArrayLike, lng: ArrayLike, level: int = 30, *, threads: int = 0) -> np.ndarray:
+def latlng_to_cell(
+    lat: ArrayLike, lng: ArrayLike, level: int = 30, *, threads: int = 0, out: np.ndarray | None = None
+) -> np.ndarray:
     """Cell ids (uint64) at ``level`` of the points ``(lat, lng)`` in degrees.
 
     Identical to ``S2CellId(S2LatLng::FromDegrees(lat, lng)).parent(level)``.
     Longitudes outside [-180, 180] wrap as in S2. Raises ValueError for
     non-finite values, ``|lat| > 90``, different shapes, or a level outside
     0..30.
+
+    ``out``: a preallocated, writeable, C-contiguous uint64 array of the
+    points' shape to write the ids into (and return), so that repeated calls
+    reuse its memory; ValueError if it is anything else or shares memory with
+    the inputs. If a point is invalid, ``out`` is left partly written.
     """
     lat_a, lng_a = _as_float64(lat, "lat"), _as_float64(lng, "lng")
     shape = _check_same_shape(lat=lat_a, lng=lng_a)
     level = _check_level(level)
     threads = _check_threads(threads)
+    if out is not None:
+        _check_out(out, shape, lat_a, lng_a)
     # The kernel checks the points as it goes (one pass over memory).
-    out, bad = _core.latlng_to_cell(lat_a.reshape(-1), lng_a.reshape(-1), level, threads)
+    ids, bad = _core.latlng_to_cell(
+        lat_a.reshape(-1), lng_a.reshape(-1), level, threads, None if out is None else out.reshape(-1)
+    )
     if bad >= 0:
         _raise_invalid_latlng(lat_a, lng_a, "lat", "lng", bad)
-    return _shaped(out, shape)
+    return out if out is not None else _shaped(ids, shape)
+
+
+def _check_out(out, shape: tuple, *inputs: np.ndarray) -> None:
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"out must be a numpy.ndarray of dtype uint64, got {type(out).__name__}")
+    if out.dtype != np.uint64:
+        raise ValueError(f"out must have dtype uint64, got {out.dtype}")
+    if out.shape != shape:
+        raise ValueError(f"out must have the points' shape {shape}, got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable")
+    if any(np.may_share_memory(out, a) for a in inputs):
+        raise ValueError("out must not share memory with lat or lng")
 
 
 def cell_to_latlng(cells: ArrayLike, *, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace geocell {
 
@@ -105,10 +106,18 @@ int64_t find_invalid_cell(const uint64_t* cells, size_t n);
 // Number of worker threads `threads` resolves to.
 int resolve_threads(int threads);
 
-// Whether this CPU can take the AVX2/FMA path of latlng_to_cell_batch, and a
-// switch to turn it off (results are identical either way; for tests and
-// benchmarks of the baseline path).
+// Whether this CPU can take a vector path (AVX2/FMA or AVX-512) of
+// latlng_to_cell_batch, and a switch between the best one and the scalar path
+// (results are identical either way; for tests and benchmarks).
 bool simd_available();
 void set_simd_enabled(bool enabled);
+
+// The paths by name: "avx512", "avx2", "scalar". simd_levels() lists those
+// this CPU (and OS) runs, best first; simd_level() is the one in use (the
+// best by default); set_simd_level forces one and throws
+// std::invalid_argument for a name not in simd_levels().
+std::vector<std::string> simd_levels();
+std::string simd_level();
+void set_simd_level(const std::string& level);
 
 }  // namespace geocell
