@@ -107,6 +107,15 @@ void latlng_to_cell_scalar(const double* lat, const double* lng, size_t n, int l
 
 namespace {
 
+// fdlibm's __kernel_sin / __kernel_cos minimax coefficients (highest power first),
+// shared by the AVX2 and AVX-512 kernels.
+constexpr double kSinPoly[6] = {1.58969099521155010221e-10, -2.50507602534068634195e-08,
+                                2.75573137070700676789e-06, -1.98412698298579493134e-04,
+                                8.33333333332248946124e-03, -1.66666666666666324348e-01};
+constexpr double kCosPoly[6] = {-1.13596475577881948265e-11, 2.08757232129817482790e-09,
+                                -2.75573143513906633035e-07, 2.48015872894767294178e-05,
+                                -1.38888888888741095749e-03, 4.16666666666666019037e-02};
+
 // sin and cos of |x| <= ~30 rad. Cody-Waite reduction by pi/2 with FMA (each
 // step rounds once, so the reduced argument is within ~1e-16 of exact), then
 // fdlibm's minimax kernels on [-pi/4, pi/4] (error < 2^-58 relative).
@@ -117,20 +126,12 @@ GEOCELL_AVX2 inline void sincos4(__m256d x, __m256d* sin_out, __m256d* cos_out) 
   r = _mm256_fnmadd_pd(k, _mm256_set1_pd(0x1.1a62633145c07p-54), r);
   const __m256d z = _mm256_mul_pd(r, r);
 
-  __m256d ps = _mm256_set1_pd(1.58969099521155010221e-10);
-  ps = _mm256_fmadd_pd(ps, z, _mm256_set1_pd(-2.50507602534068634195e-08));
-  ps = _mm256_fmadd_pd(ps, z, _mm256_set1_pd(2.75573137070700676789e-06));
-  ps = _mm256_fmadd_pd(ps, z, _mm256_set1_pd(-1.98412698298579493134e-04));
-  ps = _mm256_fmadd_pd(ps, z, _mm256_set1_pd(8.33333333332248946124e-03));
-  ps = _mm256_fmadd_pd(ps, z, _mm256_set1_pd(-1.66666666666666324348e-01));
+  __m256d ps = _mm256_set1_pd(kSinPoly[0]);
+  for (int n = 1; n < 6; ++n) ps = _mm256_fmadd_pd(ps, z, _mm256_set1_pd(kSinPoly[n]));
   const __m256d s = _mm256_fmadd_pd(_mm256_mul_pd(r, z), ps, r);
 
-  __m256d pc = _mm256_set1_pd(-1.13596475577881948265e-11);
-  pc = _mm256_fmadd_pd(pc, z, _mm256_set1_pd(2.08757232129817482790e-09));
-  pc = _mm256_fmadd_pd(pc, z, _mm256_set1_pd(-2.75573143513906633035e-07));
-  pc = _mm256_fmadd_pd(pc, z, _mm256_set1_pd(2.48015872894767294178e-05));
-  pc = _mm256_fmadd_pd(pc, z, _mm256_set1_pd(-1.38888888888741095749e-03));
-  pc = _mm256_fmadd_pd(pc, z, _mm256_set1_pd(4.16666666666666019037e-02));
+  __m256d pc = _mm256_set1_pd(kCosPoly[0]);
+  for (int n = 1; n < 6; ++n) pc = _mm256_fmadd_pd(pc, z, _mm256_set1_pd(kCosPoly[n]));
   const __m256d c = _mm256_fmadd_pd(_mm256_mul_pd(z, z), pc,
                                     _mm256_fnmadd_pd(_mm256_set1_pd(0.5), z, _mm256_set1_pd(1.0)));
 
@@ -373,20 +374,12 @@ GEOCELL_AVX512 inline void sincos8(__m512d x, __m512d* sin_out, __m512d* cos_out
   r = _mm512_fnmadd_pd(k, _mm512_set1_pd(0x1.1a62633145c07p-54), r);
   const __m512d z = _mm512_mul_pd(r, r);
 
-  __m512d ps = _mm512_set1_pd(1.58969099521155010221e-10);
-  ps = _mm512_fmadd_pd(ps, z, _mm512_set1_pd(-2.50507602534068634195e-08));
-  ps = _mm512_fmadd_pd(ps, z, _mm512_set1_pd(2.75573137070700676789e-06));
-  ps = _mm512_fmadd_pd(ps, z, _mm512_set1_pd(-1.98412698298579493134e-04));
-  ps = _mm512_fmadd_pd(ps, z, _mm512_set1_pd(8.33333333332248946124e-03));
-  ps = _mm512_fmadd_pd(ps, z, _mm512_set1_pd(-1.66666666666666324348e-01));
+  __m512d ps = _mm512_set1_pd(kSinPoly[0]);
+  for (int n = 1; n < 6; ++n) ps = _mm512_fmadd_pd(ps, z, _mm512_set1_pd(kSinPoly[n]));
   const __m512d s = _mm512_fmadd_pd(_mm512_mul_pd(r, z), ps, r);
 
-  __m512d pc = _mm512_set1_pd(-1.13596475577881948265e-11);
-  pc = _mm512_fmadd_pd(pc, z, _mm512_set1_pd(2.08757232129817482790e-09));
-  pc = _mm512_fmadd_pd(pc, z, _mm512_set1_pd(-2.75573143513906633035e-07));
-  pc = _mm512_fmadd_pd(pc, z, _mm512_set1_pd(2.48015872894767294178e-05));
-  pc = _mm512_fmadd_pd(pc, z, _mm512_set1_pd(-1.38888888888741095749e-03));
-  pc = _mm512_fmadd_pd(pc, z, _mm512_set1_pd(4.16666666666666019037e-02));
+  __m512d pc = _mm512_set1_pd(kCosPoly[0]);
+  for (int n = 1; n < 6; ++n) pc = _mm512_fmadd_pd(pc, z, _mm512_set1_pd(kCosPoly[n]));
   const __m512d c = _mm512_fmadd_pd(_mm512_mul_pd(z, z), pc,
                                     _mm512_fnmadd_pd(_mm512_set1_pd(0.5), z, _mm512_set1_pd(1.0)));
 
