@@ -87,13 +87,9 @@ def from_safe(obj):
 
 def clean_state_dict(state: dict) -> dict:
     """Weights keyed without DDP (module.) or torch.compile (_orig_mod.) prefixes, on the CPU."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value.detach().cpu()
-    return out
+    from geocell.train.model import strip_wrapper_prefixes
+
+    return {key: value.detach().cpu() for key, value in strip_wrapper_prefixes(state).items()}
 
 
 def save_checkpoint(path, **fields) -> None:

@@ -33,7 +33,7 @@ def _imagenet_state_dict(arch: str) -> dict:
         ) from exc
 
 
-def _strip_prefixes(state: dict) -> dict:
+def strip_wrapper_prefixes(state: dict) -> dict:
     # DDP wraps as module.*, torch.compile as _orig_mod.*; checkpoints are keyed without them.
     out = {}
     for key, value in state.items():
@@ -59,7 +59,7 @@ def _local_state_dict(path: str) -> dict:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PretrainedWeightsError(f"{path} does not hold a state_dict of tensors")
-    return _strip_prefixes(obj)
+    return strip_wrapper_prefixes(obj)
 
 
 class GeoModel(nn.Module):
@@ -100,7 +100,7 @@ class GeoModel(nn.Module):
     def load_trunk(self, state: dict, source: str = "weights") -> None:
         """Load backbone weights (torchvision layout, or trunk.* from a geocell model); heads stay fresh
         unless their shapes match (a geocell checkpoint with the same partitionings)."""
-        state = _strip_prefixes(state)
+        state = strip_wrapper_prefixes(state)
         own = self.state_dict()
         mapped = {}
         for key, value in state.items():
