@@ -84,3 +84,26 @@ def partition_assign_latlng(
 def partition_assign_cells(
     cells: npt.NDArray[np.uint64], queries: npt.NDArray[np.uint64], threads: int
 ) -> npt.NDArray[np.int64]: ...
+
+
+# --- image resampling (the DALI loader's CPU path) ---
+
+
+def resample_normalize(
+    images: list[npt.NDArray[np.uint8]],
+    boxes: npt.NDArray[np.float64],
+    flip: npt.NDArray[np.uint8] | None,
+    out: npt.NDArray[np.float32],
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    threads: int = 0,
+) -> None:
+    """Resizes boxes (left, top, width, height) of HxWx3 uint8 images into out (n, 3, H, W)
+    float32 with antialiased bilinear filtering, mirrors where flip, and normalizes
+    (v / 255 - mean) / std. ValueError names the image at fault."""
+
+def image_simd_level() -> str:
+    """The vector path of resample_normalize: "avx2" or "scalar"."""
+
+def set_image_simd(enabled: bool) -> None:
+    """False forces the scalar path of resample_normalize (tests compare the two)."""
