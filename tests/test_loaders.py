@@ -65,8 +65,10 @@ def test_dali_and_torch_agree_on_eval(data):
     (i_d, g_d, x_d), (i_t, g_t, x_t) = out["dali"], out["torch"]
     assert i_d == i_t == list(range(N))
     assert torch.equal(g_d, g_t) and torch.equal(g_d, torch.from_numpy(lt.geo))
-    # Same preprocessing up to resampling differences of the two resize implementations.
-    assert (x_d - x_t).abs().mean() < 0.15
+    # The same resize (antialiased bilinear) and crop: what differs is the JPEG decoders' last
+    # bit and torchvision's rounding to 8 bits between its two passes (about 1/255 at most).
+    diff = (x_d - x_t).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.05
     # Normalization: undo it and land back in [0, 255].
     pixels = x_d * torch.tensor(STD).view(1, 3, 1, 1) * 255 + torch.tensor(MEAN).view(1, 3, 1, 1) * 255
     assert pixels.min() > -1 and pixels.max() < 256
@@ -158,3 +160,4 @@ def test_auto_backend(data):
     pytest.importorskip("nvidia.dali")
     _, m, lt = data
     assert make_loader(m, lt, train=False, batch_size=8, image_size=32, num_workers=1).backend == "dali"
+

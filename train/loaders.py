@@ -100,6 +100,29 @@ def sample_rng(seed: int, epoch: int, row: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), int(row)])
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer on uint64 arrays (wrapping arithmetic)."""
+    z = z + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_uniforms(key, ids, k: int) -> np.ndarray:
+    """(len(ids), k) uniform floats in [0, 1), each a hash of (key, id, column): the
+    vectorized counterpart of ``sample_rng`` for a whole batch at once (``key``: a tuple of
+    non-negative ints such as (seed, epoch))."""
+    h = np.zeros(1, dtype=np.uint64)
+    for part in key:
+        h = _splitmix64(h ^ np.uint64(int(part) & 0xFFFFFFFFFFFFFFFF))
+    ids = np.asarray(ids, dtype=np.int64).astype(np.uint64).reshape(-1, 1)
+    z = _splitmix64(_splitmix64(h ^ ids) + np.arange(k, dtype=np.uint64))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
 def crop_params(height: int, width: int, rng: np.random.Generator) -> tuple:
     """(top, left, h, w) of a random-resized crop: torchvision's ``RandomResizedCrop.get_params``
     algorithm (area fraction in SCALE, log-uniform aspect ratio in RATIO, 10 attempts, then a

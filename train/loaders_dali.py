@@ -1,7 +1,10 @@
 """The NVIDIA DALI backend: fn.readers.file over the manifest's images (the label is the
 manifest row, looked up in the label table on the host) or fn.readers.webdataset over packed
 shards; decode on the GPU (device='mixed') when the loader's device is CUDA, on the CPU
-otherwise (pipeline device_id=None).
+otherwise (pipeline device_id=None). On the GPU the pipeline also resizes, mirrors and
+normalizes; on the CPU it stops at the decoded uint8 crops (ROI decode) and ``_HostBatches``
+finishes them with the core's resampling kernel (``geocell.train.resample``): DALI's CPU resize
+cost more than the JPEG decode itself.
 
 Training epochs are reproducible from (seed, epoch), whatever the number of threads:
 
@@ -9,7 +12,7 @@ Training epochs are reproducible from (seed, epoch), whatever the number of thre
   slice of the epoch permutation (``epoch_rows``, the torch backend's order) as an explicit,
   unshuffled file list, cut to whole batches. Crop and flip do not come from DALI's random
   operators: an external source feeds, per sample, (area fraction, aspect ratio, x, y, flip)
-  drawn from ``sample_rng(seed, epoch, row)``; the pipeline turns them into a relative crop
+  drawn from ``sample_uniforms((seed, epoch), rows)``; the pipeline turns them into a relative crop
   window with the image's aspect ratio (``fn.peek_image_shape``), clamped to the image
   (instead of torchvision's retries), decoded with ``fn.decoders.image_slice``.
   ``skip_batches(k)`` starts the file list at batch k (mid-epoch resume reads nothing twice).
@@ -31,7 +34,7 @@ import logging
 import numpy as np
 import torch
 
-from geocell.train.loaders import MEAN, RATIO, SCALE, STD, Loader, epoch_rows, sample_rng
+from geocell.train.loaders import MEAN, RATIO, SCALE, STD, Loader, epoch_rows, sample_uniforms
 
 log = logging.getLogger("geocell.train.loaders")
 
@@ -60,9 +63,13 @@ class DaliLoader(Loader):
                              f"({self.skipped} skipped: {self.skipped_paths[:3]})")
         self.gpu = self.device.type == "cuda"
         self.detail = ("GPU decode (mixed) on " + str(self.device)) if self.gpu else \
-            f"CPU pipeline, {self.num_workers} threads"
+            f"CPU pipeline, {self.num_workers} threads, resampling by geocell's kernel"
         self._start = 0
         self._iter = None
+        if not self.gpu:
+            from geocell.train.resample import BatchWriter
+
+            self._writer = BatchWriter(self.image_size, MEAN, STD, threads=max(1, self.num_workers))
         if not self.train:
             self._iter = self._build_eval()
 
@@ -74,8 +81,11 @@ class DaliLoader(Loader):
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def _decode(self, jpegs, params=None, flip=None):
-        """Decoded, cropped, resized, normalized CHW float images. ``params``: per-sample
-        (area, ratio, x, y) for training, None for evaluation."""
+        """Training (``params``: per-sample (area, ratio, x, y)): the random-resized crop,
+        decoded straight from the JPEG (ROI decode). Evaluation: the whole image. On the GPU
+        the pipeline also resizes, mirrors and normalizes (CHW float); on the CPU it returns
+        the uint8 images and ``BatchWriter`` does that on the host (DALI's CPU resize costs
+        several times more than the core's kernel)."""
         from nvidia.dali import fn, types
         from nvidia.dali import math as dmath
 
@@ -90,10 +100,14 @@ class DaliLoader(Loader):
             shape = fn.stack(w_rel, h_rel)  # axis_names "WH"
             images = fn.decoders.image_slice(jpegs, start, shape, device=decoder_device,
                                              output_type=types.RGB)
+            if not self.gpu:
+                return images
             images = fn.resize(images, resize_x=S, resize_y=S, antialias=True)
             mirror, crop = flip, None
         else:
             images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+            if not self.gpu:
+                return images
             images = fn.resize(images, resize_shorter=R, antialias=True)
             mirror, crop = 0, (S, S)
         return fn.crop_mirror_normalize(
@@ -101,6 +115,9 @@ class DaliLoader(Loader):
             mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD])
 
     def _iterator(self, pipe, train):
+        """Batches as DALIGenericIterator gives them: a list with one dict of "images", "ids"."""
+        if not self.gpu:
+            return _HostBatches(pipe, train, self._writer, self.resize_size)
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         pipe.build()
@@ -142,22 +159,20 @@ class DaliLoader(Loader):
         shards = self._shards
         nb = len(rows) // B if not shards else 0
 
-        def draw(rng):
-            return (np.array([rng.uniform(SCALE[0], SCALE[1]),
-                              np.exp(rng.uniform(np.log(RATIO[0]), np.log(RATIO[1]))),
-                              rng.random(), rng.random()], dtype=np.float32),
-                    np.array(rng.random() < 0.5, dtype=np.int32))
+        def draw(key, ids):
+            u = sample_uniforms(key, ids, 5)
+            area = SCALE[0] + (SCALE[1] - SCALE[0]) * u[:, 0]
+            ratio = np.exp(np.log(RATIO[0]) + (np.log(RATIO[1]) - np.log(RATIO[0])) * u[:, 1])
+            crop = np.stack([area, ratio, u[:, 2], u[:, 3]], 1).astype(np.float32)
+            return list(crop), list((u[:, 4] < 0.5).astype(np.int32))
 
         def params(info):
             # Called in batch order (also ahead, for prefetching); wraps like the reader does.
             if shards:
                 pos = info.iteration * B
-                out = [draw(np.random.default_rng([seed, epoch, self.num_shards, shard, pos + k, 1]))
-                       for k in range(B)]
-            else:
-                i = info.iteration % nb
-                out = [draw(sample_rng(seed, epoch, r)) for r in rows[i * B:(i + 1) * B]]
-            return [o[0] for o in out], [o[1] for o in out]
+                return draw((seed, epoch, self.num_shards, shard), np.arange(pos, pos + B))
+            i = info.iteration % nb
+            return draw((seed, epoch), rows[i * B:(i + 1) * B])
 
         shard = (self.shard_id + epoch) % self.num_shards
 
@@ -178,6 +193,8 @@ class DaliLoader(Loader):
                     random_shuffle=False, shuffle_after_epoch=False, name=_READER)
             crop, flip = fn.external_source(source=params, num_outputs=2, batch=True,
                                             batch_info=True, dtype=[types.FLOAT, types.INT32])
+            if not self.gpu:
+                return self._decode(jpegs, crop), ids, flip
             return self._decode(jpegs, crop, flip), ids
 
         return self._iterator(pipeline(), True)
@@ -273,6 +290,49 @@ class DaliLoader(Loader):
         if not self.train:
             self._iter = self._build_eval()
         return True
+
+
+class _HostBatches:
+    """Runs a CPU pipeline whose outputs are uint8 images (any size), manifest rows or sample
+    ids, and (training) mirror flags, and turns each batch into normalized float images with a
+    ``BatchWriter``. Training: endless (the loader stops after its batches). Evaluation: one pass
+    over the shard, the padding of the last batch dropped (DALI's PARTIAL policy)."""
+
+    def __init__(self, pipe, train, writer, resize_size):
+        pipe.build()
+        self.pipe, self.train, self.writer = pipe, train, writer
+        self.resize_size = resize_size
+        meta = pipe.reader_meta(_READER)
+        n, shards, shard = meta["epoch_size"], meta["number_of_shards"], meta["shard_id"]
+        # DALI's split of the samples between shards (as its framework iterators compute it).
+        self.shard_size = (n * (shard + 1)) // shards - (n * shard) // shards
+        self.batch_size = pipe.max_batch_size
+        self._unread = 0  # batches of an abandoned evaluation pass still in the pipeline
+
+    def __len__(self):
+        return -(-self.shard_size // self.batch_size)
+
+    def __iter__(self):
+        for _ in range(self._unread):  # the next pass must start at the shard's first sample
+            self.pipe.run()
+        self._unread = 0 if self.train else len(self)
+        remaining = self.shard_size
+        while self.train or remaining > 0:
+            outs = self.pipe.run()
+            self._unread = max(0, self._unread - 1)
+            images, ids = outs[0], outs[1].as_array().reshape(-1)
+            n = len(ids) if self.train else min(len(ids), remaining)
+            remaining -= n
+            views = [np.asarray(images[i]) for i in range(n)]
+            if self.train:
+                batch = self.writer(views, flip=outs[2].as_array().reshape(-1)[:n])
+            else:
+                from geocell.train.resample import centre_crop_boxes
+
+                boxes = centre_crop_boxes([v.shape[0] for v in views], [v.shape[1] for v in views],
+                                          self.resize_size, self.writer.size)
+                batch = self.writer(views, boxes)
+            yield [{"images": batch, "ids": torch.from_numpy(np.array(ids[:n], dtype=np.int64))}]
 
 
 def _undecodable(paths) -> list:
