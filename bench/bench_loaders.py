@@ -5,7 +5,9 @@ backend (torchvision.io.decode_jpeg + tensor transforms) and the classic PIL + t
     python -m pytest bench/bench_loaders.py --benchmark-only -s
 
 2000 Earth patches at 320x320 (the packed shorter side), training augmentation (random-resized
-crop to 224 + flip + normalize), batch 64. Each round is one full epoch; images/s and the
+crop to 224 + flip + normalize), batch 64. The DALI CPU pipeline decodes each crop from the JPEG
+(ROI decode) and hands it to geocell's resampling kernel; the two DataLoaders decode and
+transform in their worker processes. Each round is one full epoch; images/s and the
 DALI/torch ratio are printed at the end and stored in the benchmark's extra_info.
 
 On shared cores wall-clock rates swing with other people's load, so the CPU time the loader
