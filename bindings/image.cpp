@@ -54,7 +54,9 @@ void register_image(py::module_& m) {
         py::arg("out"), py::arg("mean"), py::arg("std"), py::arg("threads") = 0,
         "Resizes boxes (left, top, width, height) of HxWx3 uint8 images into out (n, 3, H, W) float32 with "
         "antialiased bilinear filtering, mirrors where flip, and normalizes (v / 255 - mean) / std.");
-  m.def("image_simd_level", &geocell::image_simd_level, "The vector path of resample_normalize: avx2 or scalar.");
-  m.def("set_image_simd", &geocell::set_image_simd, py::arg("enabled"),
-        "False forces the scalar path of resample_normalize (tests compare the two).");
+  m.def("image_simd_levels", &geocell::image_simd_levels,
+        "The vector paths of resample_normalize this CPU runs, best first.");
+  m.def("image_simd_level", &geocell::image_simd_level, "The vector path resample_normalize takes.");
+  m.def("set_image_simd_level", &geocell::set_image_simd_level, py::arg("level"),
+        "Forces a path of resample_normalize (one of image_simd_levels(); ValueError otherwise).");
 }

@@ -16,13 +16,12 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-@pytest.fixture(params=["avx2", "scalar"])
+@pytest.fixture(params=_core.image_simd_levels())
 def simd(request):
-    if request.param == "avx2" and _core.image_simd_level() != "avx2":
-        pytest.skip("this CPU has no AVX2")
-    _core.set_image_simd(request.param == "avx2")
+    """Every vector path this CPU runs (the scalar one everywhere)."""
+    _core.set_image_simd_level(request.param)
     yield request.param
-    _core.set_image_simd(True)
+    _core.set_image_simd_level(_core.image_simd_levels()[0])
 
 
 def _oracle(img_hwc, top, left, h, w, size, flip=False):
@@ -70,19 +69,21 @@ def test_centre_crop_boxes_match_resize_then_centre_crop(hw, simd):
     assert np.abs(out[0] - want.numpy()).max() < 1e-4
 
 
-def test_vector_and_scalar_paths_agree():
-    if _core.image_simd_level() != "avx2":
-        pytest.skip("this CPU has no AVX2")
+def test_paths_agree():
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8) for h, w in rng.integers(8, 300, (20, 2))]
     boxes = np.array([(0, 0, im.shape[1], im.shape[0]) for im in images], float)
     out = {}
-    for level in (True, False):
-        _core.set_image_simd(level)
+    for level in _core.image_simd_levels():
+        _core.set_image_simd_level(level)
         out[level] = np.empty((20, 3, 224, 224), dtype=np.float32)
         _core.resample_normalize(images, boxes, None, out[level], MEAN, STD, 2)
-    _core.set_image_simd(True)
-    assert np.abs(out[True] - out[False]).max() < 1e-5
+    _core.set_image_simd_level(_core.image_simd_levels()[0])
+    assert out["scalar"].min() > -3 and out["scalar"].max() < 3
+    for level, o in out.items():
+        assert np.abs(o - out["scalar"]).max() < 1e-5, level
+    with pytest.raises(ValueError, match="image simd level must be one of"):
+        _core.set_image_simd_level("sse9")
 
 
 def test_bad_input_names_the_image():
@@ -116,4 +117,5 @@ def test_batch_writer_reuses_only_unreferenced_arrays():
     del view
     d = writer(images)  # now free: written in place, same values as the first batch
     assert d.data_ptr() == a_ptr and torch.equal(d, a_copy)
+    assert a_ptr % 64 == 0 and b.data_ptr() % 64 == 0 and c.data_ptr() % 64 == 0
     assert torch.equal(c, a_copy.flip(0))

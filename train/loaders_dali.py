@@ -164,7 +164,7 @@ class DaliLoader(Loader):
             area = SCALE[0] + (SCALE[1] - SCALE[0]) * u[:, 0]
             ratio = np.exp(np.log(RATIO[0]) + (np.log(RATIO[1]) - np.log(RATIO[0])) * u[:, 1])
             crop = np.stack([area, ratio, u[:, 2], u[:, 3]], 1).astype(np.float32)
-            return list(crop), list((u[:, 4] < 0.5).astype(np.int32))
+            return crop, (u[:, 4] < 0.5).astype(np.int32)  # dense batches: no per-sample objects
 
         def params(info):
             # Called in batch order (also ahead, for prefetching); wraps like the reader does.

@@ -45,29 +45,39 @@ class BatchWriter:
         self.std = tuple(float(s) for s in std)
         self.threads = int(threads)
         self.keep = int(keep)
-        self._arrays: list = []
+        self._buffers: list = []
 
     def _array(self, n: int) -> np.ndarray:
-        for a in self._arrays:
-            # References: the list, the loop variable, getrefcount's argument.
-            if a.shape[0] >= n and sys.getrefcount(a) <= 3:
-                return a
-        a = np.empty((n, 3, self.size, self.size), dtype=np.float32)
-        if len(self._arrays) < self.keep:
-            self._arrays.append(a)
-        return a
+        """A (>= n, 3, S, S) float32 array at a 64-byte boundary (the kernel then streams its
+        stores past the caches), a view of a byte buffer this writer keeps."""
+        per_batch = 3 * self.size * self.size * 4
+        raw = None
+        for buf in self._buffers:
+            # Every view (and tensor over a view) refers to the buffer itself, since numpy
+            # points views at the array that owns the memory; unused, the references are the
+            # list, the loop variable and getrefcount's argument.
+            if len(buf) >= n * per_batch + 64 and sys.getrefcount(buf) <= 3:
+                raw = buf
+                break
+        if raw is None:
+            raw = np.empty(n * per_batch + 64, dtype=np.uint8)
+            if len(self._buffers) < self.keep:
+                self._buffers.append(raw)
+        skip = -raw.ctypes.data % 64
+        return raw[skip:skip + n * per_batch].view(np.float32).reshape(n, 3, self.size, self.size)
 
     def __call__(self, images, boxes=None, flip=None) -> torch.Tensor:
         """``images``: HxWx3 uint8 arrays (or objects numpy can view as such); ``boxes``:
         (n, 4) (left, top, width, height) in source pixels, None for whole images; ``flip``:
         n booleans, mirror left-right."""
-        images = [np.asarray(im) for im in images]
+        if not all(type(im) is np.ndarray for im in images):
+            images = [np.asarray(im) for im in images]
         n = len(images)
         if boxes is None:
             boxes = np.array([[0.0, 0.0, im.shape[1], im.shape[0]] for im in images]).reshape(n, 4)
         boxes = np.ascontiguousarray(boxes, dtype=np.float64)
         if flip is not None:
             flip = np.ascontiguousarray(np.asarray(flip).reshape(n), dtype=np.uint8)
-        out = self._array(n)[:n]
+        out = self._array(n)
         _core.resample_normalize(images, boxes, flip, out, self.mean, self.std, self.threads)
         return torch.from_numpy(out)

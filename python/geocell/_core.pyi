@@ -102,8 +102,12 @@ def resample_normalize(
     float32 with antialiased bilinear filtering, mirrors where flip, and normalizes
     (v / 255 - mean) / std. ValueError names the image at fault."""
 
-def image_simd_level() -> str:
-    """The vector path of resample_normalize: "avx2" or "scalar"."""
+def image_simd_levels() -> list[str]:
+    """The vector paths of resample_normalize this CPU runs, best first ("avx2", "scalar")."""
 
-def set_image_simd(enabled: bool) -> None:
-    """False forces the scalar path of resample_normalize (tests compare the two)."""
+def image_simd_level() -> str:
+    """The vector path resample_normalize takes."""
+
+def set_image_simd_level(level: str) -> None:
+    """Forces a path (one of image_simd_levels(); ValueError otherwise). Results agree to float
+    rounding."""

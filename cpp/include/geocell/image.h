@@ -9,6 +9,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace geocell {
 
@@ -38,9 +40,11 @@ void resample_normalize(const ImageU8* images, const PixelBox* boxes, const uint
                         size_t n, int out_h, int out_w, const float mean[3], const float stdev[3],
                         float* out, int threads);
 
-// Which vector path resample_normalize takes: "avx2" where the CPU has it,
-// else "scalar"; set_image_simd(false) forces the scalar path (for tests).
-const char* image_simd_level();
-void set_image_simd(bool enabled);
+// The vector paths of resample_normalize this CPU runs, best first ("avx2",
+// "scalar"); the one in use (the best, unless set); and a way to force
+// one (tests compare them). Results agree to float rounding.
+std::vector<std::string> image_simd_levels();
+std::string image_simd_level();
+void set_image_simd_level(const std::string& level);  // std::invalid_argument if unknown here
 
 }  // namespace geocell
