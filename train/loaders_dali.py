@@ -81,7 +81,8 @@ class DaliLoader(Loader):
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def _decode(self, jpegs, params=None, flip=None):
-        """Training (``params``: per-sample (area, ratio, x, y)): the random-resized crop,
+        """Training (``params``: per-sample (area * ratio, area / ratio) and (x, y) in [0, 1)):
+        the random-resized crop,
         decoded straight from the JPEG (ROI decode). Evaluation: the whole image. On the GPU
         the pipeline also resizes, mirrors and normalizes (CHW float); on the CPU it returns
         the uint8 images and ``BatchWriter`` does that on the host (DALI's CPU resize costs
@@ -92,12 +93,13 @@ class DaliLoader(Loader):
         S, R = self.image_size, self.resize_size
         decoder_device = "mixed" if self.gpu else "cpu"
         if params is not None:
+            # params: (area * ratio, area / ratio) and the window's relative (x, y), so the
+            # relative window is a few whole-batch expressions (each DALI op costs per batch).
+            area_ratio, xy = params
             hw = fn.peek_image_shape(jpegs, dtype=types.FLOAT)
-            aspect = hw[0] / hw[1]  # H / W
-            w_rel = dmath.min(dmath.sqrt(params[0] * params[1] * aspect), 1.0)
-            h_rel = dmath.min(dmath.sqrt(params[0] / params[1] / aspect), 1.0)
-            start = fn.stack(params[2] * (1.0 - w_rel), params[3] * (1.0 - h_rel))
-            shape = fn.stack(w_rel, h_rel)  # axis_names "WH"
+            h, w = hw[0], hw[1]
+            shape = dmath.min(dmath.sqrt(area_ratio * fn.stack(h / w, w / h)), 1.0)  # "WH"
+            start = xy * (1.0 - shape)
             images = fn.decoders.image_slice(jpegs, start, shape, device=decoder_device,
                                              output_type=types.RGB)
             if not self.gpu:
@@ -163,8 +165,9 @@ class DaliLoader(Loader):
             u = sample_uniforms(key, ids, 5)
             area = SCALE[0] + (SCALE[1] - SCALE[0]) * u[:, 0]
             ratio = np.exp(np.log(RATIO[0]) + (np.log(RATIO[1]) - np.log(RATIO[0])) * u[:, 1])
-            crop = np.stack([area, ratio, u[:, 2], u[:, 3]], 1).astype(np.float32)
-            return crop, (u[:, 4] < 0.5).astype(np.int32)  # dense batches: no per-sample objects
+            # Dense batches (no per-sample objects): see _decode for the window.
+            return (np.stack([area * ratio, area / ratio], 1).astype(np.float32),
+                    np.ascontiguousarray(u[:, 2:4], dtype=np.float32), (u[:, 4] < 0.5).astype(np.int32))
 
         def params(info):
             # Called in batch order (also ahead, for prefetching); wraps like the reader does.
@@ -191,11 +194,12 @@ class DaliLoader(Loader):
                 jpegs, ids = fn.readers.file(
                     files=[self.manifest.paths[r] for r in rows], labels=[int(r) for r in rows],
                     random_shuffle=False, shuffle_after_epoch=False, name=_READER)
-            crop, flip = fn.external_source(source=params, num_outputs=2, batch=True,
-                                            batch_info=True, dtype=[types.FLOAT, types.INT32])
+            area_ratio, xy, flip = fn.external_source(
+                source=params, num_outputs=3, batch=True, batch_info=True,
+                dtype=[types.FLOAT, types.FLOAT, types.INT32])
             if not self.gpu:
-                return self._decode(jpegs, crop), ids, flip
-            return self._decode(jpegs, crop, flip), ids
+                return self._decode(jpegs, (area_ratio, xy)), ids, flip
+            return self._decode(jpegs, (area_ratio, xy), flip), ids
 
         return self._iterator(pipeline(), True)
 
