@@ -161,3 +161,17 @@ def test_auto_backend(data):
     _, m, lt = data
     assert make_loader(m, lt, train=False, batch_size=8, image_size=32, num_workers=1).backend == "dali"
 
+
+
+def test_dali_eval_pass_after_an_abandoned_one(data):
+    """Leaving an evaluation pass early must not shift the next one: it starts at the first
+    sample and still covers each exactly once."""
+    pytest.importorskip("nvidia.dali")
+    _, m, lt = data
+    ld = make_loader(m, lt, train=False, batch_size=8, image_size=32, resize_size=40, backend="dali",
+                     num_workers=1)
+    first = next(iter(ld))[1]["index"].tolist()
+    assert first == list(range(8))
+    for _ in range(2):
+        idx, _, _ = _run(ld)
+        assert idx == list(range(N))

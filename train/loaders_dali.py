@@ -11,10 +11,11 @@ Training epochs are reproducible from (seed, epoch), whatever the number of thre
 - image files: each iteration builds a pipeline (cheap) whose fn.readers.file gets this rank's
   slice of the epoch permutation (``epoch_rows``, the torch backend's order) as an explicit,
   unshuffled file list, cut to whole batches. Crop and flip do not come from DALI's random
-  operators: an external source feeds, per sample, (area fraction, aspect ratio, x, y, flip)
-  drawn from ``sample_uniforms((seed, epoch), rows)``; the pipeline turns them into a relative crop
-  window with the image's aspect ratio (``fn.peek_image_shape``), clamped to the image
-  (instead of torchvision's retries), decoded with ``fn.decoders.image_slice``.
+  operators: an external source feeds, per sample, the area fraction times and over the aspect
+  ratio, the window's relative (x, y), and the flip, drawn from
+  ``sample_uniforms((seed, epoch), rows)``; the pipeline turns them into a relative crop window
+  with the image's aspect ratio (``fn.peek_image_shape``), clamped to the image (instead of
+  torchvision's retries), decoded with ``fn.decoders.image_slice``.
   ``skip_batches(k)`` starts the file list at batch k (mid-epoch resume reads nothing twice).
 - packed shards (fn.readers.webdataset): LIMIT. The reader streams tar files through a shuffle
   buffer, so the epoch order cannot be the (seed, epoch) permutation; it is DALI's shuffle-buffer
