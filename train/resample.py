@@ -46,6 +46,7 @@ class BatchWriter:
         self.threads = int(threads)
         self.keep = int(keep)
         self._buffers: list = []
+        self._largest = 0
 
     def _array(self, n: int) -> np.ndarray:
         """A (>= n, 3, S, S) float32 array at a 64-byte boundary (the kernel then streams its
@@ -60,7 +61,9 @@ class BatchWriter:
                 raw = buf
                 break
         if raw is None:
-            raw = np.empty(n * per_batch + 64, dtype=np.uint8)
+            # Sized for the largest batch so far: a short last batch must not take a slot.
+            self._largest = max(self._largest, n)
+            raw = np.empty(self._largest * per_batch + 64, dtype=np.uint8)
             if len(self._buffers) < self.keep:
                 self._buffers.append(raw)
         skip = -raw.ctypes.data % 64
