@@ -107,23 +107,20 @@ inline float* aligned(std::vector<float>& v, size_t n) {
 // otherwise.
 typedef float V8 __attribute__((vector_size(32)));
 
-// The plain 8x8 transposes (``stride``: floats between consecutive j).
+// The plain 8x8 transposes.
 struct PlainOps {
-  // 8 rows of nk (<= 8) bytes -> block[j * stride + i] as float.
-  static inline void load_transpose(const uint8_t* const rows[8], int nk, float* block, int stride) {
+  // 8 rows of nk (<= 8) bytes -> block[j * 8 + i] as float.
+  static inline void load_transpose(const uint8_t* const rows[8], int nk, float* block) {
     for (int j = 0; j < 8; ++j)
-      for (int i = 0; i < 8; ++i) block[j * stride + i] = j < nk ? float(rows[i][j]) : 0.0f;
+      for (int i = 0; i < 8; ++i) block[j * 8 + i] = j < nk ? float(rows[i][j]) : 0.0f;
   }
-  // src[j * stride + i] -> dst[i][j] for the first nr rows.
-  static inline void transpose_store(const float* src, int stride, float* const dst[8], int nr) {
+  // src[j * 8 + i] -> dst[i][j] for the first nr rows.
+  static inline void transpose_store(const float* src, float* const dst[8], int nr) {
     for (int i = 0; i < nr; ++i)
-      for (int j = 0; j < 8; ++j) dst[i][j] = src[j * stride + i];
+      for (int j = 0; j < 8; ++j) dst[i][j] = src[j * 8 + i];
   }
   // An output store that bypasses the caches (p aligned to the vector); plain here.
-  template <class V>
-  static inline void stream(float* p, V v) {
-    __builtin_memcpy(p, &v, sizeof v);
-  }
+  static inline void stream(float* p, V8 v) { __builtin_memcpy(p, &v, sizeof v); }
   static inline void fence() {}
 };
 
@@ -164,25 +161,24 @@ struct Avx2Ops {
     for (int j = 0; j < nk; ++j) tail[j] = p[j];
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(tail))));
   }
-  GEOCELL_AVX2 static inline void load_transpose(const uint8_t* const rows[8], int nk, float* block, int stride) {
+  GEOCELL_AVX2 static inline void load_transpose(const uint8_t* const rows[8], int nk, float* block) {
     __m256 r0 = bytes8(rows[0], nk), r1 = bytes8(rows[1], nk), r2 = bytes8(rows[2], nk),
            r3 = bytes8(rows[3], nk), r4 = bytes8(rows[4], nk), r5 = bytes8(rows[5], nk),
            r6 = bytes8(rows[6], nk), r7 = bytes8(rows[7], nk);
     transpose8(r0, r1, r2, r3, r4, r5, r6, r7);
-    _mm256_storeu_ps(block + 0 * stride, r0);
-    _mm256_storeu_ps(block + 1 * stride, r1);
-    _mm256_storeu_ps(block + 2 * stride, r2);
-    _mm256_storeu_ps(block + 3 * stride, r3);
-    _mm256_storeu_ps(block + 4 * stride, r4);
-    _mm256_storeu_ps(block + 5 * stride, r5);
-    _mm256_storeu_ps(block + 6 * stride, r6);
-    _mm256_storeu_ps(block + 7 * stride, r7);
+    _mm256_storeu_ps(block + 0, r0);
+    _mm256_storeu_ps(block + 8, r1);
+    _mm256_storeu_ps(block + 16, r2);
+    _mm256_storeu_ps(block + 24, r3);
+    _mm256_storeu_ps(block + 32, r4);
+    _mm256_storeu_ps(block + 40, r5);
+    _mm256_storeu_ps(block + 48, r6);
+    _mm256_storeu_ps(block + 56, r7);
   }
-  GEOCELL_AVX2 static inline void transpose_store(const float* src, int stride, float* const dst[8], int nr) {
-    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + stride), r2 = _mm256_loadu_ps(src + 2 * stride),
-           r3 = _mm256_loadu_ps(src + 3 * stride), r4 = _mm256_loadu_ps(src + 4 * stride),
-           r5 = _mm256_loadu_ps(src + 5 * stride), r6 = _mm256_loadu_ps(src + 6 * stride),
-           r7 = _mm256_loadu_ps(src + 7 * stride);
+  GEOCELL_AVX2 static inline void transpose_store(const float* src, float* const dst[8], int nr) {
+    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + 8), r2 = _mm256_loadu_ps(src + 16),
+           r3 = _mm256_loadu_ps(src + 24), r4 = _mm256_loadu_ps(src + 32), r5 = _mm256_loadu_ps(src + 40),
+           r6 = _mm256_loadu_ps(src + 48), r7 = _mm256_loadu_ps(src + 56);
     transpose8(r0, r1, r2, r3, r4, r5, r6, r7);
     const __m256 out[8] = {r0, r1, r2, r3, r4, r5, r6, r7};
     for (int i = 0; i < nr; ++i) _mm256_storeu_ps(dst[i], out[i]);
@@ -206,11 +202,12 @@ inline void store_v(float* p, V v) {
   __builtin_memcpy(p, &v, sizeof v);
 }
 
-// One image. R: source rows per block and floats per vector (V holds R
-// floats); the transposes work on 8x8 tiles, R / 8 of them side by side.
-template <class Ops, class V, int R>
+// One image, source rows in blocks of R = 8 (one vector V of 8 floats).
+template <class Ops>
 inline void resample_one(const ImageU8& im, const PixelBox& box, bool flip, int out_h, int out_w,
                          const float scale[3], const float bias[3], float* out, Scratch& s) {
+  constexpr int R = 8;
+  using V = V8;
   make_taps(box.left, box.width, im.width, out_w, s.cols);
   make_taps(box.top, box.height, im.height, out_h, s.rows);
   int64_t col_lo, col_hi, row_lo, row_hi;
@@ -226,16 +223,12 @@ inline void resample_one(const ImageU8& im, const PixelBox& box, bool flip, int 
   for (int64_t r0 = row_lo; r0 < row_hi; r0 += R) {
     const int nr = static_cast<int>(std::min<int64_t>(R, row_hi - r0));
     // block[k][i] = source row r0 + i, element col_lo * 3 + k, as float.
-    for (int tile = 0; tile * 8 < nr; ++tile) {
-      const uint8_t* src[8];
-      for (int i = 0; i < 8; ++i) {
-        src[i] = im.data + (r0 + std::min(tile * 8 + i, nr - 1)) * im.row_stride + col_lo * 3;
-      }
-      for (int64_t k0 = 0; k0 < k_total; k0 += 8) {
-        const uint8_t* at[8];
-        for (int i = 0; i < 8; ++i) at[i] = src[i] + k0;
-        Ops::load_transpose(at, static_cast<int>(std::min<int64_t>(8, k_total - k0)), block + k0 * R + tile * 8, R);
-      }
+    const uint8_t* src[R];
+    for (int i = 0; i < R; ++i) src[i] = im.data + (r0 + std::min(i, nr - 1)) * im.row_stride + col_lo * 3;
+    for (int64_t k0 = 0; k0 < k_total; k0 += 8) {
+      const uint8_t* at[R];
+      for (int i = 0; i < R; ++i) at[i] = src[i] + k0;
+      Ops::load_transpose(at, static_cast<int>(std::min<int64_t>(8, k_total - k0)), block + k0 * R);
     }
     // Horizontal: R rows of output columns x and x + 1 (all three channels)
     // at once; six independent sums keep the FMA units busy.
@@ -281,16 +274,11 @@ inline void resample_one(const ImageU8& im, const PixelBox& box, bool flip, int 
       put(x, a0, a1, a2);
     }
     // Back to rows: planes[c][r][x].
-    for (int tile = 0; tile * 8 < nr; ++tile) {
-      const int tr = std::min(8, nr - tile * 8);
-      for (int c = 0; c < 3; ++c) {
-        for (int64_t x0 = 0; x0 < out_w; x0 += 8) {
-          float* dst[8];
-          for (int i = 0; i < 8; ++i) {
-            dst[i] = planes + (c * n_rows + (r0 - row_lo) + tile * 8 + std::min(i, tr - 1)) * stride_w + x0;
-          }
-          Ops::transpose_store(across + (c * stride_w + x0) * R + tile * 8, R, dst, tr);
-        }
+    for (int c = 0; c < 3; ++c) {
+      for (int64_t x0 = 0; x0 < out_w; x0 += 8) {
+        float* dst[R];
+        for (int i = 0; i < R; ++i) dst[i] = planes + (c * n_rows + (r0 - row_lo) + std::min(i, nr - 1)) * stride_w + x0;
+        Ops::transpose_store(across + (c * stride_w + x0) * R, dst, nr);
       }
     }
   }
@@ -356,21 +344,21 @@ using OneImage = void (*)(const ImageU8&, const PixelBox&, bool, int, int, const
 
 void resample_plain(const ImageU8& im, const PixelBox& box, bool flip, int out_h, int out_w,
                     const float* scale, const float* bias, float* out, Scratch& s) {
-  resample_one<PlainOps, V8, 8>(im, box, flip, out_h, out_w, scale, bias, out, s);
+  resample_one<PlainOps>(im, box, flip, out_h, out_w, scale, bias, out, s);
 }
 
 #ifdef GEOCELL_IMAGE_X86
 GEOCELL_AVX2 __attribute__((flatten)) void resample_avx2(const ImageU8& im, const PixelBox& box, bool flip,
                                                          int out_h, int out_w, const float* scale,
                                                          const float* bias, float* out, Scratch& s) {
-  resample_one<Avx2Ops, V8, 8>(im, box, flip, out_h, out_w, scale, bias, out, s);
+  resample_one<Avx2Ops>(im, box, flip, out_h, out_w, scale, bias, out, s);
 }
 
 #endif
 
 // The paths, worst to best; g_image_level < 0: the best this CPU has. (An
-// AVX-512 build of the same code, 16 rows per block, measured slower than
-// AVX2 on an AVX-512 Xeon: the kernel is bound by memory and transposes.)
+// AVX-512 build with 16-row blocks measured slower than AVX2 on an AVX-512
+// Xeon: the kernel is bound by memory and transposes, not multiply-adds.)
 const char* const kLevelNames[] = {"scalar", "avx2"};
 std::atomic<int> g_image_level{-1};
 
