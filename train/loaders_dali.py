@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from geocell.train.loaders import MEAN, RATIO, SCALE, STD, Loader, epoch_rows, sample_uniforms
+from geocell.train.resample import BatchWriter, centre_crop_boxes
 
 log = logging.getLogger("geocell.train.loaders")
 
@@ -68,8 +69,6 @@ class DaliLoader(Loader):
         self._start = 0
         self._iter = None
         if not self.gpu:
-            from geocell.train.resample import BatchWriter
-
             self._writer = BatchWriter(self.image_size, MEAN, STD, threads=max(1, self.num_workers))
         if not self.train:
             self._iter = self._build_eval()
@@ -332,8 +331,6 @@ class _HostBatches:
             if self.train:
                 batch = self.writer(views, flip=outs[2].as_array().reshape(-1)[:n])
             else:
-                from geocell.train.resample import centre_crop_boxes
-
                 boxes = centre_crop_boxes([v.shape[0] for v in views], [v.shape[1] for v in views],
                                           self.resize_size, self.writer.size)
                 batch = self.writer(views, boxes)
