@@ -1,7 +1,7 @@
 // geocell._core image resampling: a list of HxWx3 uint8 arrays (any row
 // stride; pixels and channels packed) and per-image boxes in, the caller's
-// float32 (n, 3, H, W) array filled. Argument checks with fuller messages live
-// in geocell/train/resample.py; the core checks boxes itself.
+// float32 (n, 3, H, W) array filled. Shapes, dtypes and strides are checked
+// here (errors name the image); the core checks the boxes.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

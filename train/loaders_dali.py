@@ -82,8 +82,8 @@ class DaliLoader(Loader):
 
     def _decode(self, jpegs, params=None, flip=None):
         """Training (``params``: per-sample (area * ratio, area / ratio) and (x, y) in [0, 1)):
-        the random-resized crop,
-        decoded straight from the JPEG (ROI decode). Evaluation: the whole image. On the GPU
+        the random-resized crop, decoded straight from the JPEG (ROI decode). Evaluation: the
+        whole image. On the GPU
         the pipeline also resizes, mirrors and normalizes (CHW float); on the CPU it returns
         the uint8 images and ``BatchWriter`` does that on the host (DALI's CPU resize costs
         several times more than the core's kernel)."""

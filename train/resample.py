@@ -49,25 +49,25 @@ class BatchWriter:
         self._largest = 0
 
     def _array(self, n: int) -> np.ndarray:
-        """A (>= n, 3, S, S) float32 array at a 64-byte boundary (the kernel then streams its
+        """An (n, 3, S, S) float32 array at a 64-byte boundary (the kernel then streams its
         stores past the caches), a view of a byte buffer this writer keeps."""
-        per_batch = 3 * self.size * self.size * 4
+        per_image = 3 * self.size * self.size * 4
         raw = None
         for buf in self._buffers:
             # Every view (and tensor over a view) refers to the buffer itself, since numpy
             # points views at the array that owns the memory; unused, the references are the
             # list, the loop variable and getrefcount's argument.
-            if len(buf) >= n * per_batch + 64 and sys.getrefcount(buf) <= 3:
+            if len(buf) >= n * per_image + 64 and sys.getrefcount(buf) <= 3:
                 raw = buf
                 break
         if raw is None:
             # Sized for the largest batch so far: a short last batch must not take a slot.
             self._largest = max(self._largest, n)
-            raw = np.empty(self._largest * per_batch + 64, dtype=np.uint8)
+            raw = np.empty(self._largest * per_image + 64, dtype=np.uint8)
             if len(self._buffers) < self.keep:
                 self._buffers.append(raw)
         skip = -raw.ctypes.data % 64
-        return raw[skip:skip + n * per_batch].view(np.float32).reshape(n, 3, self.size, self.size)
+        return raw[skip:skip + n * per_image].view(np.float32).reshape(n, 3, self.size, self.size)
 
     def __call__(self, images, boxes=None, flip=None) -> torch.Tensor:
         """``images``: HxWx3 uint8 arrays (or objects numpy can view as such); ``boxes``:

@@ -90,7 +90,6 @@ struct Scratch {
   std::vector<float> block;   // [source column * 3 + channel][8 rows]
   std::vector<float> across;  // [channel][output column][8 rows]
   std::vector<float> planes;  // [channel][source row][output column], horizontally resampled
-  std::vector<float> line;
 };
 
 constexpr int64_t round8(int64_t v) { return (v + 7) & ~int64_t{7}; }
@@ -106,6 +105,12 @@ inline float* aligned(std::vector<float>& v, size_t n) {
 // 8 floats: one AVX register where the function targets AVX2, two SSE ones
 // otherwise.
 typedef float V8 __attribute__((vector_size(32)));
+inline V8 load8(const float* p) {
+  V8 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store8(float* p, V8 v) { __builtin_memcpy(p, &v, sizeof v); }
 
 // The plain 8x8 transposes.
 struct PlainOps {
@@ -120,7 +125,7 @@ struct PlainOps {
       for (int j = 0; j < 8; ++j) dst[i][j] = src[j * 8 + i];
   }
   // An output store that bypasses the caches (p aligned to the vector); plain here.
-  static inline void stream(float* p, V8 v) { __builtin_memcpy(p, &v, sizeof v); }
+  static inline void stream(float* p, V8 v) { store8(p, v); }
   static inline void fence() {}
 };
 
@@ -191,17 +196,6 @@ struct Avx2Ops {
 
 #endif
 
-template <class V>
-inline V load_v(const float* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-template <class V>
-inline void store_v(float* p, V v) {
-  __builtin_memcpy(p, &v, sizeof v);
-}
-
 // One image, source rows in blocks of R = 8 (one vector V of 8 floats).
 template <class Ops>
 inline void resample_one(const ImageU8& im, const PixelBox& box, bool flip, int out_h, int out_w,
@@ -217,7 +211,6 @@ inline void resample_one(const ImageU8& im, const PixelBox& box, bool flip, int 
   float* block = aligned(s.block, static_cast<size_t>(round8(k_total)) * R);
   float* across = aligned(s.across, static_cast<size_t>(3 * stride_w) * R);
   float* planes = aligned(s.planes, static_cast<size_t>(3 * std::max<int64_t>(n_rows, 1) * stride_w));
-  s.line.resize(R);
   const int mc = s.cols.max_count;
 
   for (int64_t r0 = row_lo; r0 < row_hi; r0 += R) {
@@ -236,16 +229,16 @@ inline void resample_one(const ImageU8& im, const PixelBox& box, bool flip, int 
       const float* w = &s.cols.weight[static_cast<size_t>(x) * mc];
       const float* p = block + ((s.cols.first[x] - col_lo) * 3 + from * 3) * R;
       for (int t = from; t < s.cols.count[x]; ++t, p += 3 * R) {
-        a0 += w[t] * load_v<V>(p);
-        a1 += w[t] * load_v<V>(p + R);
-        a2 += w[t] * load_v<V>(p + 2 * R);
+        a0 += w[t] * load8(p);
+        a1 += w[t] * load8(p + R);
+        a2 += w[t] * load8(p + 2 * R);
       }
     };
     auto put = [&](int x, const V& a0, const V& a1, const V& a2) {
       const int xo = flip ? out_w - 1 - x : x;
-      store_v(across + (0 * stride_w + xo) * R, a0);
-      store_v(across + (1 * stride_w + xo) * R, a1);
-      store_v(across + (2 * stride_w + xo) * R, a2);
+      store8(across + (0 * stride_w + xo) * R, a0);
+      store8(across + (1 * stride_w + xo) * R, a1);
+      store8(across + (2 * stride_w + xo) * R, a2);
     };
     int x = 0;
     for (; x + 2 <= out_w; x += 2) {
@@ -256,12 +249,12 @@ inline void resample_one(const ImageU8& im, const PixelBox& box, bool flip, int 
       const float* p1 = block + (s.cols.first[x + 1] - col_lo) * 3 * R;
       V a0 = {}, a1 = {}, a2 = {}, b0 = {}, b1 = {}, b2 = {};
       for (int t = 0; t < n; ++t, p0 += 3 * R, p1 += 3 * R) {
-        a0 += w0[t] * load_v<V>(p0);
-        b0 += w1[t] * load_v<V>(p1);
-        a1 += w0[t] * load_v<V>(p0 + R);
-        b1 += w1[t] * load_v<V>(p1 + R);
-        a2 += w0[t] * load_v<V>(p0 + 2 * R);
-        b2 += w1[t] * load_v<V>(p1 + 2 * R);
+        a0 += w0[t] * load8(p0);
+        b0 += w1[t] * load8(p1);
+        a1 += w0[t] * load8(p0 + R);
+        b1 += w1[t] * load8(p1 + R);
+        a2 += w0[t] * load8(p0 + 2 * R);
+        b2 += w1[t] * load8(p1 + 2 * R);
       }
       column(x, a0, a1, a2, n);
       column(x + 1, b0, b1, b2, n);
@@ -286,7 +279,6 @@ inline void resample_one(const ImageU8& im, const PixelBox& box, bool flip, int 
   // Vertical, then (v / 255 - mean) / std, R columns per vector, four
   // independent sums where the row is long enough.
   const int mr = s.rows.max_count;
-  float* line = s.line.data();
   for (int c = 0; c < 3; ++c) {
     const float* plane = planes + c * n_rows * stride_w;
     const V sc = V{} + scale[c], bi = V{} + bias[c];
@@ -300,7 +292,7 @@ inline void resample_one(const ImageU8& im, const PixelBox& box, bool flip, int 
         if (stream) {
           Ops::stream(p, v);
         } else {
-          store_v(p, v);
+          store8(p, v);
         }
       };
       int64_t x0 = 0;
@@ -308,31 +300,28 @@ inline void resample_one(const ImageU8& im, const PixelBox& box, bool flip, int 
         V a0 = {}, a1 = {}, a2 = {}, a3 = {};
         const float* p = top + x0;
         for (int t = 0; t < n; ++t, p += stride_w) {
-          a0 += w[t] * load_v<V>(p);
-          a1 += w[t] * load_v<V>(p + R);
-          a2 += w[t] * load_v<V>(p + 2 * R);
-          a3 += w[t] * load_v<V>(p + 3 * R);
+          a0 += w[t] * load8(p);
+          a1 += w[t] * load8(p + R);
+          a2 += w[t] * load8(p + 2 * R);
+          a3 += w[t] * load8(p + 3 * R);
         }
         put(dst + x0, a0 * sc + bi);
         put(dst + x0 + R, a1 * sc + bi);
         put(dst + x0 + 2 * R, a2 * sc + bi);
         put(dst + x0 + 3 * R, a3 * sc + bi);
       }
-      for (; x0 + R <= out_w; x0 += R) {
+      for (; x0 < out_w; x0 += R) {
         V acc = {};
-        const float* p = top + x0;
-        for (int t = 0; t < n; ++t, p += stride_w) acc += w[t] * load_v<V>(p);
-        put(dst + x0, acc * sc + bi);
-      }
-      // The row's last columns (the output has no padding; planes rows have
-      // stride_w >= out_w, a multiple of 8, so 8-wide reads stay inside).
-      for (; x0 < out_w; x0 += 8) {
-        V8 acc = {};
-        const float* p = top + x0;
-        for (int t = 0; t < n; ++t, p += stride_w) acc += w[t] * load_v<V8>(p);
-        acc = acc * (V8{} + scale[c]) + (V8{} + bias[c]);
-        store_v(line, acc);
-        for (int64_t k = x0; k < std::min<int64_t>(out_w, x0 + 8); ++k) dst[k] = line[k - x0];
+        const float* p = top + x0;  // planes rows are padded to 8: whole vectors stay inside
+        for (int t = 0; t < n; ++t, p += stride_w) acc += w[t] * load8(p);
+        acc = acc * sc + bi;
+        if (x0 + R <= out_w) {
+          put(dst + x0, acc);
+        } else {  // the row's last columns: the output has no padding
+          float last[R];
+          store8(last, acc);
+          for (int64_t k = x0; k < out_w; ++k) dst[k] = last[k - x0];
+        }
       }
     }
   }
