@@ -24,9 +24,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from geocell.train.labels import LabelTable  # noqa: E402
-from geocell.train.loaders import dali_available, make_loader  # noqa: E402
-from geocell.train.manifest import read_manifest  # noqa: E402
+from geocell.loading.labels import LabelTable  # noqa: E402
+from geocell.loading.base import dali_available, make_loader  # noqa: E402
+from geocell.data.manifest import read_manifest  # noqa: E402
 
 N_IMAGES = int(os.environ.get("GEOCELL_BENCH_IMAGES", 2000))
 BATCH = 64
@@ -36,7 +36,7 @@ RATES = {}
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from geocell.train.earth import build_earth
+    from geocell.data.earth import build_earth
 
     folder = tmp_path_factory.mktemp("earth_bench")
     path = build_earth(folder, n=N_IMAGES, size=320, seed=0, progress=False, workers=CORES)
@@ -78,7 +78,7 @@ class _PilImages:
     def __init__(self, paths):
         import torchvision.transforms as T
 
-        from geocell.train.loaders import MEAN, STD
+        from geocell.loading.base import MEAN, STD
 
         self.paths = paths
         self.transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),

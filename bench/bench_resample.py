@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 F = pytest.importorskip("torchvision.transforms.v2.functional")
 
 from geocell import _core  # noqa: E402
-from geocell.train.loaders import MEAN, STD, crop_params, sample_rng  # noqa: E402
-from geocell.train.resample import BatchWriter  # noqa: E402
+from geocell.loading.base import MEAN, STD, crop_params, sample_rng  # noqa: E402
+from geocell.loading.resample import BatchWriter  # noqa: E402
 
 N, BATCH, SIZE = 512, 64, 224
 RATES = {}

@@ -14,9 +14,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from geocell.train import engine  # noqa: E402
-from geocell.train.losses import MultitaskLoss  # noqa: E402
-from geocell.train.model import GeoModel  # noqa: E402
+from geocell.training import engine  # noqa: E402
+from geocell.training.losses import MultitaskLoss  # noqa: E402
+from geocell.training.model import GeoModel  # noqa: E402
 
 SIZE = 64
 BATCH = 32
@@ -58,9 +58,9 @@ def test_train_step_synthetic(benchmark):
 
 @pytest.fixture(scope="module")
 def earth(tmp_path_factory):
-    from geocell.train.earth import build_earth
-    from geocell.train.labels import LabelTable
-    from geocell.train.manifest import read_manifest
+    from geocell.data.earth import build_earth
+    from geocell.loading.labels import LabelTable
+    from geocell.data.manifest import read_manifest
 
     m = read_manifest(build_earth(tmp_path_factory.mktemp("earth"), n=320, size=128, seed=0, progress=False))
     rng = np.random.default_rng(0)
@@ -69,7 +69,7 @@ def earth(tmp_path_factory):
 
 
 def test_train_epoch_with_loader(benchmark, earth):
-    from geocell.train.loaders import make_loader
+    from geocell.loading.base import make_loader
 
     model, optimizer, criterion = _setup()
     m, labels = earth

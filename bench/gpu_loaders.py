@@ -1,6 +1,6 @@
 """GPU loader check and throughput for machines with a GPU (DALI optional).
 
-Runs with only torch, torchvision, Pillow and numpy installed: geocell's training data modules
+Runs with only torch, torchvision, Pillow and numpy installed: geocell's loading modules
 are pure Python and are imported from this checkout without building the C++ core.
 
     python bench/gpu_loaders.py                      # generates 4096 JPEGs (427x320) in a temp dir
@@ -32,9 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _import_train_modules():
-    """Imports geocell.train.* from this checkout, also where geocell itself is not built."""
+    """Imports geocell's loading modules from this checkout, also where the core is not built
+    (they are pure Python; only the package's __init__ needs the compiled core)."""
     try:
-        import geocell.train.loaders  # noqa: F401
+        import geocell.loading.base  # noqa: F401
         return "installed geocell"
     except Exception:
         pass
@@ -43,11 +44,7 @@ def _import_train_modules():
     pkg = types.ModuleType("geocell")
     pkg.__path__ = [str(REPO / "python" / "geocell")]
     sys.modules["geocell"] = pkg
-    sub = types.ModuleType("geocell.train")
-    sub.__path__ = [str(REPO / "train")]
-    sys.modules["geocell.train"] = sub
-    pkg.train = sub
-    import geocell.train.loaders  # noqa: F401
+    import geocell.loading.base  # noqa: F401
     return "checkout (core not built)"
 
 
@@ -123,9 +120,9 @@ def main(argv=None) -> int:
     import torch
     import torchvision
 
-    from geocell.train.labels import LabelTable
-    from geocell.train.loaders import dali_available, make_loader
-    from geocell.train.manifest import read_manifest
+    from geocell.loading.labels import LabelTable
+    from geocell.loading.base import dali_available, make_loader
+    from geocell.data.manifest import read_manifest
 
     if not torch.cuda.is_available():
         print("no CUDA device: this script is for GPU machines", file=sys.stderr)

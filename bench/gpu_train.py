@@ -9,7 +9,7 @@ Three measurements in one run, same model and optimiser step:
 
 It writes its own JPEG dataset (random smooth images, ~400x300) to a temporary folder and prints a
 JSON summary. Only torch, torchvision, PIL and numpy are needed; the model is loaded from
-train/model.py next to this file.
+python/geocell/training/model.py of this checkout.
 
     python bench/gpu_train.py                       # on the GPU machine
     python bench/gpu_train.py --compile
@@ -42,7 +42,7 @@ NUM_SCENES = 3
 
 
 def load_geomodel():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train", "model.py")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python", "geocell", "training", "model.py")
     spec = importlib.util.spec_from_file_location("geocell_train_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geocell.train.data_cli import main as data_main
-from geocell.train.earth import build_earth, default_locations, land_fraction
-from geocell.train.manifest import read_manifest
+from geocell.data.cli import main as data_main
+from geocell.data.earth import build_earth, default_locations, land_fraction
+from geocell.data.manifest import read_manifest
 
 
 def _digest(folder):

@@ -3,9 +3,9 @@
 import pytest
 from PIL import Image
 
-from geocell.train.data_cli import main as data_main
-from geocell.train.exif import gps_exif, manifest_from_exif, read_gps
-from geocell.train.manifest import read_manifest
+from geocell.data.cli import main as data_main
+from geocell.data.exif import gps_exif, manifest_from_exif, read_gps
+from geocell.data.manifest import read_manifest
 
 PLACES = [(48.858370, 2.294481), (-33.856784, 151.215297), (40.689247, -74.044502),
           (-22.951916, -43.210487), (0.0, 0.0)]

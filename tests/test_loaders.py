@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from geocell.train.labels import LabelTable
-from geocell.train.loaders import MEAN, STD, check_image_file, make_loader
-from geocell.train.manifest import read_manifest
+from geocell.loading.labels import LabelTable
+from geocell.loading.base import MEAN, STD, check_image_file, make_loader
+from geocell.data.manifest import read_manifest
 
 N = 37  # not a multiple of the batch size nor of the shard count
 

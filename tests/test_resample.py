@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 F = pytest.importorskip("torchvision.transforms.v2.functional")
 
 from geocell import _core  # noqa: E402
-from geocell.train.resample import BatchWriter, centre_crop_boxes  # noqa: E402
+from geocell.loading.resample import BatchWriter, centre_crop_boxes  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from geocell.train.labels import LabelTable
-from geocell.train.loaders import crop_params, epoch_rows, make_loader, sample_rng
-from geocell.train.manifest import read_manifest
+from geocell.loading.labels import LabelTable
+from geocell.loading.base import crop_params, epoch_rows, make_loader, sample_rng
+from geocell.data.manifest import read_manifest
 
 N = 29
 

@@ -5,16 +5,16 @@ import pytest
 
 pytest.importorskip("torchvision")
 
-from geocell.train import scenes
-from geocell.train.checkpoint import load_checkpoint
-from geocell.train.manifest import read_manifest, write_manifest
+from geocell.training import scenes
+from geocell.training.checkpoint import load_checkpoint
+from geocell.data.manifest import read_manifest, write_manifest
 
 COMMON = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend", "torch", "--threads", "1",
           "--no-progress"]
 
 
 def test_train_then_label(tmp_path):
-    from geocell.train.earth import build_earth
+    from geocell.data.earth import build_earth
 
     manifest = read_manifest(build_earth(tmp_path / "earth", n=120, size=32, seed=1, progress=False, workers=1))
     labelled = manifest.subset(np.arange(80))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geocell.train.data_cli import main as data_main
-from geocell.train.labels import LabelTable
-from geocell.train.manifest import read_manifest
-from geocell.train.shards import read_index
+from geocell.data.cli import main as data_main
+from geocell.loading.labels import LabelTable
+from geocell.data.manifest import read_manifest
+from geocell.data.shards import read_index
 
 
 def _dataset(folder, n=12):
@@ -101,7 +101,7 @@ def test_index_matches_dali_wds2idx(packed, tmp_path):
 def test_loaders_read_shards(packed, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    from geocell.train.loaders import make_loader
+    from geocell.loading.base import make_loader
 
     _, out = packed
     m = read_manifest(out)

@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("torchvision")
 
-from geocell.train import run
-from geocell.train.checkpoint import load_checkpoint
+from geocell.training import trainer as run
+from geocell.training.checkpoint import load_checkpoint
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend", "torch", "--threads", "1",
         "--no-progress", "--no-tensorboard", "--arch", "resnet18", "--log-every", "2"]
@@ -20,7 +20,7 @@ TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend
 
 @pytest.fixture(scope="module")
 def earth(tmp_path_factory):
-    from geocell.train.earth import build_earth
+    from geocell.data.earth import build_earth
 
     return str(build_earth(tmp_path_factory.mktemp("earth"), n=240, size=32, seed=0, progress=False, workers=1))
 
@@ -84,7 +84,7 @@ def test_yaml_config_and_flag_precedence(earth, tmp_path):
 
 def _partition_csvs(earth, tmp_path):
     import geocell
-    from geocell.train.manifest import read_manifest
+    from geocell.data.manifest import read_manifest
 
     m = read_manifest(earth)
     paths = []
@@ -119,7 +119,7 @@ def test_ddp_two_gloo_processes(earth, tmp_path):
     assert r0["digest"] == r1["digest"]  # DDP kept the replicas identical
     assert r0["rows"] == r1["rows"]  # metrics reduced over both shards
     n_test = r0["rows"]["hierarchy"]["n"]
-    from geocell.train.manifest import read_manifest
+    from geocell.data.manifest import read_manifest
 
     assert n_test == int((read_manifest(earth).split == "test").sum())  # every test image once
     assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "results.json").exists()

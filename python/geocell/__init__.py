@@ -6,7 +6,8 @@ The core API takes and returns numpy arrays:
 - the adaptive partitioning of training locations: :func:`partition`,
   :func:`partitions`, :func:`hierarchy`, :class:`Partition`.
 
-Training, evaluation and prediction (``geocell.train``, :class:`Geolocator`)
+Datasets (``geocell.data``), loaders (``geocell.loading``), training (``geocell.training``),
+evaluation and prediction (``geocell.infer``, :class:`Geolocator`)
 need the ``train`` extra: ``pip install geocell[train]``.
 """
 
@@ -52,7 +53,7 @@ __all__ = [
 def __getattr__(name):
     # The predictor needs torch; import it only when asked for.
     if name == "Geolocator":
-        from .train.predict import Geolocator
+        from .infer.predict import Geolocator
 
         return Geolocator
     raise AttributeError(f"module 'geocell' has no attribute {name!r}")

@@ -12,11 +12,11 @@ import sys
 # command -> (module with main(argv) -> int, one-line help, needs the train extra)
 COMMANDS: dict[str, tuple[str, str, bool]] = {
     "partition": ("geocell.partition_cli", "build adaptive S2 partitionings from photo locations", False),
-    "data": ("geocell.train.data_cli", "datasets: from-exif, pack (WebDataset shards), earth (built-in)", True),
-    "scenes": ("geocell.train.scenes", "the scene helper network: train, label", True),
-    "train": ("geocell.train.run", "train the multitask geolocation model", True),
-    "evaluate": ("geocell.train.evaluate", "accuracy table and error CDF of a checkpoint on a manifest", True),
-    "predict": ("geocell.train.predict", "locate photos: top-k cells, credible region, probability map", True),
+    "data": ("geocell.data.cli", "datasets: from-exif, pack (WebDataset shards), earth (built-in)", True),
+    "scenes": ("geocell.training.scenes", "the scene helper network: train, label", True),
+    "train": ("geocell.training.trainer", "train the multitask geolocation model", True),
+    "evaluate": ("geocell.infer.evaluate", "accuracy table and error CDF of a checkpoint on a manifest", True),
+    "predict": ("geocell.infer.predict", "locate photos: top-k cells, credible region, probability map", True),
 }
 
 

@@ -88,7 +88,7 @@ def gps_exif(lat: float, lng: float, exif=None):
 def manifest_from_exif(folder, out_manifest=None, progress: bool = False):
     """Walks ``folder`` for photos and reads their GPS. Returns ``(manifest, skipped)`` where
     ``skipped`` is a list of ``(path, reason)``; writes the manifest when a path is given."""
-    from geocell.train.manifest import Manifest, write_manifest
+    from geocell.data.manifest import Manifest, write_manifest
 
     folder = Path(folder)
     if not folder.is_dir():

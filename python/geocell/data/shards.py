@@ -117,7 +117,7 @@ def pack(manifest, out_dir, *, shard_size: int = 5000, shorter_side: Optional[in
          progress: bool = True) -> dict:
     """Packs ``manifest`` into shards under ``out_dir``; returns the summary written to
     ``out_dir/shards.json`` (also: ``skipped`` list of (row, path, reason))."""
-    from geocell.train.manifest import Manifest, write_manifest
+    from geocell.data.manifest import Manifest, write_manifest
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +192,7 @@ def is_shard_dir(path) -> bool:
 def read_shards(path):
     """The manifest of a packed folder; ``manifest.shards`` points at the folder and
     ``manifest.ids`` holds each row's sample id (the ``KEY.id`` in the tar)."""
-    from geocell.train.manifest import read_manifest
+    from geocell.data.manifest import read_manifest
 
     path = Path(path)
     m = read_manifest(path / "manifest.csv", check_files=False)

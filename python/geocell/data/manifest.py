@@ -48,7 +48,7 @@ class Manifest:
     scene_probs: Optional[np.ndarray] = None
     report: list = field(default_factory=list)
     source: Optional[str] = None
-    # Shard-backed manifests (see geocell.train.shards): the packed folder and each row's
+    # Shard-backed manifests (see geocell.data.shards): the packed folder and each row's
     # sample id in its tars.
     shards: Optional[str] = None
     ids: Optional[np.ndarray] = None
@@ -149,7 +149,7 @@ def read_manifest(path, image_root=None, check_files: bool = True) -> Manifest:
     """
     path = Path(path)
     if path.is_dir():
-        from geocell.train.shards import is_shard_dir, read_shards
+        from geocell.data.shards import is_shard_dir, read_shards
 
         if is_shard_dir(path):
             return read_shards(path)

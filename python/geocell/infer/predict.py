@@ -229,7 +229,7 @@ class Geolocator:
     @classmethod
     def from_checkpoint(cls, path, device=None) -> "Geolocator":
         """Load a checkpoint safely (tensors and plain data only; nothing is executed)."""
-        from geocell.train.checkpoint import load_checkpoint, model_from_checkpoint
+        from geocell.training.checkpoint import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(path, map_location="cpu")
         model, partitions, hierarchy = model_from_checkpoint(ckpt)
@@ -255,7 +255,7 @@ class Geolocator:
     @property
     def fine_areas_km2(self) -> np.ndarray:
         if self._fine_areas is None:
-            from geocell.train.regions import cell_area_km2
+            from geocell.infer.regions import cell_area_km2
 
             self._fine_areas = cell_area_km2(np.asarray(self.fine.cells, dtype=np.uint64))
         return self._fine_areas
@@ -271,7 +271,7 @@ class Geolocator:
         """Normalised images (B, 3, H, W) or crops (B, n, 3, H, W) ->
         (per-partitioning probabilities [(B, C_p)], hierarchical (B, n_fine) renormalised,
         scene probabilities (B, S) or None)."""
-        from geocell.train.metrics import hierarchical_probs
+        from geocell.infer.metrics import hierarchical_probs
 
         n_crops = 1
         if images.ndim == 5:
@@ -312,7 +312,7 @@ class Geolocator:
                  scenes: np.ndarray | None, *, top_k: int = 5, mass: float = 0.9,
                  keep_probs: bool = False) -> Prediction:
         """The Prediction for one image from its distributions (rows of :meth:`distributions`)."""
-        from geocell.train.regions import credible_region
+        from geocell.infer.regions import credible_region
 
         fine_p = len(self.partitions) - 1
         top = self._top(fine_p, hier, top_k)
@@ -434,7 +434,7 @@ def format_prediction(pred: Prediction) -> str:
 
 def _exif_location(path: str) -> tuple[float, float] | None:
     """The photo's own GPS position, if its EXIF has one (marked on the map as the truth)."""
-    from geocell.train.exif import read_gps
+    from geocell.data.exif import read_gps
 
     try:
         return read_gps(path)
@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     map_paths = None
     if args.map:
-        from geocell.train.maps import numbered_map_paths
+        from geocell.infer.maps import numbered_map_paths
 
         map_paths = numbered_map_paths(args.map, len(paths), names=paths)
 
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             csv_rows.append(csv_row(path, None, error, args.top_k))
             continue
         if map_paths is not None:
-            from geocell.train.maps import draw_probability_map
+            from geocell.infer.maps import draw_probability_map
 
             top = pred.hierarchical_top1
             draw_probability_map(

@@ -46,7 +46,7 @@ def _basemap_file(name: str):
 
 def default_locations() -> np.ndarray:
     """(100000, 2) lat, lng of the vendored MP-16 sample."""
-    res = importlib.resources.files("geocell.train") / "assets" / "mp16_coords_100k.csv.gz"
+    res = importlib.resources.files("geocell.data") / "assets" / "mp16_coords_100k.csv.gz"
     text = gzip.decompress(res.read_bytes()).decode()
     return np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, dtype=np.float64).reshape(-1, 2)
 
@@ -54,7 +54,7 @@ def default_locations() -> np.ndarray:
 def read_locations(path) -> tuple:
     """A CSV with lat/lng columns (any of lat/latitude, lng/lon/longitude, any case) and an
     optional split column. Returns (latlng (N,2), split list or None)."""
-    from geocell.train.manifest import _LAT_COLUMNS, _LNG_COLUMNS, _find, _parse_coord
+    from geocell.data.manifest import _LAT_COLUMNS, _LNG_COLUMNS, _find, _parse_coord
 
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", newline="") as f:
@@ -198,7 +198,7 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     patches are then made at exactly those points (split from the file, else ``test``) and
     ``n``/``seed`` only matter for the default locations. Deterministic for a given seed.
     """
-    from geocell.train.manifest import Manifest, write_manifest
+    from geocell.data.manifest import Manifest, write_manifest
 
     out_dir = Path(out_dir)
     img_dir = out_dir / "images"

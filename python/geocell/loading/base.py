@@ -30,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-log = logging.getLogger("geocell.train.loaders")
+log = logging.getLogger("geocell.loading.base")
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -256,11 +256,11 @@ def make_loader(manifest, labels, *, train: bool, batch_size: int, image_size: i
                   device=device, num_workers=num_workers, shard_id=shard_id, num_shards=num_shards,
                   seed=seed, validate=validate)
     if backend == "dali":
-        from geocell.train.loaders_dali import DaliLoader
+        from geocell.loading.dali_backend import DaliLoader
 
         loader = DaliLoader(manifest, labels, **kwargs)
     else:
-        from geocell.train.loaders_torch import TorchLoader
+        from geocell.loading.torch_backend import TorchLoader
 
         loader = TorchLoader(manifest, labels, gpu_decode=gpu_decode, **kwargs)
     log.info("data loader: %s backend (%s), %d samples, %d batches per epoch", loader.backend,

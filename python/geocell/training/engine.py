@@ -1,6 +1,6 @@
 """Training machinery: distributed setup, optimiser and schedule, the epoch loop, logging, RNG state.
 
-The evaluation pass lives in geocell.train.metrics (evaluate / evaluate_full).
+The evaluation pass lives in geocell.infer.metrics (evaluate / evaluate_full).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ _POLE_EPS_DEG = 1e-9
 def load_world_image(max_width: int = 2048) -> np.ndarray:
     """The Blue Marble image (H, W, 3) uint8 covering lng -180..180, lat 90..-90 (north up)."""
     try:  # the data part reads the same file; prefer its loader when it exposes one
-        from geocell.train.earth import load_blue_marble  # type: ignore[attr-defined]
+        from geocell.data.earth import load_blue_marble  # type: ignore[attr-defined]
     except ImportError:
         load_blue_marble = None
     from PIL import Image

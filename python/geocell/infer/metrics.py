@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from geocell.train.losses import haversine_km
+from geocell.training.losses import haversine_km
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 BASELINE_ROW = "most frequent cell"

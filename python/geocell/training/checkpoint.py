@@ -87,7 +87,7 @@ def from_safe(obj):
 
 def clean_state_dict(state: dict) -> dict:
     """Weights keyed without DDP (module.) or torch.compile (_orig_mod.) prefixes, on the CPU."""
-    from geocell.train.model import strip_wrapper_prefixes
+    from geocell.training.model import strip_wrapper_prefixes
 
     return {key: value.detach().cpu() for key, value in strip_wrapper_prefixes(state).items()}
 
@@ -103,7 +103,7 @@ def save_checkpoint(path, **fields) -> None:
     names = fields.pop("partition_names", None)
     parts = fields.get("partitions", [])
     if parts and not isinstance(parts[0], dict):
-        from geocell.train.metrics import partition_names
+        from geocell.infer.metrics import partition_names
 
         names = names or partition_names(len(parts))
         fields["partitions"] = [partition_to_dict(p, n) for p, n in zip(parts, names)]
@@ -149,7 +149,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 def model_from_checkpoint(ckpt):
     """(GeoModel with the stored weights in eval mode, partitions: list[geocell.Partition], hierarchy ndarray)."""
-    from geocell.train.model import GeoModel
+    from geocell.training.model import GeoModel
 
     if isinstance(ckpt, (str, os.PathLike)):
         ckpt = load_checkpoint(ckpt)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from geocell.train.metrics import (
+from geocell.infer.metrics import (
     BASELINE_ROW,
     HIERARCHY_ROW,
     THRESHOLDS_KM,
@@ -50,7 +50,7 @@ def evaluate_paths(geo, paths, true_latlng, *, tta: str = "none", tta_combine: s
     true_latlng = np.asarray(true_latlng, dtype=np.float64).reshape(-1, 2)
     if len(paths) != len(true_latlng):
         raise ValueError(f"{len(paths)} paths but {len(true_latlng)} locations")
-    from geocell.train.predict import stream_files
+    from geocell.infer.predict import stream_files
 
     names = list(geo.partition_names)
     rows = names + ([HIERARCHY_ROW] if len(names) > 1 else [])
@@ -163,7 +163,7 @@ def write_predictions_csv(ev: Evaluation, path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from geocell.train.predict import TTA_COMBINE, TTA_MODES
+    from geocell.infer.predict import TTA_COMBINE, TTA_MODES
 
     ap = argparse.ArgumentParser(
         prog="geocell evaluate",
@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from geocell.train.manifest import read_manifest
-    from geocell.train.predict import Geolocator
+    from geocell.data.manifest import read_manifest
+    from geocell.infer.predict import Geolocator
 
     try:
         geo = Geolocator.from_checkpoint(args.checkpoint, device=args.device)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from geocell.train.loaders import Loader, crop_params, epoch_rows, sample_rng, shard_range
+from geocell.loading.base import Loader, crop_params, epoch_rows, sample_rng, shard_range
 
 
 def _read_bytes(source, row) -> bytes:
@@ -149,7 +149,7 @@ class TorchLoader(Loader):
     def __init__(self, manifest, labels, *, gpu_decode=None, **kw):
         super().__init__(manifest, labels, **kw)
         if getattr(manifest, "shards", None):
-            from geocell.train.shards import sample_locations
+            from geocell.data.shards import sample_locations
 
             tars, tar_of, offset, size = sample_locations(manifest)
             self._source = ("shards", tars, tar_of, offset, size)

@@ -3,7 +3,7 @@ manifest row, looked up in the label table on the host) or fn.readers.webdataset
 shards; decode on the GPU (device='mixed') when the loader's device is CUDA, on the CPU
 otherwise (pipeline device_id=None). On the GPU the pipeline also resizes, mirrors and
 normalizes; on the CPU it stops at the decoded uint8 crops (ROI decode) and ``_HostBatches``
-finishes them with the core's resampling kernel (``geocell.train.resample``): DALI's CPU resize
+finishes them with the core's resampling kernel (``geocell.loading.resample``): DALI's CPU resize
 cost more than the JPEG decode itself.
 
 Training epochs are reproducible from (seed, epoch), whatever the number of threads:
@@ -35,10 +35,10 @@ import logging
 import numpy as np
 import torch
 
-from geocell.train.loaders import MEAN, RATIO, SCALE, STD, Loader, epoch_rows, sample_uniforms
-from geocell.train.resample import BatchWriter, centre_crop_boxes
+from geocell.loading.base import MEAN, RATIO, SCALE, STD, Loader, epoch_rows, sample_uniforms
+from geocell.loading.resample import BatchWriter, centre_crop_boxes
 
-log = logging.getLogger("geocell.train.loaders")
+log = logging.getLogger("geocell.loading.base")
 
 _READER = "Reader"
 
@@ -50,7 +50,7 @@ class DaliLoader(Loader):
         super().__init__(manifest, labels, **kw)
         self._shards = bool(getattr(manifest, "shards", None))
         if self._shards:
-            from geocell.train.shards import whole_shards
+            from geocell.data.shards import whole_shards
 
             self._tars = whole_shards(manifest)
             ids = np.asarray(manifest.ids, dtype=np.int64)

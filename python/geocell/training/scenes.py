@@ -19,20 +19,20 @@ import time
 import numpy as np
 import torch
 
-from geocell.train import engine
-from geocell.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from geocell.train.losses import MultitaskLoss
-from geocell.train.model import GeoModel, PretrainedWeightsError
+from geocell.training import engine
+from geocell.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from geocell.training.losses import MultitaskLoss
+from geocell.training.model import GeoModel, PretrainedWeightsError
 
 
 def _labels(manifest):
-    from geocell.train.labels import LabelTable
+    from geocell.loading.labels import LabelTable
 
     return LabelTable.from_manifest(manifest, [])  # no partitionings: scene targets only
 
 
 def _loader(manifest, args, train, device):
-    from geocell.train.loaders import make_loader
+    from geocell.loading.base import make_loader
 
     return make_loader(manifest, _labels(manifest), train=train, batch_size=args.batch_size,
                        image_size=args.image_size, backend=args.backend, device=device,
@@ -52,7 +52,7 @@ def scene_probabilities(model, loader, n_rows: int, device, amp_dtype=None) -> n
 
 
 def cmd_train(args) -> int:
-    from geocell.train.manifest import read_manifest
+    from geocell.data.manifest import read_manifest
 
     engine.seed_everything(args.seed)
     if args.threads:
@@ -99,7 +99,7 @@ def cmd_train(args) -> int:
             acc = float((probs[ok].argmax(axis=1) == val_set.scene[ok]).mean()) if ok.any() else float("nan")
             msg += f", validation scene accuracy {100 * acc:.1f}% ({int(ok.sum())} images)"
         print(msg, flush=True)
-    from geocell.train.loaders import MEAN, STD
+    from geocell.loading.base import MEAN, STD
 
     save_checkpoint(args.output, arch=args.arch, task="scenes", model=model.state_dict(), num_classes=[],
                     scene_names=names, partitions=[],
@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from geocell.train.manifest import read_manifest, write_manifest
+    from geocell.data.manifest import read_manifest, write_manifest
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,7 +12,7 @@ import sys
 
 
 def _from_exif(args) -> int:
-    from geocell.train.exif import manifest_from_exif
+    from geocell.data.exif import manifest_from_exif
 
     manifest, skipped = manifest_from_exif(args.folder, args.output, progress=not args.quiet)
     print(f"{len(manifest)} photos with GPS written to {args.output}; {len(skipped)} skipped")
@@ -30,8 +30,8 @@ def _from_exif(args) -> int:
 
 
 def _pack(args) -> int:
-    from geocell.train.manifest import read_manifest
-    from geocell.train.shards import pack
+    from geocell.data.manifest import read_manifest
+    from geocell.data.shards import pack
 
     manifest = read_manifest(args.manifest, image_root=args.image_root)
     if manifest.report:
@@ -47,7 +47,7 @@ def _pack(args) -> int:
 
 
 def _earth(args) -> int:
-    from geocell.train.earth import build_earth
+    from geocell.data.earth import build_earth
 
     path = build_earth(args.output, n=args.n, size=args.size, seed=args.seed,
                        locations=args.locations, progress=not args.quiet, workers=args.workers)
