@@ -175,3 +175,30 @@ def test_dali_eval_pass_after_an_abandoned_one(data):
     for _ in range(2):
         idx, _, _ = _run(ld)
         assert idx == list(range(N))
+
+
+def test_predictor_input_equals_the_evaluation_loaders(data):
+    # One preprocessing description: what Geolocator feeds the network for an image is what the
+    # evaluation loader fed it during training (a lossless PNG, so both decoders agree exactly).
+    from geocell.infer.predict import make_transform
+    from geocell.loading.preprocess import Preprocess
+
+    folder, m, labels = data
+    spec = Preprocess(image_size=32, resize_size=40)
+    loader = make_loader(m, labels, train=False, batch_size=8, image_size=32, resize_size=40,
+                         backend="torch", num_workers=0)
+    batches = {int(i): x for xs, t in loader for i, x in zip(t["index"], xs)}
+    row = [i for i, p in enumerate(m.paths) if p.endswith(".png")][0]
+    mine = make_transform(spec.to_dict())(Image.open(m.paths[row]))
+    assert mine.shape == (3, 32, 32)
+    torch.testing.assert_close(mine, batches[row], rtol=0, atol=1e-5)
+
+
+def test_preprocess_rules():
+    from geocell.loading.preprocess import Preprocess, default_resize_size
+
+    assert default_resize_size(224) == 256 and Preprocess(224).resize_size == 256
+    assert Preprocess.from_dict(Preprocess(96, 120).to_dict()) == Preprocess(96, 120)
+    for bad in (dict(image_size=0), dict(image_size=64, resize_size=32), dict(image_size=8, std=(0, 1, 1))):
+        with pytest.raises(ValueError, match="preprocess"):
+            Preprocess(**bad)

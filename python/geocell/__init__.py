@@ -13,6 +13,8 @@ need the ``train`` extra: ``pip install geocell[train]``.
 
 from ._version import __version__
 from .cells import (
+    EARTH_RADIUS_KM,
+    cell_area_km2,
     cell_contains,
     cell_level,
     cell_range,
@@ -30,6 +32,8 @@ from .partition import Partition, hierarchy, partition, partitions
 
 __all__ = [
     "__version__",
+    "EARTH_RADIUS_KM",
+    "cell_area_km2",
     "Geolocator",
     "Partition",
     "cell_contains",

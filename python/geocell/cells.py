@@ -31,6 +31,8 @@ from . import _core
 ArrayLike = npt.ArrayLike
 
 __all__ = [
+    "EARTH_RADIUS_KM",
+    "cell_area_km2",
     "cell_contains",
     "cell_level",
     "cell_range",
@@ -46,6 +48,9 @@ __all__ = [
 ]
 
 MAX_LEVEL = 30
+# The sphere of every distance and area in geocell (the C++ core's great_circle_km uses the same).
+EARTH_RADIUS_KM = 6371.0
+
 _ONE = np.uint64(1)
 
 
@@ -364,7 +369,7 @@ def token_to_cell(tokens: ArrayLike) -> np.ndarray:
 def great_circle_km(
     lat1: ArrayLike, lng1: ArrayLike, lat2: ArrayLike, lng2: ArrayLike, *, threads: int = 0
 ) -> np.ndarray:
-    """Haversine great-circle distance in km (sphere of radius 6371.0 km), elementwise."""
+    """Haversine great-circle distance in km (sphere of radius ``EARTH_RADIUS_KM``), elementwise."""
     arrays = {
         "lat1": _as_float64(lat1, "lat1"),
         "lng1": _as_float64(lng1, "lng1"),
@@ -377,3 +382,30 @@ def great_circle_km(
     _check_latlng(arrays["lat2"], arrays["lng2"], "lat2", "lng2")
     flat = [v.reshape(-1) for v in arrays.values()]
     return _shaped(_core.great_circle_km(*flat, threads), shape)
+
+
+def _unit_vectors(lat_deg: np.ndarray, lng_deg: np.ndarray) -> np.ndarray:
+    lat, lng = np.radians(lat_deg), np.radians(lng_deg)
+    cos_lat = np.cos(lat)
+    return np.stack([cos_lat * np.cos(lng), cos_lat * np.sin(lng), np.sin(lat)], axis=-1)
+
+
+def _triangle_area_sr(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Area (steradians) of spherical triangles with unit-vector corners (..., 3): Van Oosterom &
+    Strackee, tan(E/2) = |a·(b×c)| / (1 + a·b + b·c + c·a), the triple product over the edge
+    vectors (b-a)×(c-a) so that it keeps its precision for cells a few metres across."""
+    triple = np.einsum("...i,...i->...", a, np.cross(b - a, c - a))
+    denom = 1.0 + np.einsum("...i,...i->...", a, b) + np.einsum("...i,...i->...", b, c) \
+        + np.einsum("...i,...i->...", c, a)
+    return 2.0 * np.arctan2(np.abs(triple), denom)
+
+
+def cell_area_km2(cells: ArrayLike, radius_km: float = EARTH_RADIUS_KM) -> np.ndarray:
+    """Exact area of S2 cells in km² on a sphere of radius ``radius_km`` (cell edges are
+    great-circle arcs, so two triangles over one diagonal are exact)."""
+    cells = np.atleast_1d(np.asarray(cells, dtype=np.uint64))
+    if cells.size == 0:
+        return np.zeros(0, dtype=np.float64)
+    v = _unit_vectors(*np.moveaxis(cell_to_boundary(cells.reshape(-1)), -1, 0))
+    sr = _triangle_area_sr(v[:, 0], v[:, 1], v[:, 2]) + _triangle_area_sr(v[:, 0], v[:, 2], v[:, 3])
+    return _shaped(sr * radius_km * radius_km, cells.shape)

@@ -22,9 +22,11 @@ from typing import Optional
 
 import numpy as np
 
+from geocell.cells import EARTH_RADIUS_KM
+
 SCENE_NAMES = ["water", "coast", "land"]
 FOOTPRINT_KM = 450.0
-KM_PER_DEG = 6371.0 * math.pi / 180.0
+KM_PER_DEG = EARTH_RADIUS_KM * math.pi / 180.0
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train
 WATER_BELOW, LAND_ABOVE = 0.10, 0.90
 JPEG_QUALITY = 90

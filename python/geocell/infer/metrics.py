@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from geocell.training.losses import haversine_km
+from geocell.cells import great_circle_km
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 BASELINE_ROW = "most frequent cell"
@@ -38,27 +38,18 @@ def hierarchical_log_probs(log_probs: Sequence[torch.Tensor], hierarchy) -> torc
 
 
 def hierarchical_probs(probs, hierarchy):
-    """Fine-cell probability × the probabilities of the cells containing it in the other partitions.
-
-    probs: list of (B, C_p) tensors or arrays (the last is the finest); hierarchy (n_fine, P) with -1
-    where a coarser partition has no cell (factor 1: a dropped region gives no evidence).
-    Returns (B, n_fine) of the same kind as the input.
-    """
+    """The product of :func:`hierarchical_log_probs` for probabilities: list of (B, C_p) tensors or
+    arrays (the last is the finest) -> (B, n_fine) of the same kind."""
     as_numpy = isinstance(probs[-1], np.ndarray)
-    tensors = [torch.as_tensor(np.asarray(p) if as_numpy else p) for p in probs]
-    h = torch.as_tensor(np.asarray(hierarchy), dtype=torch.int64, device=tensors[-1].device)
-    out = tensors[-1].clone()
-    for p in range(h.shape[1] - 1):
-        col = h[:, p]
-        gathered = tensors[p][:, col.clamp(min=0)]
-        out = out * torch.where(col >= 0, gathered, torch.ones_like(gathered))
+    logs = [torch.log(torch.as_tensor(np.asarray(p) if as_numpy else p)) for p in probs]
+    out = torch.exp(hierarchical_log_probs(logs, hierarchy))
     return out.numpy() if as_numpy else out
 
 
 def great_circle_errors_km(pred_latlng, true_latlng) -> np.ndarray:
-    pred = torch.as_tensor(np.asarray(pred_latlng, dtype=np.float64))
-    true = torch.as_tensor(np.asarray(true_latlng, dtype=np.float64))
-    return haversine_km(pred[:, 0], pred[:, 1], true[:, 0], true[:, 1]).numpy()
+    pred = np.asarray(pred_latlng, dtype=np.float64).reshape(-1, 2)
+    true = np.asarray(true_latlng, dtype=np.float64).reshape(-1, 2)
+    return great_circle_km(pred[:, 0], pred[:, 1], true[:, 0], true[:, 1])
 
 
 def accuracy_from_errors(errors_km) -> dict:
@@ -96,11 +87,6 @@ def _gather_concat(array: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=0)
 
 
-def _unwrap(model):
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 @torch.no_grad()
 def evaluate_full(model, loader, partitions, hierarchy, device, amp=False, names=None, channels_last=False):
     """Evaluation pass. Returns (rows, extras): rows as in :func:`evaluate`, extras with the scene
@@ -125,14 +111,15 @@ def evaluate_full(model, loader, partitions, hierarchy, device, amp=False, names
         ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
         with ctx:
             geo_logits, scene_logits = model(images)
+        true_np = true.cpu().numpy()
         log_probs = [torch.log_softmax(g.float(), dim=1) for g in geo_logits]
         for name, lp, cents in zip(names, log_probs, centroids):
             pred = cents[lp.argmax(dim=1)]
-            errors[name].append(haversine_km(pred[:, 0], pred[:, 1], true[:, 0], true[:, 1]).cpu().numpy())
+            errors[name].append(great_circle_errors_km(pred.cpu().numpy(), true_np))
         if len(partitions) > 1:
             pred = centroids[-1][hierarchical_log_probs(log_probs, hierarchy).argmax(dim=1)]
-            errors[HIERARCHY_ROW].append(haversine_km(pred[:, 0], pred[:, 1], true[:, 0], true[:, 1]).cpu().numpy())
-        truths.append(true.cpu().numpy())
+            errors[HIERARCHY_ROW].append(great_circle_errors_km(pred.cpu().numpy(), true_np))
+        truths.append(true_np)
         if scene_logits is not None and "scene" in targets:
             scene = targets["scene"].to(device)
             mask = scene >= 0

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from geocell.loading.preprocess import Preprocess
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 TTA_MODES = ("none", "five")
 TTA_COMBINE = ("max", "mean")
@@ -110,22 +112,20 @@ def _open_image(path):
         return im.convert("RGB")
 
 
-def make_transform(preprocess: dict, tta: str = "none"):
-    """Resize the shorter side to resize_size, then the centre crop (tta="none") or the four
-    corner crops + centre (tta="five") of image_size, normalised. Returns PIL -> tensor
-    (3, H, W), or (5, 3, H, W) for five crops."""
-    from torchvision import transforms as T
-
+def make_transform(preprocess, tta: str = "none"):
+    """PIL image -> the network's input: :class:`~geocell.loading.preprocess.Preprocess`'s
+    evaluation crop (tta="none", a (3, S, S) tensor) or its five crops (tta="five", (5, 3, S, S)),
+    normalized: the same steps as the evaluation loaders'."""
     if tta not in TTA_MODES:
         raise ValueError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
-    size = int(preprocess["image_size"])
-    resize = int(preprocess.get("resize_size") or round(size * 256 / 224))
-    normalize = T.Normalize(mean=list(preprocess["mean"]), std=list(preprocess["std"]))
-    if tta == "none":
-        return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), normalize])
-    to_tensor = T.Compose([T.ToTensor(), normalize])
-    return T.Compose([T.Resize(resize), T.FiveCrop(size),
-                      T.Lambda(lambda crops: torch.stack([to_tensor(c) for c in crops]))])
+    spec = preprocess if isinstance(preprocess, Preprocess) else Preprocess.from_dict(preprocess)
+    crop = spec.eval_crop if tta == "none" else spec.five_crops
+
+    def transform(pil_image):
+        chw = torch.from_numpy(np.asarray(pil_image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+        return spec.normalize(crop(chw))
+
+    return transform
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -216,9 +216,7 @@ class Geolocator:
         self.hierarchy = np.asarray(hierarchy, dtype=np.int64)
         self.partition_names = list(partition_names or [f"p{i}" for i in range(len(self.partitions))])
         self.scene_names = list(scene_names)
-        self.preprocess = dict(preprocess or {"image_size": 224, "resize_size": 256,
-                                              "mean": [0.485, 0.456, 0.406],
-                                              "std": [0.229, 0.224, 0.225]})
+        self.preprocess = Preprocess.from_dict(preprocess).to_dict()
         if self.hierarchy.shape != (len(self.partitions[-1]), len(self.partitions)):
             raise ValueError(f"hierarchy shape {self.hierarchy.shape} does not match "
                              f"{len(self.partitions)} partitionings with "

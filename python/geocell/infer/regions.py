@@ -12,50 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EARTH_RADIUS_KM = 6371.0
-
-
-def _unit_vectors(lat_deg: np.ndarray, lng_deg: np.ndarray) -> np.ndarray:
-    lat = np.radians(lat_deg)
-    lng = np.radians(lng_deg)
-    cos_lat = np.cos(lat)
-    return np.stack([cos_lat * np.cos(lng), cos_lat * np.sin(lng), np.sin(lat)], axis=-1)
-
-
-def spherical_triangle_area(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Area (steradians) of the spherical triangles with unit-vector corners a, b, c (..., 3).
-
-    Van Oosterom & Strackee: tan(E/2) = |a·(b×c)| / (1 + a·b + b·c + c·a).
-    The triple product is taken over the edge vectors (b-a)×(c-a), which is the same
-    number algebraically but keeps its precision for cells a few metres across, where
-    b×c would cancel almost entirely.
-    """
-    triple = np.einsum("...i,...i->...", a, np.cross(b - a, c - a))
-    denom = 1.0 + np.einsum("...i,...i->...", a, b) + np.einsum("...i,...i->...", b, c) \
-        + np.einsum("...i,...i->...", c, a)
-    return 2.0 * np.arctan2(np.abs(triple), denom)
-
-
-def quad_area_sr(boundary: np.ndarray) -> np.ndarray:
-    """Area (steradians) of spherical quadrilaterals given as (N, 4, 2) (lat, lng) vertices.
-
-    S2 cell edges are great-circle arcs, so two triangles over one diagonal are exact.
-    """
-    boundary = np.asarray(boundary, dtype=np.float64)
-    v = _unit_vectors(boundary[..., 0], boundary[..., 1])
-    return (spherical_triangle_area(v[:, 0], v[:, 1], v[:, 2])
-            + spherical_triangle_area(v[:, 0], v[:, 2], v[:, 3]))
-
-
-def cell_area_km2(cells, radius_km: float = EARTH_RADIUS_KM) -> np.ndarray:
-    """Exact area of S2 cells (uint64 ids) in km² on a sphere of radius ``radius_km``."""
-    import geocell
-
-    cells = np.atleast_1d(np.asarray(cells, dtype=np.uint64))
-    if cells.size == 0:
-        return np.zeros(0, dtype=np.float64)
-    return quad_area_sr(geocell.cell_to_boundary(cells)) * radius_km * radius_km
-
+from geocell.cells import EARTH_RADIUS_KM, cell_area_km2  # noqa: F401  (re-exported)
 
 @dataclass
 class CredibleRegion:

@@ -32,10 +32,7 @@ import numpy as np
 
 log = logging.getLogger("geocell.loading.base")
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-SCALE = (0.08, 1.0)
-RATIO = (3.0 / 4.0, 4.0 / 3.0)
+from geocell.loading.preprocess import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD, RATIO, SCALE, default_resize_size
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -177,7 +174,7 @@ class Loader:
         self.train = bool(train)
         self.batch_size = int(batch_size)
         self.image_size = int(image_size)
-        self.resize_size = int(resize_size if resize_size is not None else round(image_size * 256 / 224))
+        self.resize_size = int(resize_size or default_resize_size(image_size))
         self.device = torch.device(device)
         self.num_workers = int(num_workers)
         self.shard_id, self.num_shards = int(shard_id), int(num_shards)

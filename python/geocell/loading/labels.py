@@ -34,10 +34,6 @@ class LabelTable:
     def __len__(self) -> int:
         return len(self.scene)
 
-    @property
-    def num_partitions(self) -> int:
-        return self.geo.shape[1]
-
     def take(self, indices) -> "LabelTable":
         idx = np.asarray(indices, dtype=np.int64)
         return LabelTable(self.geo[idx], self.scene[idx], self.latlng[idx])

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from geocell.loading.preprocess import Preprocess
 from geocell.loading.base import Loader, crop_params, epoch_rows, sample_rng, shard_range
 
 
@@ -72,8 +73,7 @@ def _augment(img: torch.Tensor, rng, image_size: int, resize_size: int) -> torch
         if rng.random() < 0.5:
             img = F.horizontal_flip(img)
         return img
-    img = F.resize(img, [resize_size], antialias=True)
-    return F.center_crop(img, [image_size, image_size])
+    return Preprocess(image_size, resize_size).eval_crop(img)
 
 
 class _Samples(Dataset):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections import Counter
 
 import numpy as np
 import torch
@@ -58,30 +57,17 @@ def partition_from_dict(d: dict):
 
 
 def to_safe(obj):
-    """Turn numpy arrays/scalars, tuples and Counters into weights_only-loadable types."""
+    """Turn numpy arrays/scalars and tuples into weights_only-loadable types."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu() if obj.device.type != "cpu" else obj.detach()
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(obj))
     if isinstance(obj, np.generic):
         return obj.item()
-    if isinstance(obj, Counter):
-        return {"__counter__": [[to_safe(k), int(v)] for k, v in obj.items()]}
     if isinstance(obj, dict):
         return {k: to_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_safe(v) for v in obj]
-    return obj
-
-
-def from_safe(obj):
-    """Inverse of :func:`to_safe` for Counters (tuples come back as lists)."""
-    if isinstance(obj, dict):
-        if set(obj) == {"__counter__"}:
-            return Counter({k: v for k, v in obj["__counter__"]})
-        return {k: from_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [from_safe(v) for v in obj]
     return obj
 
 

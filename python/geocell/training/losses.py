@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EARTH_RADIUS_KM = 6371.0
+from geocell.cells import EARTH_RADIUS_KM
 
 
 def haversine_km(lat1, lng1, lat2, lng2) -> torch.Tensor:
-    """Great-circle distance in km between broadcastable tensors of degrees (R = 6371 km)."""
+    """Great-circle distance in km between broadcastable tensors of degrees (R = EARTH_RADIUS_KM); the differentiable torch twin of geocell.great_circle_km."""
     lat1, lng1, lat2, lng2 = (torch.deg2rad(t) for t in (lat1, lng1, lat2, lng2))
     a = torch.sin((lat2 - lat1) / 2) ** 2 + torch.cos(lat1) * torch.cos(lat2) * torch.sin((lng2 - lng1) / 2) ** 2
     return 2 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(a.clamp(0.0, 1.0)))

@@ -118,9 +118,6 @@ class GeoModel(nn.Module):
             )
         self.load_state_dict(mapped, strict=False)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x)
-
     def forward(self, x: torch.Tensor):
         feats = self.trunk(x)
         geo = [head(feats) for head in self.geo_heads]

@@ -19,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+from geocell.loading.preprocess import Preprocess
+
 from geocell.training import engine
 from geocell.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from geocell.training.losses import MultitaskLoss
@@ -99,12 +101,9 @@ def cmd_train(args) -> int:
             acc = float((probs[ok].argmax(axis=1) == val_set.scene[ok]).mean()) if ok.any() else float("nan")
             msg += f", validation scene accuracy {100 * acc:.1f}% ({int(ok.sum())} images)"
         print(msg, flush=True)
-    from geocell.loading.base import MEAN, STD
-
-    save_checkpoint(args.output, arch=args.arch, task="scenes", model=model.state_dict(), num_classes=[],
+    save_checkpoint(args.output, arch=args.arch, model=model.state_dict(), num_classes=[],
                     scene_names=names, partitions=[],
-                    preprocess={"image_size": args.image_size, "resize_size": int(round(args.image_size * 256 / 224)),
-                                "mean": [float(v) for v in MEAN], "std": [float(v) for v in STD]})
+                    preprocess=Preprocess(args.image_size).to_dict())
     print(f"wrote {args.output}")
     return 0
 

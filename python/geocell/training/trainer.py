@@ -26,6 +26,8 @@ import time
 import numpy as np
 import torch
 
+from geocell.loading.preprocess import Preprocess
+
 from geocell.training import engine
 from geocell.training.checkpoint import load_checkpoint, partition_from_dict, save_checkpoint
 from geocell.training.config import TrainConfig, add_arguments, resolve, save_yaml, scaled_taus
@@ -208,8 +210,6 @@ def train(cfg: TrainConfig) -> dict:
         for name, p in zip(names, partitions):
             p.to_csv(os.path.join(run_dir, "partitions", f"{name}.csv"))
 
-    from geocell.loading.base import MEAN, STD
-
     def checkpoint(path, epoch_done, step_in_epoch, with_state=True):
         # Every rank contributes its RNG state (they differ per rank); only rank 0 writes.
         rngs = gather_rng(info)
@@ -217,9 +217,7 @@ def train(cfg: TrainConfig) -> dict:
             return
         fields = dict(arch=cfg.arch, model=model.state_dict(), num_classes=[len(p) for p in partitions],
                       scene_names=scene_names, partitions=partitions, partition_names=names, hierarchy=hierarchy,
-                      preprocess={"image_size": cfg.image_size,
-                                  "resize_size": cfg.resize_size or int(round(cfg.image_size * 256 / 224)),
-                                  "mean": [float(v) for v in MEAN], "std": [float(v) for v in STD]})
+                      preprocess=Preprocess(cfg.image_size, cfg.resize_size or 0).to_dict())
         if with_state:
             fields["train_state"] = {
                 "epoch": epoch_done, "step": global_step, "step_in_epoch": step_in_epoch,
