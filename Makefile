@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 JOBS ?= 2
 
-.PHONY: all venv install install-train demo test test-cpp test-python bench bench-cpp clean
+.PHONY: all venv install install-demo install-train demo test test-cpp test-python bench bench-cpp clean
 
 all: install
 
@@ -23,9 +23,15 @@ install: $(PY)
 install-train: $(PY)
 	$(PIP) install -q ".[test,train,dali]"
 
+# What the demo needs: geocell with its training extra (torch, torchvision, Pillow, basemap-data,
+# ...), no test tools and no DALI (its CUDA libraries are gigabytes; the torch loader is used).
+install-demo: $(PY)
+	@echo "installing geocell with the training extra into $(VENV) (torch is reused if installed) ..."
+	$(PIP) install --progress-bar off ".[train]"
+
 # The main job on the built-in data: builds the Earth dataset (real Blue Marble imagery at
 # real photo locations) and trains the multitask model; prints the accuracy table.
-demo: install-train
+demo: install-demo
 	$(PY) train/run.py
 
 # The C++ core under AddressSanitizer + UBSan (no Python), then the whole Python suite.

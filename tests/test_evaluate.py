@@ -117,7 +117,7 @@ def test_cli_on_geoestimation_metadata(tmp_path):
     rc, out, err = run_cli([
         "--checkpoint", ckpt, "--manifest", str(manifest), "--image-root", str(tmp_path / "im2gps"),
         "--tta", "five", "--tta-combine", "mean", "--out", str(tmp_path / "preds.csv"),
-        "--cdf", str(tmp_path / "cdf.png"), "--num-workers", "0"])
+        "--cdf", str(tmp_path / "cdf.png"), "--workers", "0"])
     assert rc == 0, err
     assert "3 images, tta five (mean)" in out
     for row in ("coarse", "fine", HIERARCHY_ROW, BASELINE_ROW, "2500 km", "median km"):

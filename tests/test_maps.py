@@ -106,7 +106,7 @@ def test_predict_writes_one_map_per_image(tmp_path):
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         rc = main(images + ["--checkpoint", ckpt, "--map", str(tmp_path / "out.png"),
-                            "--truth", "35.7,139.7", "--num-workers", "0"])
+                            "--truth", "35.7,139.7", "--workers", "0"])
     assert rc == 0, err.getvalue()
     for i in range(2):
         assert os.path.getsize(tmp_path / f"out_{i}.png") > 20_000

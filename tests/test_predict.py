@@ -194,7 +194,7 @@ def test_five_crop_tta_shapes(tiny):
 def test_cli_json_schema(tiny):
     ckpt, images, _ = tiny
     rc, out, err = run_cli([images[0], images[1], "--checkpoint", ckpt, "--top-k", "3", "--json",
-                            "--num-workers", "0"])
+                            "--workers", "0"])
     assert rc == 0, err
     doc = json.loads(out)
     assert set(doc) == {"checkpoint", "predictions", "skipped"} and doc["skipped"] == []
@@ -220,7 +220,7 @@ def test_cli_folder_skips_and_counts_unreadable_images(tiny, tmp_path):
     good = write_jpegs(folder, 3, seed=5)
     (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
     rc, out, err = run_cli([str(folder), "--checkpoint", ckpt, "--out", str(tmp_path / "p.csv"),
-                            "--top-k", "2", "--num-workers", "0", "--batch-size", "2"])
+                            "--top-k", "2", "--workers", "0", "--batch-size", "2"])
     assert rc == 0
     assert "skipped" in err and "broken.jpg" in err
     assert "predicted 3 of 4 images; skipped 1 unreadable" in err
@@ -234,7 +234,7 @@ def test_cli_folder_skips_and_counts_unreadable_images(tiny, tmp_path):
             assert float(r["top1_probability"]) >= float(r["top2_probability"])
             assert float(r["region_covered"]) >= 0.9 - 1e-6
     rc, _, err = run_cli([str(folder), "--checkpoint", ckpt, "--out", str(tmp_path / "p.json"),
-                          "--num-workers", "0"])
+                          "--workers", "0"])
     doc = json.loads((tmp_path / "p.json").read_text())
     assert len(doc["predictions"]) == 3 and len(doc["skipped"]) == 1
     assert "broken.jpg" in doc["skipped"][0]["image"] and doc["skipped"][0]["error"]

@@ -170,21 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Accuracy of a checkpoint at 1/25/200/750/2500 km and the median error, per "
                     "partitioning, for the hierarchical prediction and the most-frequent-cell "
                     "baseline.")
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", required=True, help="a geocell checkpoint (best.pt or last.pt of a run)")
     ap.add_argument("--manifest", required=True,
                     help="GeoEstimation metadata (e.g. im2gps3k_places365.csv) or path,lat,lng CSV")
     ap.add_argument("--image-root", help="folder the manifest's image paths are relative to "
                     "(default: the manifest's folder)")
+    ap.add_argument("--split", help="evaluate only the manifest rows of this split (e.g. test); "
+                    "default: every row")
     ap.add_argument("--tta", choices=TTA_MODES, default="none",
                     help="'five': four corner crops + centre, combined by --tta-combine")
-    ap.add_argument("--tta-combine", choices=TTA_COMBINE, default="max")
+    ap.add_argument("--tta-combine", choices=TTA_COMBINE, default="max",
+                    help="how the five crops' probabilities are combined (default: %(default)s)")
     ap.add_argument("--cdf", metavar="PNG", help="write the error CDF plot")
     ap.add_argument("--out", metavar="CSV", help="write per-image predictions")
     ap.add_argument("--limit", type=int, help="evaluate only the first N rows (quick checks)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    ap.add_argument("--workers", type=int, default=2, help="decoding worker processes (default: %(default)s)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
@@ -206,6 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     if manifest.report:
         print(f"geocell evaluate: {len(manifest.report)} manifest rows left out:\n"
               f"{manifest.format_report()}", file=sys.stderr)
+    if args.split is not None:
+        if manifest.split is None:
+            print(f"geocell evaluate: {args.manifest} has no split column (--split {args.split})", file=sys.stderr)
+            return 2
+        keep = np.asarray(manifest.split) == args.split
+        if not keep.any():
+            print(f"geocell evaluate: no rows of split {args.split!r} in {args.manifest} (splits: "
+                  f"{', '.join(sorted(set(map(str, manifest.split))))})", file=sys.stderr)
+            return 2
+        manifest = manifest.subset(np.flatnonzero(keep))
     if args.limit is not None:
         manifest = manifest.subset(np.arange(min(args.limit, len(manifest))))
     if len(manifest) == 0:
@@ -214,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ev = evaluate_paths(geo, manifest.paths, np.stack([manifest.lat, manifest.lng], axis=1),
                         tta=args.tta, tta_combine=args.tta_combine, batch_size=args.batch_size,
-                        num_workers=args.num_workers,
+                        num_workers=args.workers,
                         progress=not args.no_progress and sys.stderr.isatty())
     for path, reason in ev.skipped:
         print(f"geocell evaluate: skipped {path}: {reason}", file=sys.stderr)

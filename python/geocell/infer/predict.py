@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time crops")
     ap.add_argument("--tta-combine", choices=TTA_COMBINE, default="max")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="decoding worker processes (default: %(default)s)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress and len(paths) > 1 and sys.stderr.isatty()
     for i, (path, pred, error) in enumerate(geo.predict_files(
             paths, args.top_k, mass=args.mass, tta=args.tta, tta_combine=args.tta_combine,
-            batch_size=args.batch_size, num_workers=args.num_workers,
+            batch_size=args.batch_size, num_workers=args.workers,
             keep_probs=map_paths is not None, progress=progress)):
         if pred is None:
             skipped.append((path, error))

@@ -11,7 +11,7 @@ Reads top to bottom: configuration -> data -> partitionings -> model -> optimise
 next batch (loader.skip_batches). The loaders draw each epoch's order from (seed, epoch) and each
 sample's crop/flip from (seed, epoch, row), so the resumed run is bit-for-bit identical to an
 uninterrupted one on the same machine with either backend and any --workers (the tests check torch
-with 0 and 2 workers and DALI on the CPU); exception: DALI over packed shards (see loaders_dali).
+with 0 and 2 workers and DALI on the CPU); exception: DALI over packed shards (see geocell.loading.dali_backend).
 """
 
 from __future__ import annotations
@@ -163,6 +163,8 @@ def train(cfg: TrainConfig) -> dict:
     log(info, f"{len(train_set)} training / {len(val_set)} validation images; classes per partitioning: "
               + ", ".join(f"{n} {len(p)}" for n, p in zip(names, partitions)))
     train_loader, val_loader, test_loader = make_loaders(cfg, partitions, train_set, val_set, test_set, info)
+    log(info, f"data loader: {train_loader.backend} backend ({getattr(train_loader, 'detail', '')}), "
+              f"{len(train_loader)} batches of {cfg.batch_size} per epoch")
     steps_per_epoch = engine.all_reduce_min(len(train_loader), info)
     if steps_per_epoch == 0:
         raise SystemExit(f"the training split ({len(train_set)} images) gives no full batch of {cfg.batch_size} per process")
@@ -283,6 +285,11 @@ def train(cfg: TrainConfig) -> dict:
     logger.close()
     seconds = time.perf_counter() - t_start
     log(info, f"run folder {run_dir} ({seconds:.0f} s)")
+    if not stopped and info.is_main:
+        best_path = os.path.join(run_dir, "best.pt")
+        print(f"next: {best_path} holds the weights with the best validation score, last.pt the last "
+              f"epoch with its training state (for --resume). To locate a photo:\n"
+              f"  geocell predict photo.jpg --checkpoint {best_path} --map photo_map.png", flush=True)
     return {"rows": rows, "extras": extras, "run_dir": run_dir, "model": model, "seconds": seconds,
             "stopped": stopped}
 
