@@ -49,7 +49,7 @@ def _pack(args) -> int:
 def _earth(args) -> int:
     from geocell.data.earth import build_earth
 
-    path = build_earth(args.output, n=args.n, size=args.size, seed=args.seed,
+    path = build_earth(args.output, n=args.n, size=args.size, seed=args.seed, split_rule=args.split,
                        locations=args.locations, progress=not args.quiet, workers=args.workers)
     print(f"Earth dataset written: {path}")
     return 0
@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--n", type=int, default=20000, help="patches (default locations only)")
     p.add_argument("--size", type=int, default=128, help="patch size in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the locations and the split (default 0)")
+    p.add_argument("--split", choices=("held-out", "random"), default="held-out",
+                   help="val/test: places never seen in training (default) or a random draw")
     p.add_argument("--locations", default=None, help="CSV with lat,lng[,split] columns")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -6,6 +6,9 @@ MP-16 photo locations (``assets/mp16_coords_100k.csv.gz``). The scene label come
 land-sea mask of the same package over the same footprint: water (< 10 % land), coast, land
 (> 90 % land). It gives the training pipeline real, location-dependent imagery without a
 download.
+
+Its validation and test splits are places the model has not seen (whole S2 blocks, none
+within one patch width of a training location): see ``build_earth``'s ``split_rule``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from geocell.cells import EARTH_RADIUS_KM
+from geocell.data.splits import held_out_split
 
 SCENE_NAMES = ["water", "coast", "land"]
 FOOTPRINT_KM = 450.0
@@ -179,7 +183,11 @@ def _sample_locations(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack([lat, lng], axis=1)
 
 
+HELD_OUT_BLOCK_LEVEL = 2  # S2 level-2 blocks, about 2,000 km across
+
+
 def _assign_splits(n: int, rng: np.random.Generator) -> np.ndarray:
+    """The random split (``split="random"``): val/test patches overlap training ones."""
     split = np.full(n, "train", dtype=object)
     order = rng.permutation(n)
     start = 0
@@ -192,9 +200,15 @@ def _assign_splits(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locations=None,
                 progress: bool = True, workers: Optional[int] = None,
-                footprint_km: float = FOOTPRINT_KM) -> Path:
+                footprint_km: float = FOOTPRINT_KM, split_rule: str = "held-out") -> Path:
     """Writes ``out_dir/images/NNNNNN.jpg`` and ``out_dir/manifest.csv``
     (``path,lat,lng,scene,split``); returns the manifest path.
+
+    ``split_rule``: "held-out" (default): val and test are places the model has not seen
+    (:func:`geocell.data.splits.held_out_split` over S2 level-2 blocks, no val/test location
+    within ``footprint_km`` of a training one; the locations in that border are left out, so
+    the dataset has fewer than ``n`` images); "random": a random 80/10/10 draw, whose val/test
+    patches overlap training patches (it measures memorisation).
 
     ``locations``: a CSV path (lat/lng[/split] columns) or an (N, 2) array of lat, lng; the
     patches are then made at exactly those points (split from the file, else ``test``) and
@@ -206,9 +220,17 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    if split_rule not in ("held-out", "random"):
+        raise ValueError(f"split_rule must be 'held-out' or 'random', not {split_rule!r}")
     if locations is None:
         latlng = _sample_locations(int(n), rng)
-        split = _assign_splits(len(latlng), rng)
+        if split_rule == "random":
+            split = _assign_splits(len(latlng), rng)
+        else:
+            # val/test: whole S2 blocks, none within one patch width of a training location
+            split = held_out_split(latlng[:, 0], latlng[:, 1], fractions=SPLIT_FRACTIONS,
+                                   block_level=HELD_OUT_BLOCK_LEVEL, buffer_km=footprint_km, seed=seed)
+            latlng, split = latlng[split != ""], split[split != ""]
     elif isinstance(locations, (str, os.PathLike)):
         latlng, split_list = read_locations(locations)
         split = np.array(split_list, dtype=str)

@@ -23,6 +23,7 @@ class TrainConfig:
     data_dir: str = "data/earth"  # where the Earth dataset is built when no manifest is given
     earth_n: int = 20000
     earth_size: int = 128
+    earth_split: str = "held-out"  # or "random" (val/test overlap training patches: memorisation)
     image_size: int = 64
     resize_size: int | None = None
     backend: str = "auto"
@@ -142,6 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help=f"Earth dataset folder used without --manifest (default {d.data_dir})")
     g.add_argument("--earth-n", type=int, help=f"images in the Earth dataset (default {d.earth_n})")
     g.add_argument("--earth-size", type=int, help=f"Earth image size in px (default {d.earth_size})")
+    g.add_argument("--earth-split", choices=("held-out", "random"),
+                   help="Earth val/test: 'held-out' places never seen in training (default) or 'random'")
     g.add_argument("--image-size", type=int, help=f"training crop size (default {d.image_size})")
     g.add_argument("--resize-size", type=int, help="evaluation resize (default image_size*256/224)")
     g.add_argument("--backend", choices=["auto", "dali", "torch"], help="loader backend (default auto)")

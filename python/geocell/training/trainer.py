@@ -70,6 +70,7 @@ def load_data(cfg: TrainConfig, info):
                       flush=True)
                 t0 = time.perf_counter()
                 manifest_path = str(build_earth(os.path.abspath(cfg.data_dir), n=cfg.earth_n, size=cfg.earth_size, seed=0,
+                                                split_rule=cfg.earth_split,
                                                 progress=cfg.progress))
                 print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
             engine.barrier(info)

@@ -1,0 +1,61 @@
+"""Held-out splits keep their distance guarantee; the brute-force distance against a direct loop."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import geocell
+from geocell.data.splits import held_out_split, min_distance_km
+
+lat_st = st.floats(-90, 90, allow_nan=False)
+lng_st = st.floats(-180, 180, allow_nan=False)
+
+
+@st.composite
+def location_sets(draw):
+    pts = draw(st.lists(st.tuples(lat_st, lng_st), min_size=1, max_size=120))
+    # clusters and exact duplicates, the antimeridian and the poles, as photo sets have
+    extra = [(lat, 180.0 - 1e-9) for lat, _ in pts[:5]] + [(lat, -180.0) for lat, _ in pts[:5]]
+    extra += [(90.0, 0.0), (-90.0, 45.0)] + pts[:10]
+    pts = pts + draw(st.sampled_from([[], extra]))
+    return np.array(pts, dtype=np.float64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(location_sets(), st.sampled_from([0.0, 50.0, 450.0, 3000.0]), st.integers(0, 3), st.integers(0, 5))
+def test_no_held_out_location_near_a_training_location(pts, buffer_km, level, seed):
+    split = held_out_split(pts[:, 0], pts[:, 1], buffer_km=buffer_km, block_level=level, seed=seed,
+                           fractions={"val": 0.2, "test": 0.2})
+    assert set(split) <= {"train", "val", "test", ""}
+    train = split == "train"
+    for name in ("val", "test"):
+        held = split == name
+        if held.any() and train.any() and buffer_km > 0:
+            d = geocell.great_circle_km(np.repeat(pts[held, 0], train.sum()), np.repeat(pts[held, 1], train.sum()),
+                                        np.tile(pts[train, 0], held.sum()), np.tile(pts[train, 1], held.sum()))
+            assert d.min() >= buffer_km - 1e-6
+    # a whole block goes one way: duplicates never straddle train and held-out
+    for k in range(len(pts)):
+        same = (pts[:, 0] == pts[k, 0]) & (pts[:, 1] == pts[k, 1])
+        assert len(set(split[same]) - {""}) <= 1
+
+
+def test_min_distance_matches_a_direct_loop():
+    rng = np.random.default_rng(0)
+    q = np.column_stack([rng.uniform(-90, 90, 50), rng.uniform(-180, 180, 50)])
+    r = np.column_stack([rng.uniform(-90, 90, 70), rng.uniform(-180, 180, 70)])
+    direct = [min(geocell.great_circle_km(a, b, c, d) for c, d in r) for a, b in q]
+    np.testing.assert_allclose(min_distance_km(q[:, 0], q[:, 1], r[:, 0], r[:, 1], chunk=7), direct, atol=1e-6)
+    assert np.isinf(min_distance_km([0.0], [0.0], [], [])).all()
+
+
+def test_fractions_and_determinism():
+    rng = np.random.default_rng(1)
+    lat, lng = rng.uniform(-60, 70, 5000), rng.uniform(-180, 180, 5000)
+    a = held_out_split(lat, lng, seed=3, buffer_km=0)
+    assert np.array_equal(a, held_out_split(lat, lng, seed=3, buffer_km=0))
+    # whole blocks are drawn until each split holds its share
+    assert 0.1 <= (a == "val").mean() < 0.15 and 0.1 <= (a == "test").mean() < 0.15
+    with pytest.raises(ValueError, match="fractions"):
+        held_out_split(lat, lng, fractions={"val": 0.6, "test": 0.5})
