@@ -21,7 +21,7 @@ install: $(PY)
 	$(PIP) install -q ".[test]"
 
 install-train: $(PY)
-	$(PIP) install -q ".[test,train,dali]"
+	$(PIP) install -q ".[test,train,serve,dali]"
 
 # The main job on the built-in data: builds the Earth dataset (real Blue Marble imagery at
 # real photo locations) and trains the multitask model; prints the accuracy table.

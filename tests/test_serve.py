@@ -239,3 +239,13 @@ def test_real_server_on_localhost(tiny):
         server.should_exit = True
         thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_factory_reads_the_checkpoint_from_the_environment(tiny, monkeypatch):
+    """``GEOCELL_CHECKPOINT=model.pt uvicorn --factory geocell.infer.serve:app``"""
+    ckpt = tiny[0]
+    monkeypatch.delenv("GEOCELL_CHECKPOINT", raising=False)
+    with pytest.raises(ValueError, match="GEOCELL_CHECKPOINT"):
+        serve.app()
+    monkeypatch.setenv("GEOCELL_CHECKPOINT", ckpt)
+    assert TestClient(serve.app(device="cpu")).get("/api/health").json()["checkpoint"] == os.path.basename(ckpt)
