@@ -249,3 +249,23 @@ def test_factory_reads_the_checkpoint_from_the_environment(tiny, monkeypatch):
         serve.app()
     monkeypatch.setenv("GEOCELL_CHECKPOINT", ckpt)
     assert TestClient(serve.app(device="cpu")).get("/api/health").json()["checkpoint"] == os.path.basename(ckpt)
+
+
+def test_an_internal_error_is_json_500_and_the_server_keeps_serving(tiny, monkeypatch):
+    ckpt, images, geo, _ = tiny
+    asgi = serve.app(ckpt, device="cpu")
+    service = asgi.app.state.service
+    real = service.geo.predict
+    calls = []
+
+    def fails_once(*a, **k):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(service.geo, "predict", fails_once)
+    client = TestClient(asgi, raise_server_exceptions=False)
+    r = upload(client, images[0])
+    assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError"}
+    assert upload(client, images[0]).json() == expected(geo, images[0])

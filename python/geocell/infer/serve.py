@@ -414,6 +414,10 @@ def app(checkpoint_path=None, *, device=None, max_upload_bytes: int = MAX_UPLOAD
     async def _http_error(request, exc):
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
+    @api.exception_handler(Exception)
+    async def _internal_error(request, exc):  # logged by the server; the client gets JSON too
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
     async def read_upload(request: Request):
         form = await request.form(max_files=1, max_fields=8)
         try:
