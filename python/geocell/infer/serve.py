@@ -117,16 +117,13 @@ class Service:
     def __init__(self, checkpoint_path, *, device=None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                  max_pixels: int = MAX_PIXELS):
         from geocell.infer.predict import Geolocator
-        from geocell.training.checkpoint import FORMAT_VERSION, load_checkpoint
+        from geocell.training.checkpoint import FORMAT_VERSION
 
         self.checkpoint_path = os.fspath(checkpoint_path)
         self.checkpoint_name = os.path.basename(self.checkpoint_path)
-        ckpt = load_checkpoint(self.checkpoint_path, map_location="cpu")  # refuses unsafe files
-        self.format_version = int(ckpt.get("format_version", FORMAT_VERSION))
-        self.geocell_version = str(ckpt.get("geocell_version", ""))
-        self.arch = str(ckpt.get("arch", ""))
-        del ckpt
+        # refuses unsafe files and any format version but this one
         self.geo = Geolocator.from_checkpoint(self.checkpoint_path, device=device)
+        self.format_version = FORMAT_VERSION
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels)
         self._model_lock = threading.Lock()
@@ -140,8 +137,7 @@ class Service:
         from geocell import __version__
 
         return {"status": "ok", "checkpoint": self.checkpoint_name,
-                "format_version": self.format_version, "checkpoint_geocell_version": self.geocell_version,
-                "geocell_version": str(__version__), "arch": self.arch,
+                "format_version": self.format_version, "geocell_version": str(__version__),
                 "partitionings": list(self.geo.partition_names), "fine_cells": len(self.geo.fine),
                 "scenes": list(self.geo.scene_names), "device": str(self.geo.device),
                 "max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels}
