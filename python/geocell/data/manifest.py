@@ -31,6 +31,9 @@ _KNOWN_SCENE_ORDERS = (GEOESTIMATION_SCENES, ["water", "coast", "land"])
 _PATH_COLUMNS = ("path", "image", "img_id", "file", "filename")
 _LAT_COLUMNS = ("lat", "latitude")
 _LNG_COLUMNS = ("lng", "lon", "long", "longitude")
+# Integer scene ids index a name list built as range(max + 1): a bound keeps a hostile id
+# (e.g. 999999999) from allocating a list of a billion names.
+MAX_SCENE_ID = 100_000
 
 
 class ManifestError(ValueError):
@@ -184,7 +187,13 @@ def read_manifest(path, image_root=None, check_files: bool = True) -> Manifest:
         prob_names = [n for _, n in prob_cols]
 
         paths, lats, lngs, scenes_raw, splits, probs, lines, report = [], [], [], [], [], [], [], []
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise ManifestError(f"{path} line {reader.line_num}: {e}") from None
             line = reader.line_num
             if not row or all(not c.strip() for c in row):
                 continue
@@ -206,6 +215,9 @@ def read_manifest(path, image_root=None, check_files: bool = True) -> Manifest:
                 report.append((line, f"missing file {full}"))
                 continue
             scene_text = row[i_scene].strip() if i_scene is not None else ""
+            if scene_text and _is_int(scene_text) and int(scene_text) > MAX_SCENE_ID:
+                report.append((line, f"scene id {scene_text} above the limit {MAX_SCENE_ID}"))
+                continue
             prob_row = None
             if prob_cols:
                 try:

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+import re
 import struct
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
@@ -39,6 +40,9 @@ class ShardInfo:
     first_id: int
     count: int
     split: str
+
+
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _encode(path: str, shorter_side: Optional[int], max_side: Optional[int], quality: int) -> bytes:
@@ -120,9 +124,15 @@ def pack(manifest, out_dir, *, shard_size: int = 5000, shorter_side: Optional[in
     from geocell.data.manifest import Manifest, write_manifest
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     n = len(manifest)
     split = manifest.split if manifest.split is not None else np.full(n, "all")
+    # Split names become file names: check them all before anything is written.
+    where = manifest.source or "manifest"
+    for i, name in enumerate(split.tolist()):
+        if not _SPLIT_NAME.fullmatch(name):
+            raise ValueError(f"{where} row {i + 1} ({manifest.paths[i]}): split name {name!r} is "
+                             "not a plain name (letters, digits, '_' and '-' only)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     # Shards hold one split each, so a split of a packed dataset is a set of whole shards.
     groups = []
     for name in sorted(set(split.tolist())):
