@@ -53,7 +53,8 @@ def _readme_blocks(lang):
     return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
-def test_readme_s2_and_partition_examples_run_as_written():
+def test_readme_s2_and_partition_examples_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example writes cells.csv into the working directory
     code = [b for b in _readme_blocks("python") if "geocell.latlng_to_cell" in b or "geocell.partition(" in b]
     assert len(code) == 2
     scope: dict = {}
@@ -61,6 +62,7 @@ def test_readme_s2_and_partition_examples_run_as_written():
     assert len(scope["p"]) > 100 and len(scope["ps"]) == 3
     # what the README's comment promises for its two example points
     assert list(geocell.cell_to_token(scope["cells"])) == ["47e66ff", "6b12ae7"]
+    assert (tmp_path / "cells.csv").is_file()
 
 
 def test_readme_partition_command_runs_as_written(tmp_path):
