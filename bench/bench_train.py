@@ -70,6 +70,7 @@ def earth(tmp_path_factory):
 
 def test_train_epoch_with_loader(benchmark, earth):
     from geocell.loading.base import make_loader
+    from geocell.training.state import TrainState
 
     model, optimizer, criterion = _setup()
     m, labels = earth
@@ -77,10 +78,11 @@ def test_train_epoch_with_loader(benchmark, earth):
     steps = len(loader)
     scheduler = engine.build_scheduler(optimizer, engine.LRSchedule("step", steps, 100))
     info = engine.DistInfo()
+    options = engine.EpochOptions(steps=steps, log_every=0, show_progress=False)
 
     def epoch():
-        engine.train_one_epoch(model, criterion, optimizer, scheduler, loader, epoch=0, steps=steps,
-                               global_step=0, info=info, log_every=0, show_progress=False)
+        state = TrainState(optimizer, scheduler)
+        engine.train_one_epoch(model, criterion, loader, state, info, options)
 
     epoch()  # warm-up
     benchmark.group = f"train: resnet18 {SIZE}px batch {BATCH}"

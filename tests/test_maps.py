@@ -73,7 +73,7 @@ def test_map_png_is_written_and_shows_the_cells(tmp_path):
     cells = np.unique(geocell.cell_to_parent(geocell.latlng_to_cell(lat, lng), 4))
     probs = np.linspace(1.0, 0.01, len(cells))
     probs /= probs.sum()
-    marks = dict(top1=(48.0, 11.0), truth=(52.5, 13.4), region=np.array([0, 1]))
+    marks = dict(top1=(48.0, 11.0), truth=(52.5, 13.4), region=cells[:2])
     with_cells = draw_probability_map(tmp_path / "m.png", cells, probs, title="t", **marks)
     empty = draw_probability_map(tmp_path / "e.png", cells, np.zeros(len(cells)), title="t", **marks)
     assert os.path.getsize(with_cells) > 20_000

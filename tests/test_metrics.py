@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from geocell.training.losses import MultitaskLoss, haversine_km, haversine_soft_targets
-from geocell.infer.metrics import (
-    accuracy_table, evaluate, format_table, hierarchical_log_probs, hierarchical_probs)
+from geocell.infer.evaluate import accuracy_rows, evaluate_loader
+from geocell.infer.metrics import accuracy_table, format_table, hierarchical_log_probs, hierarchical_probs
 
 KM_PER_DEG = 6371.0 * math.pi / 180  # 111.195 km per degree of a great circle
 
@@ -72,9 +72,23 @@ def test_loss_sums_heads_ignores_unlabelled_and_smooths():
 
 
 class _Part:
+    """A partitioning whose cell k is the level-10 cell around centroid k."""
+
     def __init__(self, centroids, counts):
+        import geocell
+
         self.centroids = np.asarray(centroids, dtype=np.float64)
         self.counts = np.asarray(counts)
+        self.cells = geocell.latlng_to_cell(self.centroids[:, 0], self.centroids[:, 1], 10)
+
+    def __len__(self):
+        return len(self.cells)
+
+    def assign(self, lat, lng):
+        import geocell
+
+        cell = geocell.latlng_to_cell(np.asarray(lat, float), np.asarray(lng, float), 10)
+        return np.array([int(np.flatnonzero(self.cells == c)[0]) if c in self.cells else -1 for c in cell])
 
 
 class _FixedModel(torch.nn.Module):
@@ -92,8 +106,8 @@ def test_evaluate_rows():
     h = np.array([[0, 0], [1, 1], [0, 2]])
     images = torch.cat([torch.ones(2, 3, 4, 4), -torch.ones(2, 3, 4, 4)])
     true = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 90.0], [0.0, 0.0]], dtype=torch.float64)
-    loader = [(images, {"latlng": true, "geo": torch.zeros(4, 2, dtype=torch.int64)})]
-    rows = evaluate(_FixedModel(), loader, parts, h, "cpu", amp=False)
+    loader = [(images, {"latlng": true, "geo": torch.zeros(4, 2, dtype=torch.int64), "index": torch.arange(4)})]
+    rows = accuracy_rows(evaluate_loader(_FixedModel(), loader, parts, h, "cpu"), parts[-1])
     assert set(rows) == {"coarse", "fine", "hierarchy", "most frequent cell"}
     assert rows["fine"]["acc_1km"] == 0.5 and rows["fine"]["acc_200km"] == 0.75
     assert rows["hierarchy"]["acc_200km"] == 0.75

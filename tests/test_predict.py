@@ -134,7 +134,11 @@ def test_credible_region_holds_the_mass_and_is_minimal(tiny):
     pred = geo.predict(images[1], top_k=3, keep_probs=True)
     p = pred.fine_probs
     assert p.sum() == pytest.approx(1.0)
-    region = pred.fine_index
+    # an uncalibrated checkpoint: the region is made of fine cells
+    assert not geo.calibration.calibrated
+    fine = np.asarray(geo.fine.cells, np.uint64)
+    region = np.searchsorted(fine, pred.region_cell_ids)
+    assert np.array_equal(fine[region], pred.region_cell_ids)
     assert p[region].sum() >= 0.9 - 1e-12
     # Minimal: no fewer cells can reach 90 %, i.e. the len-1 most probable fall short.
     assert np.sort(p)[::-1][: len(region) - 1].sum() < 0.9

@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from geocell._internal.geometry import unit_vectors
 from geocell.cells import EARTH_RADIUS_KM, cell_to_parent, latlng_to_cell
-
-
-def _unit(lat, lng) -> np.ndarray:
-    la, ln = np.radians(lat), np.radians(lng)
-    return np.stack([np.cos(la) * np.cos(ln), np.cos(la) * np.sin(ln), np.sin(la)], axis=1)
 
 
 def min_distance_km(lat, lng, ref_lat, ref_lng, chunk: int = 1024) -> np.ndarray:
     """For each (lat, lng), the great-circle distance in km to the nearest reference point
     (inf when there are none). Exact, O(N x M) in chunks: meant for datasets up to ~10^5."""
-    q, r = _unit(np.asarray(lat, float), np.asarray(lng, float)), _unit(np.asarray(ref_lat, float),
-                                                                          np.asarray(ref_lng, float))
+    q, r = unit_vectors(lat, lng), unit_vectors(ref_lat, ref_lng)
     out = np.full(len(q), np.inf)
     if len(r) == 0:
         return out

@@ -1,7 +1,9 @@
-"""``geocell evaluate``: accuracy table and error CDF of a checkpoint on a manifest.
+"""The evaluation loop (after each training epoch and in ``geocell evaluate``) and the command.
 
 Rows: each partitioning's own top-1, the hierarchical top-1 and the most-frequent-cell
-baseline; columns: the share of images within 1/25/200/750/2500 km and the median error.
+baseline; columns: the share of images within 1/25/200/750/2500 km and the median error. For a
+calibrated model also: how often each credible region holds the true location, the regions'
+median area and the expected calibration error of the top-1 cell.
 The manifest may be the GeoEstimation test metadata as published (im2gps_places365.csv,
 im2gps3k_places365.csv) or the plain layout. Unreadable images are reported and skipped.
 """
@@ -16,49 +18,176 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import torch
+
+from geocell.infer.calibration import Calibration, Mixture, _unit, combined_log_probs, expected_calibration_error
 from geocell.infer.metrics import (
     BASELINE_ROW,
     HIERARCHY_ROW,
     THRESHOLDS_KM,
+    _gather_concat,
+    _reduce_counts,
     accuracy_from_errors,
+    autocast_context,
     baseline_row,
     format_table,
     great_circle_errors_km,
+    partition_names,
 )
+from geocell.infer.predict import stream_files
+
+REGION_MASSES = (0.5, 0.9)  # the credible regions whose coverage an evaluation reports
 
 
 @dataclass
 class Evaluation:
-    """Per-image predictions of one evaluation run (rows that could be evaluated)."""
+    """Per-image results of one evaluation pass (the images that could be evaluated)."""
 
     names: list[str]                      # partitioning names, coarsest first
-    paths: list[str]
+    paths: list[str]                      # image paths (or manifest rows as strings)
     true_latlng: np.ndarray               # (N, 2)
     pred_latlng: dict[str, np.ndarray]    # row name -> (N, 2): each partitioning + hierarchy
     cells: np.ndarray                     # hierarchical top-1 token per image
-    probability: np.ndarray               # its (renormalised hierarchical) probability
+    probability: np.ndarray               # its probability (calibrated when the model is)
+    top1_correct: np.ndarray              # the true location lies in the top-1 fine cell
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    scene_hits: int = 0
+    scene_total: int = 0
+    region_holds: dict[float, np.ndarray] = field(default_factory=dict)  # mass -> truth inside?
+    region_area_km2: dict[float, np.ndarray] = field(default_factory=dict)  # mass -> area
+    logits: list[np.ndarray] | None = None  # per-partitioning logits, when kept (calibration)
 
     def errors_km(self) -> dict[str, np.ndarray]:
         return {name: great_circle_errors_km(pred, self.true_latlng)
                 for name, pred in self.pred_latlng.items()}
 
+    @property
+    def scene_acc(self) -> float | None:
+        return self.scene_hits / self.scene_total if self.scene_total else None
+
+    def calibration_summary(self) -> dict:
+        """Coverage of each credible region, its median area, and the top-1 cell's ECE."""
+        out = {f"coverage_{round(100 * m)}": float(h.mean()) for m, h in self.region_holds.items() if h.size}
+        out.update({f"median_area_km2_{round(100 * m)}": float(np.median(a))
+                    for m, a in self.region_area_km2.items() if a.size})
+        if self.probability.size:
+            out["ece_top1"] = expected_calibration_error(self.probability, self.top1_correct)
+            out["mean_top1_probability"] = float(self.probability.mean())
+        return out
+
+
+class Evaluator:
+    """The evaluation loop's body, shared by the training loop (loaders) and ``geocell
+    evaluate`` (image files): feed it each batch's logits and true locations with :meth:`add`;
+    :meth:`finish` gathers the ranks' results under torch.distributed."""
+
+    def __init__(self, partitions, hierarchy, *, names=None, calibration: Calibration | None = None,
+                 region_masses=(), keep_logits: bool = False, mixture_samples: int = 4000):
+        self.partitions = list(partitions)
+        self.hierarchy = np.asarray(hierarchy)
+        self.names = list(names) if names is not None else partition_names(len(self.partitions))
+        self.calibration = calibration or Calibration.identity(len(self.partitions))
+        self.region_masses = tuple(region_masses) if self.calibration.calibrated else ()
+        self.keep_logits = keep_logits
+        self.mixture_samples = mixture_samples
+        self.centroids = [np.asarray(p.centroids, dtype=np.float64) for p in self.partitions]
+        self.fine_unit = _unit(self.centroids[-1])
+        self.fine_tokens = None
+        rows = self.names + ([HIERARCHY_ROW] if len(self.names) > 1 else [])
+        self._pred = {r: [] for r in rows}
+        self._truth, self._best, self._prob, self._ids, self._logits = [], [], [], [], []
+        self._holds = {m: [] for m in self.region_masses}
+        self._areas = {m: [] for m in self.region_masses}
+        self.scene_hits = self.scene_total = 0
+
+    def add(self, geo_logits, true_latlng, *, scene_logits=None, scene_labels=None, ids=()) -> None:
+        true = np.asarray(true_latlng, dtype=np.float64).reshape(-1, 2)
+        for name, z, cents in zip(self.names, geo_logits, self.centroids):
+            self._pred[name].append(cents[z.argmax(dim=1).cpu().numpy()])
+        log_q = combined_log_probs(geo_logits, self.hierarchy, self.calibration).cpu()
+        prob, best = log_q.max(dim=1)
+        best = best.numpy()
+        if len(self.names) > 1:
+            self._pred[HIERARCHY_ROW].append(self.centroids[-1][best])
+        self._best.append(best)
+        self._prob.append(prob.exp().numpy())
+        self._truth.append(true)
+        self._ids += [str(i) for i in ids]
+        if self.keep_logits:
+            self._logits.append([z.float().cpu().numpy() for z in geo_logits])
+        for i in range(len(true) if self.region_masses else 0):
+            mixture = Mixture(log_q[i].numpy(), self.fine_unit, self.calibration.kernel_km,
+                              samples=self.mixture_samples, seed=i)
+            for m in self.region_masses:
+                self._holds[m].append(mixture.holds(true[i], m))
+                self._areas[m].append(mixture.region_area_km2(m))
+        if scene_logits is not None and scene_labels is not None:
+            scene = torch.as_tensor(scene_labels).to(scene_logits.device)
+            mask = scene >= 0
+            self.scene_hits += int((scene_logits.argmax(dim=1)[mask] == scene[mask]).sum())
+            self.scene_total += int(mask.sum())
+
+    def finish(self, skipped=()) -> Evaluation:
+        def cat(chunks, shape):
+            return _gather_concat(np.concatenate(chunks) if chunks else np.zeros(shape))
+
+        true = cat(self._truth, (0, 2))
+        best = cat(self._best, (0,)).astype(np.int64)
+        import geocell
+
+        if self.fine_tokens is None:
+            self.fine_tokens = np.asarray(geocell.cell_to_token(np.asarray(self.partitions[-1].cells, np.uint64)))
+        truth_cell = self.partitions[-1].assign(true[:, 0], true[:, 1]) if len(true) else np.zeros(0, np.int64)
+        logits = None
+        if self.keep_logits:
+            logits = [cat([b[p] for b in self._logits], (0, len(self.partitions[p])))
+                      for p in range(len(self.partitions))]
+        scene_hits, scene_total = _reduce_counts(self.scene_hits, self.scene_total)
+        return Evaluation(
+            names=self.names, paths=list(self._ids), true_latlng=true,
+            pred_latlng={r: cat(v, (0, 2)) for r, v in self._pred.items()},
+            cells=self.fine_tokens[best] if best.size else np.zeros(0, dtype=str),
+            probability=cat(self._prob, (0,)), top1_correct=(truth_cell == best),
+            skipped=list(skipped), scene_hits=scene_hits, scene_total=scene_total,
+            region_holds={m: cat([np.asarray(v, dtype=bool)], (0,)) for m, v in self._holds.items()},
+            region_area_km2={m: cat([np.asarray(v, dtype=np.float64)], (0,)) for m, v in self._areas.items()},
+            logits=logits)
+
+
+@torch.no_grad()
+def evaluate_loader(model, loader, partitions, hierarchy, device, *, amp=None, names=None, channels_last=False,
+                    calibration: Calibration | None = None, region_masses=(), keep_logits=False) -> Evaluation:
+    """One pass of ``model`` over a training-style loader (batches of images and targets).
+    Under torch.distributed every rank evaluates its shard and every rank gets the whole result."""
+    device = torch.device(device)
+    evaluator = Evaluator(partitions, hierarchy, names=names, calibration=calibration,
+                          region_masses=region_masses, keep_logits=keep_logits)
+    was_training = model.training
+    model.eval()
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp):
+            geo_logits, scene_logits = model(images)
+        evaluator.add([g.float() for g in geo_logits], targets["latlng"].cpu().numpy(),
+                      scene_logits=scene_logits, scene_labels=targets.get("scene"),
+                      ids=targets["index"].cpu().tolist())
+    if was_training:
+        model.train()
+    return evaluator.finish()
+
 
 def evaluate_paths(geo, paths, true_latlng, *, tta: str = "none", tta_combine: str = "max",
-                   batch_size: int = 32, num_workers: int = 2, progress: bool = False) -> Evaluation:
-    """Run ``geo`` (a Geolocator) over image files with known locations."""
+                   batch_size: int = 32, num_workers: int = 2, progress: bool = False,
+                   region_masses=REGION_MASSES) -> Evaluation:
+    """Run ``geo`` (a Geolocator, with its calibration) over image files with known locations."""
     true_latlng = np.asarray(true_latlng, dtype=np.float64).reshape(-1, 2)
     if len(paths) != len(true_latlng):
         raise ValueError(f"{len(paths)} paths but {len(true_latlng)} locations")
-    from geocell.infer.predict import stream_files
-
-    names = list(geo.partition_names)
-    rows = names + ([HIERARCHY_ROW] if len(names) > 1 else [])
-    centroids = [np.asarray(p.centroids, dtype=np.float64) for p in geo.partitions]
-    fine_tokens = geo.tokens(len(names) - 1)
-    kept, cells, probability, skipped = [], [], [], []
-    preds: dict[str, list[np.ndarray]] = {r: [] for r in rows}
-
+    evaluator = Evaluator(geo.partitions, geo.hierarchy, names=geo.partition_names,
+                          calibration=geo.calibration, region_masses=region_masses)
+    skipped = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -68,28 +197,13 @@ def evaluate_paths(geo, paths, true_latlng, *, tta: str = "none", tta_combine: s
                                                 num_workers=num_workers):
         skipped += [(paths[i], err) for i, err in failed]
         if images is not None:
-            probs, hier, _ = geo.distributions(images, tta_combine=tta_combine)
-            for name, p, cents in zip(names, probs, centroids):
-                preds[name].append(cents[p.argmax(axis=1)])
-            best = hier.argmax(axis=1)
-            if len(names) > 1:
-                preds[HIERARCHY_ROW].append(centroids[-1][best])
-            cells.append(fine_tokens[best])
-            probability.append(hier[np.arange(len(best)), best])
-            kept += indices
+            log_probs, _ = geo.head_log_probs(images, tta_combine=tta_combine)
+            evaluator.add(log_probs, true_latlng[indices], ids=[paths[i] for i in indices])
         if bar is not None:
             bar.update(len(indices) + len(failed))
     if bar is not None:
         bar.close()
-
-    def cat(chunks, shape):
-        return np.concatenate(chunks) if chunks else np.zeros(shape)
-
-    kept_idx = np.asarray(kept, dtype=np.int64)
-    return Evaluation(
-        names=names, paths=[paths[i] for i in kept], true_latlng=true_latlng[kept_idx],
-        pred_latlng={r: cat(preds[r], (0, 2)) for r in rows},
-        cells=cat(cells, (0,)).astype(str), probability=cat(probability, (0,)), skipped=skipped)
+    return evaluator.finish(skipped)
 
 
 def accuracy_rows(ev: Evaluation, finest_partition) -> dict[str, dict]:
@@ -104,6 +218,20 @@ def baseline_errors_km(finest_partition, true_latlng) -> np.ndarray:
     pred = np.asarray(finest_partition.centroids, dtype=np.float64)[top]
     true_latlng = np.asarray(true_latlng, dtype=np.float64).reshape(-1, 2)
     return great_circle_errors_km(np.repeat(pred[None], len(true_latlng), axis=0), true_latlng)
+
+
+def format_calibration(summary: dict) -> str:
+    """One line per figure of :meth:`Evaluation.calibration_summary`."""
+    lines = []
+    for key, value in summary.items():
+        if key.startswith("coverage_"):
+            lines.append(f"{key[9:]}% credible region holds the true location for {100 * value:.1f}% of images")
+        elif key.startswith("median_area_km2_"):
+            lines.append(f"median area of the {key[16:]}% region: {value:,.0f} km²")
+    if "ece_top1" in summary:
+        lines.append(f"top-1 cell: mean probability {summary['mean_top1_probability']:.3f}, "
+                     f"expected calibration error {summary['ece_top1']:.3f}")
+    return "\n".join(lines)
 
 
 def plot_error_cdf(errors_km: dict[str, np.ndarray], path, title: str | None = None) -> str:

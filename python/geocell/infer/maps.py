@@ -128,7 +128,7 @@ def draw_probability_map(
 
     Cells below ``min_fraction`` × the largest probability are left out so the picture
     shows where the mass is; colour is on a log scale over that range. ``region``
-    (cell indices, e.g. the 90 % credible region) is outlined, and when it is small a second
+    (S2 cell ids, e.g. the 90 % credible region's) is outlined, and when it is small a second
     panel shows it enlarged. ``top1`` and ``truth`` are (lat, lng) and marked with a star
     and a cross. Returns the path written.
     """
@@ -162,7 +162,7 @@ def draw_probability_map(
         colour = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
     region_polygons: list[np.ndarray] = []
     if region is not None and len(region):
-        region_polygons, _ = cell_plot_polygons(cells[np.asarray(region, dtype=np.int64)])
+        region_polygons, _ = cell_plot_polygons(np.asarray(region, dtype=np.uint64))
     zoom = _zoom_extent(region_polygons, [p for p in (top1, truth) if p is not None])
 
     if zoom is None:

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import geocell
+from geocell.infer.calibration import Calibration, Mixture, combined_log_probs
+from geocell._internal.geometry import unit_vectors
+from geocell.infer.regions import credible_region
 from geocell.loading.preprocess import Preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -59,7 +63,7 @@ class Prediction:
     region_cells: list[str]
     scenes: list[tuple[str, float]] = field(default_factory=list)
     fine_probs: np.ndarray | None = field(default=None, repr=False)  # kept only when asked (maps)
-    fine_index: np.ndarray | None = field(default=None, repr=False)  # credible region, fine indices
+    region_cell_ids: np.ndarray | None = field(default=None, repr=False)  # credible region, S2 ids (maps)
 
     def to_dict(self) -> dict:
         return {
@@ -208,7 +212,7 @@ class Geolocator:
 
     def __init__(self, model: torch.nn.Module, partitions: Sequence, hierarchy, *,
                  partition_names: Sequence[str] | None = None, scene_names: Sequence[str] = (),
-                 preprocess: dict | None = None, device=None):
+                 preprocess: dict | None = None, calibration: dict | None = None, device=None):
         self.device = torch.device(device if device is not None else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
@@ -217,6 +221,8 @@ class Geolocator:
         self.partition_names = list(partition_names or [f"p{i}" for i in range(len(self.partitions))])
         self.scene_names = list(scene_names)
         self.preprocess = Preprocess.from_dict(preprocess).to_dict()
+        # uncalibrated checkpoints: the plain product and regions made of fine cells
+        self.calibration = Calibration.from_dict(calibration, len(self.partitions))
         if self.hierarchy.shape != (len(self.partitions[-1]), len(self.partitions)):
             raise ValueError(f"hierarchy shape {self.hierarchy.shape} does not match "
                              f"{len(self.partitions)} partitionings with "
@@ -234,7 +240,7 @@ class Geolocator:
         names = [str(p.get("name", f"p{i}")) for i, p in enumerate(ckpt["partitions"])]
         return cls(model, partitions, hierarchy, partition_names=names,
                    scene_names=ckpt.get("scene_names", []), preprocess=ckpt.get("preprocess"),
-                   device=device)
+                   calibration=ckpt.get("calibration"), device=device)
 
     # -- cached per-cell data
 
@@ -250,6 +256,11 @@ class Geolocator:
                             for q in self.partitions]
         return self._tokens[p]
 
+    def _fine_unit(self) -> np.ndarray:
+        if getattr(self, "_fine_unit_cache", None) is None:
+            self._fine_unit_cache = unit_vectors(*np.asarray(self.fine.centroids, dtype=np.float64).T)
+        return self._fine_unit_cache
+
     @property
     def fine_areas_km2(self) -> np.ndarray:
         if self._fine_areas is None:
@@ -264,13 +275,11 @@ class Geolocator:
     # -- the network
 
     @torch.inference_mode()
-    def distributions(self, images: torch.Tensor, *, tta_combine: str = "max"
-                      ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
-        """Normalised images (B, 3, H, W) or crops (B, n, 3, H, W) ->
-        (per-partitioning probabilities [(B, C_p)], hierarchical (B, n_fine) renormalised,
-        scene probabilities (B, S) or None)."""
-        from geocell.infer.metrics import hierarchical_probs
-
+    def head_log_probs(self, images: torch.Tensor, *, tta_combine: str = "max"
+                       ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Normalised images (B, 3, H, W) or crops (B, n, 3, H, W) -> (per-partitioning
+        log-probabilities [(B, C_p)] float64 on the CPU, scene probabilities (B, S) or None);
+        crops are combined per head by ``tta_combine``."""
         n_crops = 1
         if images.ndim == 5:
             n_crops = images.shape[1]
@@ -285,12 +294,17 @@ class Geolocator:
         if n_crops > 1:
             probs = [combine_crops(p, n_crops, tta_combine) for p in probs]
             scenes = combine_crops(scenes, n_crops, tta_combine) if scenes is not None else None
-        probs_np = [p.cpu().numpy() for p in probs]
-        hier = hierarchical_probs(probs_np, self.hierarchy)
-        hier = hier.detach().cpu().numpy() if isinstance(hier, torch.Tensor) else np.asarray(hier)
-        hier = hier.astype(np.float64)
-        hier /= hier.sum(axis=1, keepdims=True)
-        return probs_np, hier, (scenes.cpu().numpy() if scenes is not None else None)
+        return [torch.log(p).cpu() for p in probs], (scenes.cpu() if scenes is not None else None)
+
+    def distributions(self, images: torch.Tensor, *, tta_combine: str = "max"
+                      ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+        """Normalised images (B, 3, H, W) or crops (B, n, 3, H, W) ->
+        (per-partitioning probabilities [(B, C_p)], the calibrated hierarchical distribution
+        over the fine cells (B, n_fine), scene probabilities (B, S) or None)."""
+        log_probs, scenes = self.head_log_probs(images, tta_combine=tta_combine)
+        hier = torch.exp(combined_log_probs(log_probs, self.hierarchy, self.calibration)).numpy()
+        return ([torch.exp(lp).numpy() for lp in log_probs], hier,
+                scenes.numpy() if scenes is not None else None)
 
     # -- results
 
@@ -310,11 +324,17 @@ class Geolocator:
                  scenes: np.ndarray | None, *, top_k: int = 5, mass: float = 0.9,
                  keep_probs: bool = False) -> Prediction:
         """The Prediction for one image from its distributions (rows of :meth:`distributions`)."""
-        from geocell.infer.regions import credible_region
-
         fine_p = len(self.partitions) - 1
         top = self._top(fine_p, hier, top_k)
-        region = credible_region(hier, self.fine_areas_km2, mass)
+        if self.calibration.calibrated:
+            # the highest-density region of the calibrated mixture, drawn with S2 cells
+            region = Mixture(np.log(np.maximum(hier, 1e-300)), self._fine_unit(), self.calibration.kernel_km
+                             ).region(mass)
+            region_ids, covered, area = region.cells, region.covered, region.area_km2
+        else:
+            cells_region = credible_region(hier, self.fine_areas_km2, mass)
+            region_ids = np.asarray(self.fine.cells, dtype=np.uint64)[cells_region.indices]
+            covered, area = cells_region.covered, cells_region.area_km2
         scene_list = []
         if scenes is not None and self.scene_names:
             order = np.argsort(-scenes)[: min(3, scenes.size)]
@@ -323,12 +343,11 @@ class Geolocator:
             image=image, top_k=top, hierarchical_top1=top[0],
             per_partitioning={self.partition_names[p]: self._top(p, probs[p], top_k)
                               for p in range(len(self.partitions))},
-            region_mass=region.mass, region_covered=region.covered,
-            region_area_km2=region.area_km2,
-            region_cells=[str(t) for t in self.tokens(fine_p)[region.indices]],
+            region_mass=float(mass), region_covered=covered, region_area_km2=area,
+            region_cells=[str(t) for t in geocell.cell_to_token(region_ids)],
             scenes=scene_list,
             fine_probs=hier.copy() if keep_probs else None,
-            fine_index=region.indices if keep_probs else None)
+            region_cell_ids=region_ids if keep_probs else None)
 
     def predict(self, images_or_paths, top_k: int = 5, *, mass: float = 0.9, tta: str = "none",
                 tta_combine: str = "max", batch_size: int = 16, keep_probs: bool = False):
@@ -517,10 +536,10 @@ def main(argv: list[str] | None = None) -> int:
             top = pred.hierarchical_top1
             draw_probability_map(
                 map_paths[i], np.asarray(geo.fine.cells, dtype=np.uint64), pred.fine_probs,
-                top1=(top.lat, top.lng), truth=args.truth or _exif_location(path), region=pred.fine_index,
+                top1=(top.lat, top.lng), truth=args.truth or _exif_location(path), region=pred.region_cell_ids,
                 title=f"{os.path.basename(path)}: best guess {top.lat:.3f}, {top.lng:.3f}; "
                       f"{pred.region_mass:.0%} region {pred.region_area_km2:,.0f} km²")
-            pred.fine_probs = pred.fine_index = None  # don't hold n_fine floats per image
+            pred.fine_probs = pred.region_cell_ids = None  # don't hold n_fine floats per image
         records.append(pred.to_dict())
         csv_rows.append(csv_row(path, pred, None, args.top_k))
         if show_text:

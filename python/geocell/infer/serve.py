@@ -158,7 +158,7 @@ class Service:
             path = os.path.join(tmp, "map.png")
             draw_probability_map(path, np.asarray(self.geo.fine.cells, dtype=np.uint64),
                                  pred.fine_probs, top1=(top.lat, top.lng), truth=truth,
-                                 region=pred.fine_index, title=_map_title(pred.image, pred))
+                                 region=pred.region_cell_ids, title=_map_title(pred.image, pred))
             with open(path, "rb") as f:
                 return f.read()
 

@@ -6,7 +6,8 @@ normalized with ImageNet ``MEAN``/``STD`` on ``device`` and targets a dict of te
 ``device``: ``geo`` int64 (B, P), ``scene`` int64 (B,), ``latlng`` float64 (B, 2), ``index``
 int64 (B,) (row in the manifest).
 
-Training: random-resized crop + horizontal flip. Evaluation: shorter side resized to
+Training: random-resized crop + horizontal flip (ranges and probability from
+:class:`~geocell.loading.preprocess.Preprocess`'s defaults or the caller). Evaluation: shorter side resized to
 ``resize_size`` + centre crop, and every sample of the shard exactly once.
 
 Reproducibility (what makes ``--resume`` exact): a training epoch's order is
@@ -120,16 +121,16 @@ def sample_uniforms(key, ids, k: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
-def crop_params(height: int, width: int, rng: np.random.Generator) -> tuple:
+def crop_params(height: int, width: int, rng: np.random.Generator, scale=SCALE, ratio=RATIO) -> tuple:
     """(top, left, h, w) of a random-resized crop: torchvision's ``RandomResizedCrop.get_params``
-    algorithm (area fraction in SCALE, log-uniform aspect ratio in RATIO, 10 attempts, then a
-    centre crop) drawing from ``rng``."""
+    algorithm (area fraction in ``scale``, log-uniform aspect ratio in ``ratio``, 10 attempts,
+    then a centre crop) drawing from ``rng``."""
     import math
 
     area = height * width
-    lo, hi = math.log(RATIO[0]), math.log(RATIO[1])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
-        target_area = area * rng.uniform(SCALE[0], SCALE[1])
+        target_area = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(lo, hi))
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
@@ -138,10 +139,10 @@ def crop_params(height: int, width: int, rng: np.random.Generator) -> tuple:
             left = int(rng.integers(0, width - w + 1))
             return top, left, h, w
     in_ratio = width / height
-    if in_ratio < min(RATIO):
-        w, h = width, int(round(width / min(RATIO)))
-    elif in_ratio > max(RATIO):
-        h, w = height, int(round(height * max(RATIO)))
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
@@ -162,7 +163,8 @@ class Loader:
     backend = "none"
 
     def __init__(self, manifest, labels, *, train, batch_size, image_size, resize_size, device,
-                 num_workers, shard_id, num_shards, seed, validate):
+                 num_workers, shard_id, num_shards, seed, validate, crop_scale=SCALE, crop_ratio=RATIO,
+                 hflip=0.5):
         import torch
 
         if len(labels) != len(manifest):
@@ -175,6 +177,7 @@ class Loader:
         self.batch_size = int(batch_size)
         self.image_size = int(image_size)
         self.resize_size = int(resize_size or default_resize_size(image_size))
+        self.crop_scale, self.crop_ratio, self.hflip = tuple(crop_scale), tuple(crop_ratio), float(hflip)
         self.device = torch.device(device)
         self.num_workers = int(num_workers)
         self.shard_id, self.num_shards = int(shard_id), int(num_shards)
@@ -236,7 +239,8 @@ class Loader:
 def make_loader(manifest, labels, *, train: bool, batch_size: int, image_size: int = 224,
                 resize_size: Optional[int] = None, backend: str = "auto", device="cpu",
                 num_workers: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
-                validate: bool = True, gpu_decode: Optional[bool] = None) -> Loader:
+                validate: bool = True, gpu_decode: Optional[bool] = None, crop_scale=SCALE,
+                crop_ratio=RATIO, hflip: float = 0.5) -> Loader:
     """A loader over ``manifest`` rows with targets from ``labels`` (see the module doc).
 
     ``num_workers``: DALI threads or DataLoader worker processes. For a shard-backed manifest
@@ -251,7 +255,7 @@ def make_loader(manifest, labels, *, train: bool, batch_size: int, image_size: i
         backend = "dali" if dali_available() else "torch"
     kwargs = dict(train=train, batch_size=batch_size, image_size=image_size, resize_size=resize_size,
                   device=device, num_workers=num_workers, shard_id=shard_id, num_shards=num_shards,
-                  seed=seed, validate=validate)
+                  seed=seed, validate=validate, crop_scale=crop_scale, crop_ratio=crop_ratio, hflip=hflip)
     if backend == "dali":
         from geocell.loading.dali_backend import DaliLoader
 

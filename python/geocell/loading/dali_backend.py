@@ -35,7 +35,7 @@ import logging
 import numpy as np
 import torch
 
-from geocell.loading.base import MEAN, RATIO, SCALE, STD, Loader, epoch_rows, sample_uniforms
+from geocell.loading.base import MEAN, STD, Loader, epoch_rows, sample_uniforms
 from geocell.loading.resample import BatchWriter, centre_crop_boxes
 
 log = logging.getLogger("geocell.loading.base")
@@ -157,17 +157,18 @@ class DaliLoader(Loader):
         from nvidia.dali import fn, pipeline_def, types
 
         B, seed, epoch = self.batch_size, self.seed, self.epoch
+        scale, aspect, hflip = self.crop_scale, self.crop_ratio, self.hflip
         pipe_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
         shards = self._shards
         nb = len(rows) // B if not shards else 0
 
         def draw(key, ids):
             u = sample_uniforms(key, ids, 5)
-            area = SCALE[0] + (SCALE[1] - SCALE[0]) * u[:, 0]
-            ratio = np.exp(np.log(RATIO[0]) + (np.log(RATIO[1]) - np.log(RATIO[0])) * u[:, 1])
+            area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+            ratio = np.exp(np.log(aspect[0]) + (np.log(aspect[1]) - np.log(aspect[0])) * u[:, 1])
             # Dense batches (no per-sample objects): see _decode for the window.
             return (np.stack([area * ratio, area / ratio], 1).astype(np.float32),
-                    np.ascontiguousarray(u[:, 2:4], dtype=np.float32), (u[:, 4] < 0.5).astype(np.int32))
+                    np.ascontiguousarray(u[:, 2:4], dtype=np.float32), (u[:, 4] < hflip).astype(np.int32))
 
         def params(info):
             # Called in batch order (also ahead, for prefetching); wraps like the reader does.

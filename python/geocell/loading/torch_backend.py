@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from geocell.loading.preprocess import Preprocess
-from geocell.loading.base import Loader, crop_params, epoch_rows, sample_rng, shard_range
+from geocell.loading.base import RATIO, SCALE, Loader, crop_params, epoch_rows, sample_rng, shard_range
 
 
 def _read_bytes(source, row) -> bytes:
@@ -62,15 +62,15 @@ def _decode_cpu(data: bytes) -> torch.Tensor:
         ctx.__exit__(None, None, None)
 
 
-def _augment(img: torch.Tensor, rng, image_size: int, resize_size: int) -> torch.Tensor:
+def _augment(img: torch.Tensor, rng, image_size: int, resize_size: int, aug=(SCALE, RATIO, 0.5)) -> torch.Tensor:
     """uint8 (3,H,W) -> uint8 (3,S,S), on whatever device ``img`` is on. ``rng``: the sample's
     generator (training: random-resized crop + flip) or None (evaluation: resize + centre crop)."""
     import torchvision.transforms.v2.functional as F
 
     if rng is not None:
-        top, left, h, w = crop_params(img.shape[-2], img.shape[-1], rng)
+        top, left, h, w = crop_params(img.shape[-2], img.shape[-1], rng, aug[0], aug[1])
         img = F.resized_crop(img, top, left, h, w, [image_size, image_size], antialias=True)
-        if rng.random() < 0.5:
+        if rng.random() < aug[2]:  # always drawn, so the stream does not depend on hflip
             img = F.horizontal_flip(img)
         return img
     return Preprocess(image_size, resize_size).eval_crop(img)
@@ -80,8 +80,8 @@ class _Samples(Dataset):
     """Indexed by (epoch, manifest row) (the sampler yields those). Item = (uint8 image or raw
     bytes, row, error or None, epoch); never raises."""
 
-    def __init__(self, source, train, image_size, resize_size, decode, seed):
-        self.source, self.train, self.seed = source, train, seed
+    def __init__(self, source, train, image_size, resize_size, decode, seed, aug):
+        self.source, self.train, self.seed, self.aug = source, train, seed, aug
         self.image_size, self.resize_size, self.decode = image_size, resize_size, decode
 
     def __getitem__(self, key):
@@ -91,7 +91,7 @@ class _Samples(Dataset):
             if not self.decode:
                 return data, row, None, epoch
             rng = sample_rng(self.seed, epoch, row) if self.train else None
-            img = _augment(_decode_cpu(data), rng, self.image_size, self.resize_size)
+            img = _augment(_decode_cpu(data), rng, self.image_size, self.resize_size, self.aug)
             return img, row, None, epoch
         except Exception as e:  # one bad image must not end the epoch
             return None, row, f"{type(e).__name__}: {e}", epoch
@@ -161,7 +161,8 @@ class TorchLoader(Loader):
         self.detail = ("nvJPEG decode on " + str(self.device)) if self.gpu_decode else \
             f"torchvision.io CPU decode, {self.num_workers} workers"
         dataset = _Samples(self._source, self.train, self.image_size, self.resize_size,
-                           decode=not self.gpu_decode, seed=self.seed)
+                           decode=not self.gpu_decode, seed=self.seed,
+                           aug=(self.crop_scale, self.crop_ratio, self.hflip))
         generator = torch.Generator()
         generator.manual_seed(self.seed)
         self._batches = _EpochBatches(self.rows, self.train, self.batch_size, self.shard_id,
@@ -236,11 +237,12 @@ class TorchLoader(Loader):
         if not keep:
             return None, rows[:0]
         rngs = [sample_rng(self.seed, epoch, int(rows[i])) for i in keep] if self.train else None
-        images = _augment_batch([decoded[i] for i in keep], rngs, self.image_size, self.resize_size)
+        images = _augment_batch([decoded[i] for i in keep], rngs, self.image_size, self.resize_size,
+                                (self.crop_scale, self.crop_ratio, self.hflip))
         return images, rows[keep]
 
 
-def _augment_batch(images, rngs, image_size: int, resize_size: int) -> torch.Tensor:
+def _augment_batch(images, rngs, image_size: int, resize_size: int, aug=(SCALE, RATIO, 0.5)) -> torch.Tensor:
     """The crops of ``_augment`` (``rngs``: one generator per image, or None for evaluation)
     for a list of (3,H,W) uint8 GPU images in one ``roi_align``
     call (a per-image loop is launch-bound at a few thousand images/s). Returns float32
@@ -254,8 +256,8 @@ def _augment_batch(images, rngs, image_size: int, resize_size: int) -> torch.Ten
     for k, img in enumerate(images):
         h, w = img.shape[-2:]
         if train:
-            top, left, ch, cw = crop_params(h, w, rngs[k])
-            flips.append(bool(rngs[k].random() < 0.5))
+            top, left, ch, cw = crop_params(h, w, rngs[k], aug[0], aug[1])
+            flips.append(bool(rngs[k].random() < aug[2]))
         else:
             # Shorter side to resize_size, then the central S x S, expressed in input pixels.
             side = S * min(h, w) / resize_size

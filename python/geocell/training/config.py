@@ -17,15 +17,20 @@ PAPER_TRAIN_SIZE = 4_723_695
 class TrainConfig:
     # data
     manifest: str | None = None  # plain or GeoEstimation CSV; None = the Earth dataset below
-    val_manifest: str | None = None  # else the manifest's split column, else a random holdout
+    val_manifest: str | None = None  # else the manifest's split column, else a held-out split
     image_root: str | None = None
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # of the val and of the test split, when the manifest has none
+    holdout: str = "held-out"  # or "random" (val/test photos next to training photos: memorisation)
+    holdout_block_level: int = 3  # held-out: val/test are whole S2 blocks of this level (~1,000 km)
+    holdout_buffer_km: float = 25.0  # held-out: no val/test photo this close to a training photo
     data_dir: str = "data/earth"  # where the Earth dataset is built when no manifest is given
     earth_n: int = 20000
     earth_size: int = 128
     earth_split: str = "held-out"  # or "random" (val/test overlap training patches: memorisation)
     image_size: int = 64
     resize_size: int | None = None
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])  # training crop: area fraction range
+    hflip: float = 0.5  # training: probability of a horizontal mirror
     backend: str = "auto"
     workers: int = 2
     # partitionings
@@ -139,7 +144,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--manifest", help="training manifest (plain path,lat,lng[,scene][,split] or GeoEstimation CSV)")
     g.add_argument("--val-manifest", help="validation manifest (else the 'val' split, else a random holdout)")
     g.add_argument("--image-root", help="folder the manifest's relative paths start from")
-    g.add_argument("--val-fraction", type=float, help=f"random holdout when there is no split (default {d.val_fraction})")
+    g.add_argument("--val-fraction", type=float,
+                   help=f"share of the val and of the test split when the manifest has none (default {d.val_fraction})")
+    g.add_argument("--holdout", choices=("held-out", "random"),
+                   help="a manifest without split: val/test are 'held-out' places (default) or a 'random' draw")
+    g.add_argument("--holdout-block-level", type=int,
+                   help=f"held-out: S2 level of the blocks drawn into val/test (default {d.holdout_block_level})")
+    g.add_argument("--holdout-buffer-km", type=float,
+                   help=f"held-out: no val/test photo within this distance of a training one "
+                        f"(default {d.holdout_buffer_km:g})")
     g.add_argument("--data-dir", help=f"Earth dataset folder used without --manifest (default {d.data_dir})")
     g.add_argument("--earth-n", type=int, help=f"images in the Earth dataset (default {d.earth_n})")
     g.add_argument("--earth-size", type=int, help=f"Earth image size in px (default {d.earth_size})")
@@ -147,6 +160,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Earth val/test: 'held-out' places never seen in training (default) or 'random'")
     g.add_argument("--image-size", type=int, help=f"training crop size (default {d.image_size})")
     g.add_argument("--resize-size", type=int, help="evaluation resize (default image_size*256/224)")
+    g.add_argument("--crop-scale", type=float, nargs=2, metavar=("LO", "HI"),
+                   help=f"training crop's area fraction range (default {d.crop_scale[0]} {d.crop_scale[1]})")
+    g.add_argument("--hflip", type=float, help=f"probability of a horizontal mirror in training (default {d.hflip})")
     g.add_argument("--backend", choices=["auto", "dali", "torch"], help="loader backend (default auto)")
     g.add_argument("--workers", type=int, help=f"loader worker processes per rank (default {d.workers})")
     g = parser.add_argument_group("partitionings")

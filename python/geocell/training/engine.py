@@ -1,20 +1,22 @@
 """Training machinery: distributed setup, optimiser and schedule, the epoch loop, logging, RNG state.
 
-The evaluation pass lives in geocell.infer.metrics (evaluate / evaluate_full).
+The evaluation pass lives in geocell.infer.evaluate (evaluate_loader).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from geocell._internal.torch_util import autocast_context
 
 # ---------------------------------------------------------------------------------------------
 # Distributed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; NCCL on GPU, gloo on CPU)
@@ -225,42 +227,31 @@ def progress_bar(total: int, enabled: bool, desc: str):
 # One training epoch
 
 
-def autocast_context(device: torch.device, amp_dtype):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp_dtype)
+@dataclass
+class EpochOptions:
+    """How an epoch runs (fixed for the whole run)."""
+
+    steps: int                   # optimizer steps per epoch (the same on every rank)
+    amp_dtype: object = None     # autocast dtype, None for full precision
+    scaler: object = None        # torch.amp.GradScaler for fp16
+    channels_last: bool = False
+    stop_after_steps: int = 0    # stop once this many steps are done in total (0: never)
+    log_every: int = 20
+    show_progress: bool = True
 
 
-def train_one_epoch(
-    model,
-    criterion,
-    optimizer,
-    scheduler,
-    loader,
-    *,
-    epoch: int,
-    steps: int,
-    global_step: int,
-    info: DistInfo,
-    amp_dtype=None,
-    scaler=None,
-    channels_last: bool = False,
-    skip: int = 0,
-    on_step=None,
-    stop_at: int = 0,
-    logger: MetricLogger | None = None,
-    log_every: int = 20,
-    show_progress: bool = True,
-    after_skip=None,
-):
-    """Runs `steps` optimizer steps over `loader` (after skipping `skip` batches when resuming mid-epoch).
-
-    on_step(global_step, step_in_epoch) is called after each step (periodic checkpoints); training
-    stops early once global_step reaches stop_at (> 0). Returns (global_step, mean metrics, stopped).
-    """
+def train_one_epoch(model, criterion, loader, state, info: DistInfo, options: EpochOptions, *,
+                    on_step=None, logger: MetricLogger | None = None, resume_rng=None):
+    """Trains epoch ``state.epoch`` from step ``state.step_in_epoch`` (a mid-epoch resume starts
+    there) to its end, or until ``options.stop_after_steps``. ``state`` (a
+    :class:`~geocell.training.state.TrainState`) is updated after every step, so ``on_step(state)``
+    (periodic checkpoints) always sees where the run is. ``resume_rng``: RNG state to restore
+    once the loader is positioned (a resumed epoch continues the same random streams).
+    Returns (mean training metrics of the steps run, stopped early)."""
     model.train()
     device = info.device
-    bar = progress_bar(steps, show_progress and info.is_main, f"epoch {epoch + 1}")
+    skip = state.step_in_epoch
+    bar = progress_bar(options.steps, options.show_progress and info.is_main, f"epoch {state.epoch + 1}")
     if bar is not None and skip:
         bar.update(skip)
     sums: dict = {}
@@ -276,18 +267,19 @@ def train_one_epoch(
         it = iter(loader)
         for _ in range(skip):
             next(it)
-    if after_skip is not None:
-        after_skip()
-    for step_in_epoch in range(skip, steps):
+    if resume_rng is not None:
+        set_rng_state(resume_rng)
+    optimizer, scheduler, scaler = state.optimizer, state.scheduler, options.scaler
+    for _ in range(skip, options.steps):
         try:
             images, targets = next(it)
         except StopIteration:
             break
         images = images.to(device, non_blocking=True)
-        if channels_last:
+        if options.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
-        with autocast_context(device, amp_dtype):
+        with autocast_context(device, options.amp_dtype):
             geo_logits, scene_logits = model(images)
         loss, parts = criterion(geo_logits, scene_logits, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -299,7 +291,8 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
         scheduler.step()
-        global_step += 1
+        state.step += 1
+        state.step_in_epoch += 1
         count += 1
         window_images += images.shape[0] * info.world
 
@@ -307,26 +300,27 @@ def train_one_epoch(
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if not math.isfinite(float(parts["loss"])):
-            raise FloatingPointError(f"loss is {float(parts['loss'])} at epoch {epoch + 1}, step {global_step}; "
+            raise FloatingPointError(f"loss is {float(parts['loss'])} at epoch {state.epoch + 1}, step {state.step}; "
                                      "lower --lr or check the data")
         if bar is not None:
             bar.update(1)
-        if log_every and global_step % log_every == 0:
+        if options.log_every and state.step % options.log_every == 0:
             elapsed = time.perf_counter() - window_start
-            record = {"epoch": epoch + (step_in_epoch + 1) / steps, "lr": optimizer.param_groups[0]["lr"],
+            record = {"epoch": state.epoch + state.step_in_epoch / options.steps,
+                      "lr": optimizer.param_groups[0]["lr"],
                       "images_per_s": window_images / max(elapsed, 1e-9),
                       **{k: float(v) for k, v in parts.items()}}
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
             if logger is not None:
-                logger.log(record, global_step, prefix="train/")
+                logger.log(record, state.step, prefix="train/")
             window_images, window_start = 0, time.perf_counter()
-        if on_step is not None:
-            on_step(global_step, step_in_epoch + 1)
-        if stop_at and global_step >= stop_at:
+        if options.stop_after_steps and state.step >= options.stop_after_steps:
             stopped = True
             break
+        if on_step is not None:
+            on_step(state)
     if bar is not None:
         bar.close()
     means = {k: v / max(count, 1) for k, v in sums.items()}
-    return global_step, all_reduce_mean(means, info), stopped
+    return all_reduce_mean(means, info), stopped

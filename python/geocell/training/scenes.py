@@ -19,12 +19,13 @@ import time
 import numpy as np
 import torch
 
+from geocell._internal.torch_util import autocast_context
 from geocell.loading.preprocess import Preprocess
-
 from geocell.training import engine
 from geocell.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from geocell.training.losses import MultitaskLoss
 from geocell.training.model import GeoModel, PretrainedWeightsError
+from geocell.training.state import TrainState
 
 
 def _labels(manifest):
@@ -47,7 +48,7 @@ def scene_probabilities(model, loader, n_rows: int, device, amp_dtype=None) -> n
     model.eval()
     out = np.full((n_rows, model.num_scenes), np.nan, dtype=np.float64)
     for images, targets in loader:
-        with engine.autocast_context(device, amp_dtype):
+        with autocast_context(device, amp_dtype):
             _, logits = model(images.to(device))
         out[targets["index"].cpu().numpy()] = torch.softmax(logits.float(), dim=1).cpu().numpy()
     return out
@@ -86,14 +87,15 @@ def cmd_train(args) -> int:
     criterion = MultitaskLoss(scene_weight=1.0)
     optimizer = engine.build_optimizer(model, args.lr, 0.9, 1e-4)
     scheduler = engine.build_scheduler(optimizer, engine.LRSchedule("cosine", steps, args.epochs, warmup_epochs=0.3))
+    state = TrainState(optimizer, scheduler)
+    options = engine.EpochOptions(steps=steps, amp_dtype=amp_dtype, log_every=0, show_progress=not args.no_progress)
     info = engine.DistInfo(device=device)
     val_loader = _loader(val_set, args, False, device) if len(val_set) else None
     for epoch in range(args.epochs):
         train_loader.set_epoch(epoch)
+        state.epoch, state.step_in_epoch = epoch, 0
         t0 = time.perf_counter()
-        _, means, _ = engine.train_one_epoch(model, criterion, optimizer, scheduler, train_loader, epoch=epoch,
-                                             steps=steps, global_step=epoch * steps, info=info, amp_dtype=amp_dtype,
-                                             log_every=0, show_progress=not args.no_progress)
+        means, _ = engine.train_one_epoch(model, criterion, train_loader, state, info, options)
         msg = f"epoch {epoch + 1}/{args.epochs}: loss {means.get('loss', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)"
         if val_loader is not None:
             probs = scene_probabilities(model, val_loader, len(val_set), device, amp_dtype)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -26,14 +27,21 @@ import time
 import numpy as np
 import torch
 
+import geocell
+from geocell.data.manifest import read_manifest
+from geocell.data.splits import held_out_split, min_distance_km
+from geocell.infer.calibration import Calibration, fit_calibration
+from geocell.infer.evaluate import REGION_MASSES, accuracy_rows, evaluate_loader, format_calibration
+from geocell.infer.metrics import BASELINE_ROW, HIERARCHY_ROW, format_table, partition_names
+from geocell.loading.base import make_loader
+from geocell.loading.labels import LabelTable
 from geocell.loading.preprocess import Preprocess
-
 from geocell.training import engine
-from geocell.training.checkpoint import load_checkpoint, partition_from_dict, save_checkpoint
+from geocell.training.checkpoint import CheckpointError, load_checkpoint, partition_from_dict, save_checkpoint
 from geocell.training.config import TrainConfig, add_arguments, resolve, save_yaml, scaled_taus
 from geocell.training.losses import MultitaskLoss
-from geocell.infer.metrics import BASELINE_ROW, HIERARCHY_ROW, evaluate_full, format_table, partition_names
 from geocell.training.model import GeoModel, PretrainedWeightsError
+from geocell.training.state import TrainState, gather_rng
 
 VAL_SPLITS = ("val", "valid", "validation")
 
@@ -57,8 +65,6 @@ def log(info, *args) -> None:
 
 def load_data(cfg: TrainConfig, info):
     """(train, val, test) manifests; test is None when there is no test split."""
-    from geocell.data.manifest import read_manifest
-
     manifest_path = cfg.manifest
     if manifest_path is None:
         manifest_path = os.path.join(cfg.data_dir, "manifest.csv")
@@ -85,19 +91,29 @@ def load_data(cfg: TrainConfig, info):
         train = full.subset(full.split == "train")
         val = full.subset(np.isin(full.split, VAL_SPLITS))
         test = full.subset(full.split == "test") if (full.split == "test").any() else None
-    else:
-        # No split given: a seeded random holdout.
+    elif cfg.holdout == "random":
+        # the old draw: val/test photos near training photos (measures memorisation)
         order = np.random.default_rng(cfg.seed).permutation(len(full))
         n_val = max(1, int(round(cfg.val_fraction * len(full))))
-        val, train = full.subset(np.sort(order[:n_val])), full.subset(np.sort(order[n_val:]))
+        n_test = int(round(cfg.val_fraction * len(full)))
+        val = full.subset(np.sort(order[:n_val]))
+        test = full.subset(np.sort(order[n_val:n_val + n_test])) if n_test else None
+        train = full.subset(np.sort(order[n_val + n_test:]))
+    else:
+        # No split given: val and test are places the model has not seen (see geocell.data.splits)
+        split = held_out_split(full.lat, full.lng, fractions={"val": cfg.val_fraction, "test": cfg.val_fraction},
+                               block_level=cfg.holdout_block_level, buffer_km=cfg.holdout_buffer_km, seed=cfg.seed)
+        log(info, f"held-out split: whole S2 level-{cfg.holdout_block_level} blocks, no val/test photo within "
+                  f"{cfg.holdout_buffer_km:g} km of a training photo ({int((split == '').sum())} photos in the "
+                  f"border left out)")
+        train, val = full.subset(split == "train"), full.subset(split == "val")
+        test = full.subset(split == "test") if (split == "test").any() else None
     if len(train) == 0 or len(val) == 0:
         raise SystemExit(f"{manifest_path}: needs training and validation rows (got {len(train)} and {len(val)})")
     return train, val, test
 
 
 def build_partitions(cfg: TrainConfig, train, info):
-    import geocell
-
     if cfg.partitions:
         partitions = [geocell.Partition.read_csv(p) for p in cfg.partitions]
     else:
@@ -109,16 +125,47 @@ def build_partitions(cfg: TrainConfig, train, info):
 
 
 def make_loaders(cfg: TrainConfig, partitions, train, val, test, info):
-    from geocell.loading.labels import LabelTable
-    from geocell.loading.base import make_loader
-
     def loader(manifest, is_train):
         labels = LabelTable.from_manifest(manifest, partitions)
         return make_loader(manifest, labels, train=is_train, batch_size=cfg.batch_size, image_size=cfg.image_size,
                            resize_size=cfg.resize_size, backend=cfg.backend, device=info.device,
-                           num_workers=cfg.workers, shard_id=info.rank, num_shards=info.world, seed=cfg.seed)
+                           num_workers=cfg.workers, shard_id=info.rank, num_shards=info.world, seed=cfg.seed,
+                           crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
 
     return loader(train, True), loader(val, False), (loader(test, False) if test is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class RunCheckpoints:
+    """Writes the run's checkpoints: what describes the model is fixed when the run starts; the
+    training state is read from the live :class:`TrainState` when a checkpoint is written."""
+
+    def __init__(self, run_dir, info, cfg: TrainConfig, model, partitions, names, hierarchy, scene_names):
+        self.run_dir, self.info, self.cfg, self.model = run_dir, info, cfg, model
+        self.fields = dict(arch=cfg.arch, num_classes=[len(p) for p in partitions], scene_names=scene_names,
+                           partitions=partitions, partition_names=names, hierarchy=hierarchy,
+                           preprocess=Preprocess(cfg.image_size, cfg.resize_size or 0,
+                                                 crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip).to_dict())
+        self.calibration: Calibration | None = None
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def save(self, name: str, state: TrainState | None = None) -> None:
+        """``name`` in the run folder; with ``state``, resumable (every rank must call this then,
+        since each contributes its RNG state); only rank 0 writes."""
+        rngs = gather_rng(self.info) if state is not None else None
+        if not self.info.is_main:
+            return
+        fields = dict(self.fields, model=self.model.state_dict())
+        if self.calibration is not None:
+            fields["calibration"] = self.calibration.to_dict()
+        if state is not None:
+            fields["train_state"] = state.to_dict(rngs, dataclasses.asdict(self.cfg))
+        save_checkpoint(self.path(name), **fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +178,9 @@ def select_score(rows: dict) -> float:
     return float(np.mean([v for k, v in row.items() if k.startswith("acc_")]))
 
 
-def train(cfg: TrainConfig) -> dict:
-    """One training run. Returns {"rows", "extras", "run_dir", "model", "seconds"} on every rank."""
+def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
+    """One training run (``resume``: the loaded checkpoint to continue). Returns {"rows" (the
+    final table), "val_rows", "extras", "run_dir", "model", "seconds", "stopped"} on every rank."""
     t_start = time.perf_counter()
     info = engine.init_distributed(cfg.device)
     if cfg.threads:
@@ -146,8 +194,6 @@ def train(cfg: TrainConfig) -> dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None,
                  "auto": torch.bfloat16 if on_gpu else None}[cfg.amp]
     channels_last = on_gpu if cfg.channels_last == "auto" else str(cfg.channels_last).lower() == "true"
-
-    resume = load_checkpoint(resume_path(cfg.resume)) if cfg.resume else None
     run_dir = cfg.out or (os.path.dirname(os.path.abspath(resume_path(cfg.resume))) if cfg.resume
                           else os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
 
@@ -157,8 +203,6 @@ def train(cfg: TrainConfig) -> dict:
         partitions = [partition_from_dict(d) for d in resume["partitions"]]
     else:
         partitions = build_partitions(cfg, train_set, info)
-    import geocell
-
     hierarchy = geocell.hierarchy(partitions)
     names = partition_names(len(partitions))
     log(info, f"{len(train_set)} training / {len(val_set)} validation images; classes per partitioning: "
@@ -186,128 +230,138 @@ def train(cfg: TrainConfig) -> dict:
             model, device_ids=[info.device.index] if on_gpu else None)
     train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
 
+    # Loss, optimiser, schedule; the training state restored in this one place when resuming.
     criterion = MultitaskLoss([p.centroids for p in partitions], cfg.smoothing_km, cfg.scene_weight).to(info.device)
     optimizer = engine.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     schedule = engine.LRSchedule(cfg.schedule, steps_per_epoch, cfg.epochs, cfg.milestones, cfg.gamma, cfg.warmup_epochs)
-    scheduler = engine.build_scheduler(optimizer, schedule)
-    scaler = torch.amp.GradScaler(info.device.type) if amp_dtype == torch.float16 else None
-
-    epoch, global_step, skip, best = 0, 0, 0, -1.0
-    saved_rng = None
+    state = TrainState(optimizer, engine.build_scheduler(optimizer, schedule),
+                       torch.amp.GradScaler(info.device.type) if amp_dtype == torch.float16 else None)
+    resume_rng = None
     if resume is not None:
-        state = resume["train_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        epoch, global_step, skip = int(state["epoch"]), int(state["step"]), int(state["step_in_epoch"])
-        best = float(state.get("best_metric", -1.0))
-        rngs = state["rng"]
-        saved_rng = rngs[info.rank] if isinstance(rngs, list) and info.rank < len(rngs) else None
-        log(info, f"resumed from {cfg.resume}: epoch {epoch + 1}, step {global_step}")
+        resume_rng = state.restore(resume["train_state"], info.rank)
+        log(info, f"resumed from {cfg.resume}: epoch {state.epoch + 1}, step {state.step}")
+    options = engine.EpochOptions(steps=steps_per_epoch, amp_dtype=amp_dtype, scaler=state.scaler,
+                                  channels_last=channels_last, stop_after_steps=cfg.stop_after_steps,
+                                  log_every=cfg.log_every, show_progress=cfg.progress)
+    evaluate = functools.partial(evaluate_loader, ddp_model, partitions=partitions, hierarchy=hierarchy,
+                                 device=info.device, amp=amp_dtype, names=names, channels_last=channels_last)
 
     logger = engine.MetricLogger(run_dir, info.is_main, cfg.tensorboard)
+    checkpoints = RunCheckpoints(run_dir, info, cfg, model, partitions, names, hierarchy, scene_names)
     if info.is_main:
         save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
         os.makedirs(os.path.join(run_dir, "partitions"), exist_ok=True)
         for name, p in zip(names, partitions):
             p.to_csv(os.path.join(run_dir, "partitions", f"{name}.csv"))
 
-    def checkpoint(path, epoch_done, step_in_epoch, with_state=True):
-        # Every rank contributes its RNG state (they differ per rank); only rank 0 writes.
-        rngs = gather_rng(info)
-        if not info.is_main:
-            return
-        fields = dict(arch=cfg.arch, model=model.state_dict(), num_classes=[len(p) for p in partitions],
-                      scene_names=scene_names, partitions=partitions, partition_names=names, hierarchy=hierarchy,
-                      preprocess=Preprocess(cfg.image_size, cfg.resize_size or 0).to_dict())
-        if with_state:
-            fields["train_state"] = {
-                "epoch": epoch_done, "step": global_step, "step_in_epoch": step_in_epoch,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {},
-                "rng": rngs, "best_metric": best, "config": dataclasses.asdict(cfg)}
-        save_checkpoint(path, **fields)
+    def on_step(state):
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step_in_epoch < steps_per_epoch:
+            checkpoints.save("last.pt", state)
 
-    def on_step(step, step_in_epoch):
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
-            checkpoint(os.path.join(run_dir, "last.pt"), epoch, step_in_epoch)
-
-    # The loop.
-    rows, extras, stopped = {}, {}, False
-    while epoch < cfg.epochs and not stopped:
+    # The loop: train an epoch, evaluate on the held-out validation split, keep the best.
+    stopped = False
+    while state.epoch < cfg.epochs:
         # Seeding per epoch makes a resumed epoch draw the same augmentations as an uninterrupted one.
-        engine.seed_everything(cfg.seed * 100003 + epoch * 101 + info.rank)
+        engine.seed_everything(cfg.seed * 100003 + state.epoch * 101 + info.rank)
         if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        restore = (lambda: engine.set_rng_state(saved_rng)) if (skip and saved_rng is not None) else None
+            train_loader.set_epoch(state.epoch)
         t0 = time.perf_counter()
-        global_step, train_means, stopped = engine.train_one_epoch(
-            train_model, criterion, optimizer, scheduler, train_loader, epoch=epoch, steps=steps_per_epoch,
-            global_step=global_step, info=info, amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last,
-            skip=skip, on_step=on_step, stop_at=cfg.stop_after_steps, logger=logger, log_every=cfg.log_every,
-            show_progress=cfg.progress, after_skip=restore)
-        step_in_epoch = (global_step - epoch * steps_per_epoch)
-        skip = 0
-        if stopped and step_in_epoch < steps_per_epoch:
-            checkpoint(os.path.join(run_dir, "last.pt"), epoch, step_in_epoch)
-            log(info, f"stopped after step {global_step} (checkpoint {os.path.join(run_dir, 'last.pt')})")
+        train_means, stopped = engine.train_one_epoch(
+            train_model, criterion, train_loader, state, info, options, on_step=on_step, logger=logger,
+            resume_rng=resume_rng if state.step_in_epoch else None)
+        resume_rng = None
+        if stopped and state.step_in_epoch < steps_per_epoch:
+            checkpoints.save("last.pt", state)
+            log(info, f"stopped after step {state.step} (checkpoint {checkpoints.path('last.pt')})")
             break
         seconds = time.perf_counter() - t0
-        rows, extras = evaluate_full(ddp_model, val_loader, partitions, hierarchy, info.device, amp_dtype,
-                                     names=names, channels_last=channels_last)
-        epoch += 1
+        val = evaluate(val_loader)
+        rows = accuracy_rows(val, partitions[-1])
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
         score = select_score(rows)
-        improved = score > best
-        best = max(best, score)
-        logger.log({"epoch": epoch, "train": train_means, "val": rows, **extras, "epoch_seconds": seconds},
-                   global_step, prefix="val/")
+        improved = score > state.best_metric
+        state.best_metric = max(state.best_metric, score)
+        logger.log({"epoch": state.epoch, "train": train_means, "val": rows, "scene_acc": val.scene_acc,
+                    "epoch_seconds": seconds}, state.step, prefix="val/")
         final = rows.get(HIERARCHY_ROW, rows[names[-1]])
-        log(info, f"epoch {epoch}/{cfg.epochs}: loss {train_means.get('loss', float('nan')):.3f}, "
+        log(info, f"epoch {state.epoch}/{cfg.epochs}: loss {train_means.get('loss', float('nan')):.3f}, "
                   f"{steps_per_epoch * cfg.batch_size * info.world / seconds:.0f} images/s, val "
                   + " ".join(f"{t}km {100 * final[f'acc_{t}km']:.1f}%" for t in (25, 200, 750, 2500))
-                  + (f", scene {100 * extras['scene_acc']:.1f}%" if "scene_acc" in extras else ""))
-        checkpoint(os.path.join(run_dir, "last.pt"), epoch, 0)
+                  + (f", scene {100 * val.scene_acc:.1f}%" if val.scene_acc is not None else ""))
+        checkpoints.save("last.pt", state)
         if improved:
-            checkpoint(os.path.join(run_dir, "best.pt"), epoch, 0, with_state=False)
+            checkpoints.save("best.pt")
+        if stopped:
+            break
 
-    # Report: the test split when there is one, else the validation split.
+    result = {"rows": {}, "val_rows": {}, "extras": {}, "run_dir": run_dir, "model": model, "stopped": stopped}
     if not stopped:
-        if test_loader is not None:
-            rows, extras = evaluate_full(ddp_model, test_loader, partitions, hierarchy, info.device, amp_dtype,
-                                         names=names, channels_last=channels_last)
-        split = "test" if test_loader is not None else "validation"
-        log(info, f"\ngeolocation accuracy on the {split} split ({extras.get('n', 0)} images)"
-                  f"{', scene accuracy %.1f%%' % (100 * extras['scene_acc']) if 'scene_acc' in extras else ''}:")
-        log(info, format_table(rows))
-        if info.is_main:
-            with open(os.path.join(run_dir, "results.json"), "w") as f:
-                json.dump({"split": split, "rows": rows, **extras}, f, indent=1)
+        result.update(finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader,
+                             test_loader, state))
     logger.close()
-    seconds = time.perf_counter() - t_start
-    log(info, f"run folder {run_dir} ({seconds:.0f} s)")
+    result["seconds"] = time.perf_counter() - t_start
+    log(info, f"run folder {run_dir} ({result['seconds']:.0f} s)")
     if not stopped and info.is_main:
-        best_path = os.path.join(run_dir, "best.pt")
-        print(f"next: {best_path} holds the weights with the best validation score, last.pt the last "
-              f"epoch with its training state (for --resume). To locate a photo:\n"
-              f"  geocell predict photo.jpg --checkpoint {best_path} --map photo_map.png", flush=True)
-    return {"rows": rows, "extras": extras, "run_dir": run_dir, "model": model, "seconds": seconds,
-            "stopped": stopped}
+        print(f"next: {checkpoints.path('best.pt')} holds the weights with the best validation score and the "
+              f"calibration, last.pt the last epoch with its training state (for --resume). To locate a photo:\n"
+              f"  geocell predict photo.jpg --checkpoint {checkpoints.path('best.pt')} --map photo_map.png", flush=True)
+    return result
+
+
+def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader, test_loader, state) -> dict:
+    """After the last epoch: the best weights back, calibration fitted on the validation split,
+    then the test split evaluated once (the validation split when there is none)."""
+    engine.barrier(info)
+    best = load_checkpoint(checkpoints.path("best.pt"))
+    model.load_state_dict(best["model"])
+    val = evaluate(val_loader, keep_logits=True)
+    val_rows = accuracy_rows(val, partitions[-1])
+    extras = {}
+    try:
+        checkpoints.calibration = fit_calibration(
+            val.logits, geocell.hierarchy(partitions), partitions[-1].centroids, val.true_latlng,
+            fitted_on=f"validation split, {len(val.true_latlng)} images")
+    except (ValueError, FloatingPointError) as exc:
+        log(info, f"no calibration: {exc}")
+    if checkpoints.calibration is not None:
+        cal = checkpoints.calibration
+        log(info, "calibration fitted on the validation split: weights "
+                  + ", ".join(f"{w:.2f}" for w in cal.weights) + f", kernel {cal.kernel_km:.0f} km")
+        checkpoints.save("best.pt")
+        checkpoints.save("last.pt", state)
+        extras["calibration"] = cal.to_dict()
+    split, loader = ("test", test_loader) if test_loader is not None else ("validation", val_loader)
+    final = evaluate(loader, calibration=checkpoints.calibration, region_masses=REGION_MASSES)
+    rows = accuracy_rows(final, partitions[-1])
+    summary = final.calibration_summary()
+    ceiling = nearest_training_ceiling(train_set, final.true_latlng)
+    log(info, f"\ngeolocation accuracy on the {split} split ({len(final.true_latlng)} images, best.pt)"
+              f"{', scene accuracy %.1f%%' % (100 * final.scene_acc) if final.scene_acc is not None else ''}:")
+    log(info, format_table(rows))
+    if ceiling:
+        log(info, "the nearest training photo is within "
+                  + ", ".join(f"{t} km for {100 * v:.1f}%" for t, v in ceiling.items()) + " of these images")
+    if summary:
+        log(info, format_calibration(summary))
+    extras.update(n=len(final.true_latlng), scene_acc=final.scene_acc, calibration_summary=summary,
+                  nearest_training_ceiling={str(k): v for k, v in ceiling.items()})
+    if info.is_main:
+        with open(checkpoints.path("results.json"), "w") as f:
+            json.dump({"split": split, "rows": rows, "val_rows": val_rows, **extras}, f, indent=1)
+    return {"rows": rows, "val_rows": val_rows, "extras": extras}
+
+
+def nearest_training_ceiling(train_set, true_latlng, limit: int = 10 ** 9) -> dict:
+    """Share of evaluated images whose nearest training photo is within each radius: the best a
+    classifier whose answers are training locations can do. Skipped past ``limit`` pairs."""
+    if len(train_set) * len(true_latlng) > limit or len(true_latlng) == 0:
+        return {}
+    d = min_distance_km(true_latlng[:, 0], true_latlng[:, 1], train_set.lat, train_set.lng)
+    return {t: float((d <= t).mean()) for t in (200, 750, 2500)}
 
 
 def resume_path(path: str) -> str:
     return os.path.join(path, "last.pt") if os.path.isdir(path) else path
-
-
-def gather_rng(info) -> list:
-    state = engine.rng_state()
-    if not info.enabled:
-        return [state]
-    import torch.distributed as dist
-
-    states = [None] * info.world
-    dist.all_gather_object(states, state)
-    return states
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,12 +388,12 @@ def run_ablation(cfg: TrainConfig) -> dict:
             else:
                 variant.taus = variant.taus[-1:]
         result = train(variant)
-        rows = result["rows"]
+        rows = result["val_rows"]  # the validation split: the test split is not for choosing
         table[label] = rows.get(HIERARCHY_ROW) or rows[[k for k in rows if k != BASELINE_ROW][-1]]
         seconds[label] = result["seconds"]
-    table[BASELINE_ROW] = result["rows"][BASELINE_ROW]
+    table[BASELINE_ROW] = result["val_rows"][BASELINE_ROW]
     if engine.DistInfo(int(os.environ.get("RANK", "0"))).is_main:
-        print("\nablation (same data, same budget):")
+        print("\nablation (same data, same budget; held-out validation split, best.pt of each):")
         print(format_table(table))
         print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
         with open(os.path.join(base_out, "ablation.json"), "w") as f:
@@ -350,10 +404,13 @@ def run_ablation(cfg: TrainConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
-    base = None
+    base = resume = None
     if flags.get("resume"):
-        state = load_checkpoint(resume_path(flags["resume"])).get("train_state") or {}
-        base = state.get("config")
+        try:
+            resume = load_checkpoint(resume_path(flags["resume"]))
+        except (CheckpointError, ValueError) as exc:
+            parser.error(f"cannot resume: {exc}")
+        base = (resume.get("train_state") or {}).get("config")
         if base is None:
             parser.error(f"{flags['resume']} has no training state to resume from (is it a best.pt?)")
         base = {k: v for k, v in base.items() if k not in ("resume", "stop_after_steps")}
@@ -365,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.ablation:
             run_ablation(cfg)
         else:
-            train(cfg)
+            train(cfg, resume)
     except PretrainedWeightsError as exc:
         print(f"geocell train: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,143 @@
+"""Calibration: the fit recovers a known temperature and spread, the credible regions of the
+mixture hold what they say (by hand for one kernel, by simulation for many), ECE by hand, and
+checkpoints carry the calibration (older ones without it still load, uncalibrated)."""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from geocell._internal.geometry import unit_vectors  # noqa: E402
+from geocell.cells import EARTH_RADIUS_KM, great_circle_km  # noqa: E402
+from geocell.infer.calibration import (  # noqa: E402
+    Calibration, Mixture, combined_log_probs, expected_calibration_error, fit_calibration)
+
+R = EARTH_RADIUS_KM
+
+
+def _offset(lat, lng, km, bearing_deg):
+    """The point ``km`` from (lat, lng) along ``bearing_deg`` (great circle)."""
+    d, b = km / R, math.radians(bearing_deg)
+    la, ln = math.radians(lat), math.radians(lng)
+    la2 = math.asin(math.sin(la) * math.cos(d) + math.cos(la) * math.sin(d) * math.cos(b))
+    ln2 = ln + math.atan2(math.sin(b) * math.sin(d) * math.cos(la), math.cos(d) - math.sin(la) * math.sin(la2))
+    return math.degrees(la2), (math.degrees(ln2) + 540) % 360 - 180
+
+
+def _synthetic(n, temperature, spread_km, seed=0, images_seed=0):
+    """30 cells (from ``seed``); each image's class drawn from softmax(z0), its location spread
+    around the class centroid by a vMF of ``spread_km``; the network's logits are z0 * temperature.
+    Images come from ``images_seed``."""
+    rng = np.random.default_rng(seed)
+    cent = np.stack([rng.uniform(-60, 60, 30), rng.uniform(-180, 180, 30)], 1)
+    rng = np.random.default_rng([seed, images_seed])
+    z0 = rng.normal(size=(n, 30)) * 2.0
+    p = np.exp(z0 - z0.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    cls = np.array([rng.choice(30, p=row) for row in p])
+    from geocell.infer.calibration import _sample_vmf
+
+    from geocell._internal.geometry import unit_to_latlng
+
+    pts = _sample_vmf(unit_vectors(cent[cls, 0], cent[cls, 1]), (R / spread_km) ** 2, rng)
+    truth = np.stack(unit_to_latlng(pts), 1)
+    return [torch.tensor(z0 * temperature)], np.arange(30)[:, None], cent, truth
+
+
+def test_fit_recovers_a_known_temperature_and_spread():
+    logits, h, cent, truth = _synthetic(3000, temperature=2.5, spread_km=120.0)
+    cal = fit_calibration(logits, h, cent, truth, fitted_on="synthetic")
+    assert cal.weights[0] == pytest.approx(1 / 2.5, rel=0.08)   # w is an inverse temperature
+    assert cal.kernel_km == pytest.approx(120.0, rel=0.08)
+    assert cal.metrics["nll_after"] < cal.metrics["nll_before"]
+
+
+def test_regions_hold_what_they_say_on_simulated_images():
+    logits, h, cent, truth = _synthetic(2000, temperature=0.5, spread_km=300.0, seed=1)
+    cal = fit_calibration(logits, h, cent, truth)
+    # the same cells, images the fit has not seen
+    test_logits, _, _, test_truth = _synthetic(400, temperature=0.5, spread_km=300.0, seed=1, images_seed=1)
+    log_q = combined_log_probs(test_logits, h, cal).numpy()
+    cu = unit_vectors(cent[:, 0], cent[:, 1])
+    for mass in (0.5, 0.9):
+        held = np.mean([Mixture(log_q[i], cu, cal.kernel_km, seed=i).holds(test_truth[i], mass)
+                        for i in range(len(log_q))])
+        assert abs(held - mass) < 0.07, (mass, held)
+
+
+def test_one_kernel_region_is_the_cap_of_the_right_radius():
+    # One cell: the 90 % region of a vMF is the cap where P(cos >= w0) = 0.9, i.e.
+    # (1 - exp(-k (1 - w0))) / (1 - exp(-2k)) = 0.9; its area is 2 pi R^2 (1 - w0).
+    kernel_km, mass = 400.0, 0.9
+    k = (R / kernel_km) ** 2
+    one_minus_w0 = -math.log(1 - mass * (1 - math.exp(-2 * k))) / k
+    radius_km = R * math.acos(1 - one_minus_w0)
+    centre = (30.0, 40.0)
+    m = Mixture(np.zeros(1), unit_vectors([centre[0]], [centre[1]]), kernel_km, samples=20000, seed=3)
+    assert m.region_area_km2(mass) == pytest.approx(2 * math.pi * R ** 2 * one_minus_w0, rel=0.03)
+    assert m.holds(_offset(*centre, 0.95 * radius_km, 70.0), mass)
+    assert not m.holds(_offset(*centre, 1.05 * radius_km, 200.0), mass)
+    region = m.region(mass)
+    from geocell import cell_to_latlng
+
+    lat, lng = cell_to_latlng(region.cells)
+    # every cell of the drawn region has its centre inside the cap (plus half a cell of slack)
+    assert (great_circle_km(lat, lng, np.full(lat.shape, centre[0]), np.full(lat.shape, centre[1]))
+            <= radius_km * 1.02).all()
+    assert region.covered == pytest.approx(mass, abs=0.05)
+
+
+def test_combination_by_hand():
+    # fine cell r -> (coarse, fine); weights (0.5, 2): log q = 0.5 log p_c[h] + 2 log p_f, renormalised
+    coarse = torch.log(torch.tensor([[0.6, 0.4]], dtype=torch.float64))
+    fine = torch.log(torch.tensor([[0.1, 0.2, 0.7]], dtype=torch.float64))
+    h = np.array([[0, 0], [0, 1], [1, 2]])
+    got = combined_log_probs([coarse, fine], h, Calibration(weights=(0.5, 2.0), kernel_km=100.0)).exp()
+    raw = np.array([0.6 ** 0.5 * 0.1 ** 2, 0.6 ** 0.5 * 0.2 ** 2, 0.4 ** 0.5 * 0.7 ** 2])
+    np.testing.assert_allclose(got.numpy()[0], raw / raw.sum(), rtol=1e-12)
+
+
+def test_ece_by_hand():
+    conf = np.array([0.95, 0.95, 0.25, 0.25, 0.25, 0.25])
+    correct = np.array([1, 0, 0, 0, 0, 1])
+    # bins: [0.933, 1.0) holds two images at accuracy 0.5; [0.2, 0.267) four at accuracy 0.25
+    assert expected_calibration_error(conf, correct) == pytest.approx(2 / 6 * 0.45 + 4 / 6 * 0.0)
+
+
+def test_calibration_dict_round_trip_and_checks():
+    cal = Calibration(weights=(0.3, 0.7, 1.1), kernel_km=250.0, fitted_on="validation split, 10 images",
+                      metrics={"nll_before": 20.0, "nll_after": 15.0})
+    assert Calibration.from_dict(cal.to_dict(), 3) == cal
+    assert Calibration.from_dict(None, 3) == Calibration.identity(3) and not Calibration.identity(3).calibrated
+    with pytest.raises(ValueError, match="3 weights for 2"):
+        Calibration.from_dict(cal.to_dict(), 2)
+    with pytest.raises(ValueError, match="kernel_km"):
+        Calibration.from_dict(dict(cal.to_dict(), kernel_km=float("nan")), 3)
+    with pytest.raises(ValueError, match="weights"):
+        Calibration.from_dict(dict(cal.to_dict(), weights=[0.0, 0.0, 0.0]), 3)
+
+
+def test_checkpoint_carries_the_calibration(tmp_path):
+    from test_predict import make_tiny_checkpoint
+
+    from geocell.infer.predict import Geolocator
+    from geocell.training.checkpoint import load_checkpoint, save_checkpoint
+
+    old = make_tiny_checkpoint(tmp_path / "old.pt")        # written without a calibration
+    geo_old = Geolocator.from_checkpoint(old, device="cpu")
+    assert not geo_old.calibration.calibrated
+    ckpt = load_checkpoint(old)
+    n = len(ckpt["num_classes"])
+    cal = Calibration(weights=(0.5,) * n, kernel_km=800.0, fitted_on="test")
+    fields = {k: v for k, v in ckpt.items() if k not in ("format", "format_version", "geocell_version", "sha256")}
+    save_checkpoint(tmp_path / "new.pt", **fields, calibration=cal.to_dict())
+    geo = Geolocator.from_checkpoint(tmp_path / "new.pt", device="cpu")
+    assert geo.calibration == cal
+    image = np.full((40, 48, 3), 120, np.uint8)
+    pred = geo.predict(image, mass=0.9)
+    # a calibrated region is drawn with S2 cells of one level; its area is the mixture's
+    levels = {len(t) for t in pred.region_cells}
+    assert pred.region_cells and len(levels) <= 2 and pred.region_area_km2 > 0
+    assert 0.8 <= pred.region_covered <= 1.0
