@@ -128,9 +128,10 @@ def _photo_with_gps(folder) -> str:
     return path
 
 
-def _api_predict(base: str, path: str) -> tuple[dict, str | None]:
+def _api_predict(base: str, path: str, **fields) -> tuple[dict, str | None]:
     with open(path, "rb") as f, httpx.Client(timeout=30) as http:
-        r = http.post(base + "api/predict", files={"image": (os.path.basename(path), f.read(), "image/jpeg")})
+        r = http.post(base + "api/predict", data={k: str(v) for k, v in fields.items()},
+                      files={"image": (os.path.basename(path), f.read(), "image/jpeg")})
     assert r.status_code == 200, r.text
     return r.json(), r.headers.get("x-geocell-exif-gps")
 
@@ -244,12 +245,18 @@ def test_page_locates_an_uploaded_photo_like_the_api(server, browser, tmp_path):
     assert bad_card.get_attribute("data-state") == "error"
     assert "not an image" in bad_card.find_element(By.CSS_SELECTOR, ".err").text
     plain = write_jpegs(tmp_path / "more", 2, seed=11)[1]
-    want_plain, gps_plain = _api_predict(base, plain)
-    assert gps_plain is None and want_plain["hierarchical_top1"] != top
+    want_plain, gps_plain = _api_predict(base, plain, top_k=3, mass=0.5)  # the page's options too
+    assert gps_plain is None
+    for field, value in (("topk", "3"), ("mass", "0.5")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
     browser.find_element(By.ID, "files").send_keys(plain)
     plain_card = _card(browser, os.path.basename(plain))
     assert plain_card.get_attribute("data-state") == "done", plain_card.text
     assert _shown_best(plain_card) == _best(want_plain)
+    assert len(plain_card.find_elements(By.CSS_SELECTOR, '[data-role="top-k"] tr')) == 1 + 3
+    assert f"50.0 % credible region: {want_plain['credible_region']['num_cells']} cells" in plain_card.text
     assert not plain_card.find_elements(By.CSS_SELECTOR, '[data-role="exif"]')  # no GPS, no truth line
 
     shot = _save_screenshot(browser, tmp_path)
