@@ -204,6 +204,13 @@ def test_cli_registered_and_host_warning(tiny, monkeypatch, capsys):
     assert serve.main(["--checkpoint", ckpt, "--device", "cpu", "--host", "0.0.0.0", "--port", "8000"]) == 0
     out, err = capsys.readouterr()
     assert "WARNING" in err and "0.0.0.0" in err and "http://127.0.0.1:8000/" in out
+    for host in ("::", "192.168.1.5", "example.org"):
+        assert serve.main(["--checkpoint", ckpt, "--device", "cpu", "--host", host]) == 0
+        err = capsys.readouterr().err
+        assert f"WARNING: binding {host} makes this server reachable from other machines" in err
+    for host in ("localhost", "::1", "127.0.0.2"):
+        assert serve.main(["--checkpoint", ckpt, "--device", "cpu", "--host", host]) == 0
+        assert "WARNING" not in capsys.readouterr().err
     assert serve.main(["--checkpoint", os.fspath(ckpt) + ".missing"]) == 1
 
 
@@ -235,6 +242,17 @@ def test_real_server_on_localhost(tiny):
             with open(images[3], "rb") as f:
                 r = http.post(base + "/api/predict", files={"image": ("img_3.jpg", f.read())})
             assert r.status_code == 200 and r.json() == expected(geo, images[3])
+        # 8 uploads at once over real sockets: each answer is its own photo's record
+        want = {os.path.basename(p): expected(geo, p) for p in images}
+
+        def post(path):
+            with open(path, "rb") as f, httpx.Client(timeout=60) as http:
+                return http.post(base + "/api/predict", files={"image": (os.path.basename(path), f.read())})
+
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(post, images))
+        assert [r.status_code for r in responses] == [200] * 8
+        assert [r.json() for r in responses] == [want[os.path.basename(p)] for p in images]
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -248,11 +248,13 @@ async function errorText(resp) {
 }
 function show(card, rec, truth) {
   const c = rec.credible_region, t = rec.hierarchical_top1;
-  card.appendChild(el("p", "best guess: " + t.lat.toFixed(4) + ", " + t.lng.toFixed(4) +
+  const best = card.appendChild(el("p", "best guess: " + t.lat.toFixed(4) + ", " + t.lng.toFixed(4) +
     " (p = " + pct(t.probability) + ", cell " + t.cell + ", level " + t.level + ")"));
+  Object.assign(best.dataset, {role: "best", lat: t.lat, lng: t.lng, cell: t.cell});
   if (truth) {
     card.appendChild(el("p", "EXIF GPS: " + truth[0].toFixed(4) + ", " + truth[1].toFixed(4) +
-      "; best guess is " + Math.round(haversine(truth, [t.lat, t.lng])).toLocaleString() + " km away"));
+      "; best guess is " + Math.round(haversine(truth, [t.lat, t.lng])).toLocaleString() + " km away"))
+      .dataset.role = "exif";
   }
   card.appendChild(el("p", pct(c.mass) + " credible region: " + c.num_cells + " cells, " +
     km2(c.area_km2) + " (holds " + pct(c.covered) + ")"));
@@ -260,7 +262,8 @@ function show(card, rec, truth) {
   const left = el("div");
   left.appendChild(el("b", "top-" + rec.top_k.length + " cells"));
   left.appendChild(table(["#", "lat", "lng", "probability", "cell"],
-    rec.top_k.map((g, i) => [i + 1, g.lat.toFixed(4), g.lng.toFixed(4), pct(g.probability), g.cell])));
+    rec.top_k.map((g, i) => [i + 1, g.lat.toFixed(4), g.lng.toFixed(4), pct(g.probability), g.cell])))
+    .dataset.role = "top-k";
   row.appendChild(left);
   if (rec.scenes.length) {
     const right = el("div");
@@ -272,26 +275,30 @@ function show(card, rec, truth) {
 }
 async function locate(file) {
   const card = el("div", undefined, "card");
+  card.dataset.image = file.name;  // data-* attributes: stable hooks for scripts and tests
+  card.dataset.state = "locating";
   card.appendChild(el("h3", file.name));
   const status = el("p", "locating...", "muted");
   card.appendChild(status);
   results.prepend(card);
   try {
     const resp = await fetch("api/predict", {method: "POST", body: form(file)});
-    if (!resp.ok) { status.textContent = "error: " + await errorText(resp); status.className = "err"; return; }
+    if (!resp.ok) { status.textContent = "error: " + await errorText(resp); status.className = "err"; card.dataset.state = "error"; return; }
     const gps = resp.headers.get("X-Geocell-Exif-Gps");
     const truth = gps ? gps.split(",").map(Number) : null;
     show(card, await resp.json(), truth);
     status.textContent = "drawing the map...";
     const m = await fetch("api/map", {method: "POST", body: form(file)});
-    if (!m.ok) { status.textContent = "map: " + await errorText(m); status.className = "err"; return; }
+    if (!m.ok) { status.textContent = "map: " + await errorText(m); status.className = "err"; card.dataset.state = "error"; return; }
     const img = el("img", undefined, "map");
     img.alt = "probability map of " + file.name;
     img.src = URL.createObjectURL(await m.blob());
     card.appendChild(img);
+    await img.decode();
     status.remove();
+    card.dataset.state = "done";
   } catch (e) {
-    status.textContent = "error: " + e; status.className = "err";
+    status.textContent = "error: " + e; status.className = "err"; card.dataset.state = "error";
   }
 }
 function add(files) {
