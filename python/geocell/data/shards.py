@@ -46,10 +46,13 @@ _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _encode(path: str, shorter_side: Optional[int], max_side: Optional[int], quality: int) -> bytes:
-    """Decodes once and re-encodes as RGB JPEG within the size limits; raises on bad images."""
+    """Decodes once and re-encodes as RGB JPEG within the size limits; raises on bad images
+    (also on images over the pixel limit, before decoding them)."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    from geocell.data.images import open_checked, to_rgb8
+
+    with open_checked(path) as img:
         w, h = img.size
         scale = 1.0
         if shorter_side:
@@ -61,7 +64,7 @@ def _encode(path: str, shorter_side: Optional[int], max_side: Optional[int], qua
             # DCT-domain downscaling while decoding JPEGs: the decode stays the only one.
             img.draft("RGB", target)
         img.load()
-        img = img.convert("RGB")
+        img = to_rgb8(img)
         if img.size != target:
             img = img.resize(target, Image.BILINEAR, reducing_gap=3.0)
         buf = io.BytesIO()
