@@ -269,6 +269,14 @@ class Partition:
             raise ValueError(f"counts must be integers, got dtype {counts.dtype}")
         if centroids.shape != (n, 2):
             raise ValueError(f"centroids must have shape ({n}, 2), got {centroids.shape}")
+        bad = np.flatnonzero(~((np.abs(centroids[:, 0]) <= 90.0) & (np.abs(centroids[:, 1]) <= 180.0)))
+        if bad.size:  # also NaN
+            raise ValueError(f"centroids[{bad[0]}] = ({centroids[bad[0], 0]!r}, "
+                             f"{centroids[bad[0], 1]!r}) is not a finite latitude in [-90, 90] "
+                             "and longitude in [-180, 180]")
+        bad = np.flatnonzero(counts < 0) if counts.size else bad[:0]
+        if bad.size:
+            raise ValueError(f"counts[{bad[0]}] = {int(counts[bad[0]])} is negative")
         bad = np.flatnonzero(~_valid_cells(cells))
         if bad.size:
             raise ValueError(f"cells[{bad[0]}] = {int(cells[bad[0]])} is not a valid S2 cell id")
