@@ -241,6 +241,22 @@ def read_index(idx_path) -> list:
     return samples
 
 
+def write_index_without(idx_path, drop_ids, out_path) -> int:
+    """Copies a shard index leaving out the samples whose id is in ``drop_ids`` (a reader driven
+    by the index never reads them); returns how many samples the copy lists."""
+    with open(idx_path) as f:
+        header = f.readline().split()
+        if not header or header[0] != INDEX_VERSION:
+            raise ValueError(f"{idx_path}: not a DALI webdataset index {INDEX_VERSION}")
+        # Each line: "<ext> <offset> <size> <KEY.ext>" groups; KEY is the sample id.
+        kept = [line for line in f
+                if line.split() and int(line.split()[3].split(".")[0]) not in drop_ids]
+    with open(out_path, "w") as f:
+        f.write(f"{INDEX_VERSION} {len(kept)}\n")
+        f.writelines(kept)
+    return len(kept)
+
+
 def sample_locations(manifest) -> tuple:
     """For a shard-backed manifest: (tar paths, tar_of_row, offset, size) of each row's JPEG,
     read from the index files; rows whose id is not in the shards raise."""
