@@ -2,7 +2,6 @@
 sample inside a packed shard is skipped and counted, and with image files a resumed epoch is
 exact (the bad row keeps its place in the permutation; its sample is dropped)."""
 
-import io
 
 import numpy as np
 import pytest
@@ -128,3 +127,22 @@ def test_undecodable_file_in_evaluation_is_skipped_once(files):
                      num_workers=1)
     rows = [r for r, _ in _epoch(ld) for r in r]
     assert rows == [r for r in range(12) if r != bad_row] and ld.skipped == 1
+
+
+def test_16_bit_png_decodes_to_the_same_8_bit_values_as_the_torch_loader(tmp_path):
+    from geocell.loading.base import MEAN, STD
+
+    Image.fromarray(np.full((40, 48), 30000, dtype=np.uint16)).save(tmp_path / "g16.png")
+    Image.new("RGBA", (48, 40), (10, 200, 90, 100)).save(tmp_path / "rgba.png")
+    (tmp_path / "m.csv").write_text("path,lat,lng\ng16.png,1,1\nrgba.png,2,2\n")
+    m = read_manifest(tmp_path / "m.csv")
+    means = {}
+    for backend in ("dali", "torch"):
+        ld = make_loader(m, _labels(m), train=False, batch_size=2, image_size=16, resize_size=16,
+                         backend=backend, num_workers=1 if backend == "dali" else 0)
+        (x, t), = list(ld)
+        px = x * torch.tensor(STD).view(1, 3, 1, 1) * 255 + torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+        means[backend] = px.mean(dim=(2, 3)).numpy()
+        assert ld.skipped == 0 and t["index"].tolist() == [0, 1]
+    np.testing.assert_allclose(means["dali"], [[117] * 3, [10, 200, 90]], atol=0.6)
+    np.testing.assert_allclose(means["torch"], means["dali"], atol=0.6)

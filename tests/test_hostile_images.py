@@ -183,3 +183,17 @@ def test_truncated_jpeg_is_still_refused(tmp_path):
         assert "truncated" in check_image_file(str(p)), name
         p.write_bytes(blob)
         assert check_image_file(str(p)) is None, name
+
+
+def test_predict_skips_a_size_bomb_and_predicts_the_rest(tmp_path):
+    pytest.importorskip("torchvision")
+    from test_predict import make_tiny_checkpoint, run_cli
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.pt")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(photos / "a.jpg")
+    (photos / "bomb.jpg").write_bytes(_jpeg_claiming(9000, 9000))
+    rc, _, err = run_cli([str(photos), "--checkpoint", ckpt, "--workers", "0", "--json"])
+    assert rc == 0 and "predicted 1 of 2" in err
+    assert "bomb.jpg" in err and "Mpx" in err

@@ -7,7 +7,6 @@ the main one), so the batches of an epoch do not depend on ``num_workers``."""
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 
