@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 
-# Larger photos are refused (50 Mpx: every common camera fits, a 12 GB decode does not).
+# Larger images are refused: a decode stays under about 150 MB of RGB whatever a header claims.
 MAX_PIXELS = 50_000_000
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -70,17 +70,10 @@ def to_rgb8(img):
     return img.convert("RGB")
 
 
-def decode_rgb(source, max_pixels: int = MAX_PIXELS, *, draft_size=None):
+def decode_rgb(source, max_pixels: int = MAX_PIXELS):
     """Decodes a path, file object or bytes into an RGB PIL image after checking the declared
-    size. ``draft_size``: (w, h) the caller will shrink to (lets JPEG decode at a reduced scale)."""
+    size (``open_checked``) and converting the mode (``to_rgb8``)."""
     with open_checked(source, max_pixels) as img:
-        if draft_size is not None:
-            img.draft("RGB", tuple(draft_size))
         img.load()
         out = to_rgb8(img)
         return out.copy() if out is img else out  # closing img frees its pixels
-
-
-def rgb_array(source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """(H, W, 3) uint8 of a path, file object or bytes (``decode_rgb``)."""
-    return np.asarray(decode_rgb(source, max_pixels))

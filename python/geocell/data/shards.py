@@ -241,6 +241,16 @@ def read_index(idx_path) -> list:
     return samples
 
 
+def read_sample(tar_path, offset: int, size: int) -> bytes:
+    """The bytes of one member (from ``sample_locations``); raises OSError if the tar is short."""
+    with open(tar_path, "rb") as f:
+        f.seek(int(offset))
+        data = f.read(int(size))
+    if len(data) != int(size):
+        raise OSError(f"shard {tar_path} is truncated")
+    return data
+
+
 def write_index_without(idx_path, drop_ids, out_path) -> int:
     """Copies a shard index leaving out the samples whose id is in ``drop_ids`` (a reader driven
     by the index never reads them); returns how many samples the copy lists."""

@@ -336,20 +336,11 @@ class DaliLoader(Loader):
         return True
 
     def _recover_shards(self) -> bool:
-        from geocell.data.shards import sample_locations, write_index_without
+        from geocell.data.shards import read_sample, sample_locations, write_index_without
 
         tars, tar_of, offset, size = sample_locations(self.manifest)
         rows = [r for r in range(len(self.manifest)) if r not in self._undecodable]
-
-        def read(r):
-            with open(tars[tar_of[r]], "rb") as f:
-                f.seek(int(offset[r]))
-                data = f.read(int(size[r]))
-            if len(data) != int(size[r]):
-                raise OSError(f"shard {tars[tar_of[r]]} is truncated")
-            return data
-
-        bad = _undecodable(rows, read)
+        bad = _undecodable(rows, lambda r: read_sample(tars[tar_of[r]], offset[r], size[r]))
         if not bad:
             return False
         ids = np.asarray(self.manifest.ids, dtype=np.int64)

@@ -23,13 +23,10 @@ def _read_bytes(source, row) -> bytes:
     if kind == "files":
         with open(source[1][row], "rb") as f:
             return f.read()
+    from geocell.data.shards import read_sample
+
     _, tars, tar_of, offset, size = source
-    with open(tars[tar_of[row]], "rb") as f:
-        f.seek(int(offset[row]))
-        data = f.read(int(size[row]))
-    if len(data) != int(size[row]):
-        raise OSError(f"shard {tars[tar_of[row]]} is truncated")
-    return data
+    return read_sample(tars[tar_of[row]], offset[row], size[row])
 
 
 def _quiet():
