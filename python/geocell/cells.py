@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 MAX_LEVEL = 30
+# The compiled kernels take a C int; they never start more threads than there is work for.
+MAX_THREADS = 2**31 - 1
 # The sphere of every distance and area in geocell (the C++ core's great_circle_km uses the same).
 EARTH_RADIUS_KM = 6371.0
 
@@ -150,8 +152,9 @@ def _check_level(level, name: str = "level") -> int:
 
 
 def _check_threads(threads) -> int:
-    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, numbers.Integral) or threads < 0:
-        raise ValueError(f"threads = {threads!r} must be an integer >= 0 (0 = all cores)")
+    if (isinstance(threads, (bool, np.bool_)) or not isinstance(threads, numbers.Integral)
+            or not 0 <= threads <= MAX_THREADS):
+        raise ValueError(f"threads = {threads!r} must be an integer in 0..{MAX_THREADS} (0 = all cores)")
     return int(threads)
 
 

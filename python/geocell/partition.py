@@ -28,11 +28,14 @@ from typing import Iterable, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
+from .cells import MAX_THREADS
 
 __all__ = ["Partition", "partition", "partitions", "hierarchy"]
 
 CSV_HEADER = ("class_label", "hex_id", "imgs_per_cell", "latitude_mean", "longitude_mean")
 MAX_LEVEL = 30
+# The core counts points in int64.
+MAX_TAU = 2**63 - 1
 
 _U64_ONE = np.uint64(1)
 
@@ -94,6 +97,9 @@ def _check_taus(tau_min, tau_max, where: str = "") -> Tuple[int, int]:
         raise ValueError(f"tau_min{where} must be >= 0, got {tau_min}")
     if tau_max < 0:
         raise ValueError(f"tau_max{where} must be >= 0, got {tau_max}")
+    for name, value in (("tau_min", tau_min), ("tau_max", tau_max)):
+        if value > MAX_TAU:
+            raise ValueError(f"{name}{where} must be at most 2**63 - 1, got {value}")
     if tau_min >= tau_max:
         raise ValueError(
             f"tau_min must be < tau_max{where}, got tau_min={tau_min}, tau_max={tau_max}")
@@ -114,6 +120,8 @@ def _check_threads(threads) -> int:
     threads = _as_int(threads, "threads")
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0 = all cores), got {threads}")
+    if threads > MAX_THREADS:
+        raise ValueError(f"threads must be at most {MAX_THREADS}, got {threads}")
     return threads
 
 
@@ -128,6 +136,17 @@ def _coordinates(lat, lng) -> Tuple[np.ndarray, np.ndarray]:
         raise ValueError(
             f"lat and lng must have the same length, got {lat.shape[0]} and {lng.shape[0]}")
     return lat, lng
+
+
+class InvalidCoordinates(ValueError):
+    """A point with NaN or out-of-range coordinates; ``row`` is its 0-based index."""
+
+    def __init__(self, row: int, lat: float, lng: float):
+        self.row, self.lat, self.lng = row, lat, lng
+        super().__init__(
+            f"invalid coordinates in row {row}: lat={lat!r}, lng={lng!r} (latitude must be in "
+            "[-90, 90], longitude in [-180, 180], both finite); pass drop_invalid=True to skip "
+            "such rows")
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -250,6 +269,14 @@ class Partition:
             raise ValueError(f"counts must be integers, got dtype {counts.dtype}")
         if centroids.shape != (n, 2):
             raise ValueError(f"centroids must have shape ({n}, 2), got {centroids.shape}")
+        bad = np.flatnonzero(~((np.abs(centroids[:, 0]) <= 90.0) & (np.abs(centroids[:, 1]) <= 180.0)))
+        if bad.size:  # also NaN
+            raise ValueError(f"centroids[{bad[0]}] = ({centroids[bad[0], 0]!r}, "
+                             f"{centroids[bad[0], 1]!r}) is not a finite latitude in [-90, 90] "
+                             "and longitude in [-180, 180]")
+        bad = np.flatnonzero(counts < 0) if counts.size else bad[:0]
+        if bad.size:
+            raise ValueError(f"counts[{bad[0]}] = {int(counts[bad[0]])} is negative")
         bad = np.flatnonzero(~_valid_cells(cells))
         if bad.size:
             raise ValueError(f"cells[{bad[0]}] = {int(cells[bad[0]])} is not a valid S2 cell id")
@@ -325,6 +352,12 @@ class Partition:
                     lat, lng = float(fields[3]), float(fields[4])
                 except ValueError:
                     raise ValueError(f"{name}, line {line_no}: cannot parse {line!r}") from None
+                if count < 0:
+                    raise ValueError(f"{name}, line {line_no}: negative imgs_per_cell {count}")
+                if not (-90.0 <= lat <= 90.0 and -180.0 <= lng <= 180.0):  # also refuses NaN
+                    raise ValueError(f"{name}, line {line_no}: centroid ({fields[3]}, {fields[4]}) "
+                                     "is not a finite latitude in [-90, 90] and longitude in "
+                                     "[-180, 180]")
                 labels.append(label)
                 cells.append(cell)
                 counts.append(count)
@@ -386,10 +419,8 @@ def _run(lat, lng, pairs, level_min, level_max, drop_invalid, threads):
     first_invalid, dropped, results = _core.partition_latlng(lat, lng, params, bool(drop_invalid),
                                                              threads)
     if first_invalid >= 0:
-        raise ValueError(
-            f"invalid coordinates in row {first_invalid}: lat={float(lat[first_invalid])!r}, "
-            f"lng={float(lng[first_invalid])!r} (latitude must be in [-90, 90], longitude in "
-            "[-180, 180], both finite); pass drop_invalid=True to skip such rows")
+        raise InvalidCoordinates(int(first_invalid), float(lat[first_invalid]),
+                                 float(lng[first_invalid]))
     if dropped:
         # stacklevel 3: the caller of partition() / partitions().
         warnings.warn(f"dropped {dropped} of {lat.shape[0]} rows with invalid coordinates",

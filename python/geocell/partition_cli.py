@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .partition import hierarchy, partitions
+from .partition import InvalidCoordinates, hierarchy, partitions
 
 DEFAULT_TAUS = [(50, 5000), (50, 2000), (50, 1000)]
 # Column names recognised without --lat/--lng, first match wins (case-insensitive).
@@ -158,6 +158,22 @@ def read_points(path: str, lat_column: Optional[str], lng_column: Optional[str],
     return lat[:n].copy(), lng[:n].copy(), bad
 
 
+def data_line_number(path: str, row: int) -> int:
+    """The file line (1-based, header = line 1) of data row ``row`` (0-based, blank lines not
+    counted, as ``read_points`` counts them); read again only to word an error."""
+    with _open(path) as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        k = 0
+        for fields in reader:
+            if not fields:
+                continue
+            if k == row:
+                return reader.line_num
+            k += 1
+    return row + 2
+
+
 def _read_columns_fast(f, columns) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """Both columns with numpy's C parser, or None if any field does not parse."""
     try:
@@ -211,6 +227,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         h_path = os.path.join(args.output, "hierarchy." + args.hierarchy_format)
         write_hierarchy(h_path, h, names)
         progress.done(f"{len(parts) + 1} files")
+    except InvalidCoordinates as e:
+        sys.stderr.write(f"\ngeocell partition: error: {args.points}, line "
+                         f"{data_line_number(args.points, e.row)}: invalid coordinates "
+                         f"lat={e.lat!r}, lng={e.lng!r} (latitude must be in [-90, 90], longitude "
+                         "in [-180, 180], both finite); use --drop-invalid to skip such rows\n")
+        return 1
     except (CliError, ValueError, OSError) as e:
         sys.stderr.write(f"\ngeocell partition: error: {e}\n")
         return 1

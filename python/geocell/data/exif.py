@@ -1,9 +1,26 @@
-"""GPS locations from photo EXIF (Pillow), and a manifest built from a folder of photos."""
+"""GPS locations from photo EXIF (Pillow), and a manifest built from a folder of photos.
+
+Each coordinate is read from whatever tag type the writer used, where the meaning is clear:
+RATIONAL / SRATIONAL / DOUBLE / FLOAT / SHORT / LONG (degrees, minutes, seconds, or degrees
+alone) and ASCII (one decimal number, or three numbers: degrees minutes seconds). The
+hemisphere comes from the reference tag (N/S for the latitude, E/W for the longitude). What is
+unclear is skipped with the reason, never guessed (a wrong location is worse than none):
+
+- a missing reference with a positive value (the hemisphere is unknown); a zero coordinate or
+  a negative value needs none;
+- a reference of the other axis (W on a latitude) or an unknown one;
+- a negative value with the positive reference (-48 with N): contradictory. A negative value
+  with the negative reference (-48 with S) states the hemisphere twice and is read as 48 S;
+- signs that disagree between degrees, minutes and seconds; minutes or seconds above 60;
+- an ASCII value of two numbers ("48,30": 48.30 with a decimal comma, or 48 deg 30 min?);
+- values out of range (|lat| > 90, |lng| > 180), NaN, zero denominators.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional
@@ -13,29 +30,70 @@ import numpy as np
 GPS_IFD = 0x8825
 GPS_LATITUDE_REF, GPS_LATITUDE, GPS_LONGITUDE_REF, GPS_LONGITUDE = 1, 2, 3, 4
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif"}
+# (positive reference, negative reference, largest magnitude) of each axis
+_AXES = {"latitude": ("N", "S", 90.0), "longitude": ("E", "W", 180.0)}
 
 
 class NoGPS(ValueError):
     """The image has no (usable) GPS position in its EXIF."""
 
 
-def _dms_to_degrees(dms, ref, what: str) -> float:
+def _components(value, what: str) -> list:
+    """The 1 to 3 numbers (degrees[, minutes[, seconds]]) of a coordinate tag of any type."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
     try:
-        parts = [float(v) for v in dms]
-    except (TypeError, ValueError, ZeroDivisionError):
-        raise NoGPS(f"unreadable GPS {what} {dms!r}") from None
-    if not parts or len(parts) > 3 or any(not math.isfinite(p) for p in parts):
-        raise NoGPS(f"unreadable GPS {what} {dms!r}")
-    parts += [0.0] * (3 - len(parts))
-    value = parts[0] + parts[1] / 60.0 + parts[2] / 3600.0
+        if isinstance(value, str):
+            text = value.strip("\x00 \t")
+            parts = [p for p in re.split(r"[\s,;]+", text) if p]
+            if len(parts) == 2:
+                raise NoGPS(f"ambiguous ASCII GPS {what} {value!r} (a decimal comma, or degrees "
+                            "and minutes?)")
+            nums = [float(p) for p in parts]
+        elif isinstance(value, (tuple, list)):
+            nums = [float(v) for v in value]
+        else:
+            nums = [float(value)]
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        if isinstance(exc, NoGPS):
+            raise
+        raise NoGPS(f"unreadable GPS {what} {value!r}") from None
+    if not 1 <= len(nums) <= 3 or not all(math.isfinite(v) for v in nums):
+        raise NoGPS(f"unreadable GPS {what} {value!r}")
+    return nums
+
+
+def _dms_to_degrees(dms, ref, what: str) -> float:
+    """Signed degrees of one coordinate (``what``: "latitude" or "longitude"); raises NoGPS
+    with the reason for anything unclear (see the module doc)."""
+    positive, negative, limit = _AXES[what]
+    nums = _components(dms, what)
+    nonzero = [v for v in nums if v != 0]
+    is_negative = bool(nonzero) and nonzero[0] < 0
+    later = nonzero[1:]
+    if (not is_negative and any(v < 0 for v in later)) or (
+            is_negative and any(v < 0 for v in later) and any(v > 0 for v in later)):
+        raise NoGPS(f"GPS {what} {dms!r} mixes signs")
+    mags = [abs(v) for v in nums] + [0.0] * (3 - len(nums))
+    if mags[1] > 60 or mags[2] > 60:
+        raise NoGPS(f"GPS {what} {dms!r}: minutes and seconds must be at most 60")
+    magnitude = mags[0] + mags[1] / 60.0 + mags[2] / 3600.0
     if isinstance(ref, bytes):
         ref = ref.decode("ascii", "replace")
-    ref = (ref or "").strip("\x00 ").upper()
-    if ref in ("S", "W"):
-        value = -value
-    elif ref not in ("N", "E", ""):
-        raise NoGPS(f"bad GPS {what} reference {ref!r}")
-    return value
+    ref = (ref or "").strip("\x00 ").upper() or None
+    if ref is not None and ref not in (positive, negative):
+        raise NoGPS(f"GPS {what} reference {ref!r} is not {positive} or {negative}")
+    if magnitude > limit:
+        raise NoGPS(f"GPS {what} {magnitude:g} out of range (at most {limit:g})")
+    if magnitude == 0:
+        return 0.0
+    if is_negative:
+        if ref == positive:
+            raise NoGPS(f"GPS {what} {dms!r} is negative but its reference is {ref}: contradictory")
+        return -magnitude  # a signed value, alone or with the reference that agrees
+    if ref is None:
+        raise NoGPS(f"no GPS {what} reference ({positive}/{negative}): the hemisphere is unknown")
+    return magnitude if ref == positive else -magnitude
 
 
 def gps_from_exif(exif) -> tuple:
@@ -45,8 +103,6 @@ def gps_from_exif(exif) -> tuple:
         raise NoGPS("no GPS position in EXIF")
     lat = _dms_to_degrees(gps[GPS_LATITUDE], gps.get(GPS_LATITUDE_REF), "latitude")
     lng = _dms_to_degrees(gps[GPS_LONGITUDE], gps.get(GPS_LONGITUDE_REF), "longitude")
-    if not (abs(lat) <= 90.0 and abs(lng) <= 180.0):
-        raise NoGPS(f"GPS position out of range ({lat}, {lng})")
     return lat, lng
 
 

@@ -158,7 +158,25 @@ def read_manifest(path, image_root=None, check_files: bool = True) -> Manifest:
             return read_shards(path)
         raise ManifestError(f"{path} is a folder but not a packed dataset (no shards.json)")
     root = Path(image_root) if image_root is not None else path.resolve().parent
-    with open(path, newline="", encoding="utf-8") as f:
+    try:
+        return _read_plain(path, root, check_files)
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path} line {_first_non_utf8_line(path)}: not UTF-8 text") from None
+
+
+def _first_non_utf8_line(path) -> int:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
+def _read_plain(path: Path, root: Path, check_files: bool) -> Manifest:
+    # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)

@@ -46,10 +46,13 @@ _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _encode(path: str, shorter_side: Optional[int], max_side: Optional[int], quality: int) -> bytes:
-    """Decodes once and re-encodes as RGB JPEG within the size limits; raises on bad images."""
+    """Decodes once and re-encodes as RGB JPEG within the size limits; raises on bad images
+    (also on images over the pixel limit, before decoding them)."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    from geocell.data.images import open_checked, to_rgb8
+
+    with open_checked(path) as img:
         w, h = img.size
         scale = 1.0
         if shorter_side:
@@ -61,7 +64,7 @@ def _encode(path: str, shorter_side: Optional[int], max_side: Optional[int], qua
             # DCT-domain downscaling while decoding JPEGs: the decode stays the only one.
             img.draft("RGB", target)
         img.load()
-        img = img.convert("RGB")
+        img = to_rgb8(img)
         if img.size != target:
             img = img.resize(target, Image.BILINEAR, reducing_gap=3.0)
         buf = io.BytesIO()
@@ -236,6 +239,32 @@ def read_index(idx_path) -> list:
     if len(samples) != int(header[1]):
         raise ValueError(f"{idx_path}: header says {header[1]} samples, found {len(samples)}")
     return samples
+
+
+def read_sample(tar_path, offset: int, size: int) -> bytes:
+    """The bytes of one member (from ``sample_locations``); raises OSError if the tar is short."""
+    with open(tar_path, "rb") as f:
+        f.seek(int(offset))
+        data = f.read(int(size))
+    if len(data) != int(size):
+        raise OSError(f"shard {tar_path} is truncated")
+    return data
+
+
+def write_index_without(idx_path, drop_ids, out_path) -> int:
+    """Copies a shard index leaving out the samples whose id is in ``drop_ids`` (a reader driven
+    by the index never reads them); returns how many samples the copy lists."""
+    with open(idx_path) as f:
+        header = f.readline().split()
+        if not header or header[0] != INDEX_VERSION:
+            raise ValueError(f"{idx_path}: not a DALI webdataset index {INDEX_VERSION}")
+        # Each line: "<ext> <offset> <size> <KEY.ext>" groups; KEY is the sample id.
+        kept = [line for line in f
+                if line.split() and int(line.split()[3].split(".")[0]) not in drop_ids]
+    with open(out_path, "w") as f:
+        f.write(f"{INDEX_VERSION} {len(kept)}\n")
+        f.writelines(kept)
+    return len(kept)
 
 
 def sample_locations(manifest) -> tuple:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 import geocell
-from geocell.infer.calibration import Calibration, Mixture, combined_log_probs
 from geocell._internal.geometry import unit_vectors
-from geocell.infer.regions import credible_region
+from geocell.infer.calibration import Calibration, Mixture, combined_log_probs
+from geocell.infer.regions import MAX_TOP_K, credible_region
 from geocell.loading.preprocess import Preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -87,7 +87,9 @@ def _to_pil(image):
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        from geocell.data.images import to_rgb8
+
+        return to_rgb8(image)
     if isinstance(image, torch.Tensor):
         from torchvision.transforms.functional import to_pil_image
 
@@ -110,10 +112,9 @@ def _to_pil(image):
 
 
 def _open_image(path):
-    from PIL import Image
+    from geocell.data.images import decode_rgb
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return decode_rgb(path)
 
 
 def make_transform(preprocess, tta: str = "none"):
@@ -233,9 +234,12 @@ class Geolocator:
     @classmethod
     def from_checkpoint(cls, path, device=None) -> "Geolocator":
         """Load a checkpoint safely (tensors and plain data only; nothing is executed)."""
-        from geocell.training.checkpoint import load_checkpoint, model_from_checkpoint
+        from geocell.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(path, map_location="cpu")
+        if not ckpt.get("partitions"):
+            raise CheckpointError(f"{os.fspath(path)}: no partitionings (a scene-only checkpoint "
+                                  "cannot locate photos)")
         model, partitions, hierarchy = model_from_checkpoint(ckpt)
         names = [str(p.get("name", f"p{i}")) for i, p in enumerate(ckpt["partitions"])]
         return cls(model, partitions, hierarchy, partition_names=names,
@@ -419,7 +423,14 @@ def csv_header(top_k: int) -> list[str]:
     return cols + ["error"]
 
 
+def display_name(path) -> str:
+    """A file name as text that can always be encoded: bytes of a non-UTF-8 name (held as
+    surrogates by os.fsdecode) shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def csv_row(path: str, pred: Prediction | None, error: str | None, top_k: int) -> list:
+    path = display_name(path)
     if pred is None:
         return [path] + [""] * (len(csv_header(top_k)) - 2) + [error or ""]
     t = pred.hierarchical_top1
@@ -436,7 +447,7 @@ def csv_row(path: str, pred: Prediction | None, error: str | None, top_k: int) -
 
 def format_prediction(pred: Prediction) -> str:
     t = pred.hierarchical_top1
-    lines = [pred.image,
+    lines = [display_name(pred.image),
              f"  best guess: {t.lat:.4f}, {t.lng:.4f}  (p = {t.probability:.3g}, cell {t.cell}, "
              f"{t.partitioning}, level {t.level})",
              f"  {pred.region_mass:.0%} credible region: {len(pred.region_cells)} cells, "
@@ -494,14 +505,61 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _writable_folder(folder: str) -> str | None:
+    """None if a file can be created in ``folder``, else why not (tried, not guessed from
+    permission bits: root, read-only mounts and ACLs all answer truthfully)."""
+    import tempfile
+
+    folder = folder or "."
+    if not os.path.isdir(folder):
+        return f"folder {folder} does not exist" if not os.path.exists(folder) else \
+            f"{folder} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot write in {folder} ({exc.strerror or exc})"
+    return None
+
+
+def _map_target_problem(map_path: str) -> str | None:
+    if map_path.endswith(("/", os.sep)) or os.path.isdir(map_path):
+        folder = map_path.rstrip("/" + os.sep) or os.sep
+        while folder and not os.path.exists(folder):  # created on demand: check where it starts
+            folder = os.path.dirname(folder)
+        return _writable_folder(folder or ".")
+    return _writable_folder(os.path.dirname(map_path))
+
+
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    """Everything that can be checked before the checkpoint is loaded and the first image read;
+    a bad value ends the command the argparse way (exit 2, the flag named)."""
+    if not 1 <= args.top_k <= MAX_TOP_K:
+        ap.error(f"argument --top-k: must be between 1 and {MAX_TOP_K}, got {args.top_k}")
+    if not 0.0 < args.mass <= 1.0:  # also refuses nan
+        ap.error(f"argument --mass: must be in (0, 1], got {args.mass}")
+    if args.batch_size < 1:
+        ap.error(f"argument --batch-size: must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        ap.error(f"argument --workers: must be at least 0, got {args.workers}")
+    if args.out:
+        if not args.out.lower().endswith((".csv", ".json")):
+            ap.error(f"argument --out: must end in .csv or .json, got {args.out}")
+        if os.path.isdir(args.out):
+            ap.error(f"argument --out: {args.out} is a folder")
+        why = _writable_folder(os.path.dirname(args.out))
+        if why:
+            ap.error(f"argument --out: {why}")
+    if args.map:
+        why = _map_target_problem(args.map)
+        if why:
+            ap.error(f"argument --map: {why}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.top_k < 1:
-        print("geocell predict: --top-k must be at least 1", file=sys.stderr)
-        return 2
-    if args.out and not args.out.lower().endswith((".csv", ".json")):
-        print(f"geocell predict: --out must end in .csv or .json, got {args.out}", file=sys.stderr)
-        return 2
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
     try:
         geo = Geolocator.from_checkpoint(args.checkpoint, device=args.device)
     except Exception as exc:  # unreadable, unsafe or incompatible file: say which and why
@@ -527,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             keep_probs=map_paths is not None, progress=progress)):
         if pred is None:
             skipped.append((path, error))
-            print(f"geocell predict: skipped {path}: {error}", file=sys.stderr)
+            print(f"geocell predict: skipped {display_name(path)}: {error}", file=sys.stderr)
             csv_rows.append(csv_row(path, None, error, args.top_k))
             continue
         if map_paths is not None:
@@ -537,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             draw_probability_map(
                 map_paths[i], np.asarray(geo.fine.cells, dtype=np.uint64), pred.fine_probs,
                 top1=(top.lat, top.lng), truth=args.truth or _exif_location(path), region=pred.region_cell_ids,
-                title=f"{os.path.basename(path)}: best guess {top.lat:.3f}, {top.lng:.3f}; "
+                title=f"{display_name(os.path.basename(path))}: best guess {top.lat:.3f}, {top.lng:.3f}; "
                       f"{pred.region_mass:.0%} region {pred.region_area_km2:,.0f} km²")
             pred.fine_probs = pred.region_cell_ids = None  # don't hold n_fine floats per image
         records.append(pred.to_dict())
@@ -548,11 +606,14 @@ def main(argv: list[str] | None = None) -> int:
     document = {"checkpoint": os.fspath(args.checkpoint), "predictions": records,
                 "skipped": [{"image": p, "error": e} for p, e in skipped]}
     if args.out:
+        # JSON: names are kept exactly (ASCII escapes, non-UTF-8 bytes as \\udcXX surrogates that
+        # os.fsencode turns back into the bytes). CSV: display names; backslashreplace also
+        # covers a non-UTF-8 name inside an error message.
         if args.out.lower().endswith(".json"):
             with open(args.out, "w", encoding="utf-8") as f:
-                json.dump(document, f, indent=1)
+                json.dump(document, f, indent=1, ensure_ascii=True)
         else:
-            with open(args.out, "w", newline="", encoding="utf-8") as f:
+            with open(args.out, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
                 writer = csv.writer(f)
                 writer.writerow(csv_header(args.top_k))
                 writer.writerows(csv_rows)

@@ -14,6 +14,9 @@ import numpy as np
 
 from geocell.cells import EARTH_RADIUS_KM, cell_area_km2  # noqa: F401  (re-exported)
 
+MAX_TOP_K = 100  # the most cells a prediction lists (CLI and web API)
+
+
 @dataclass
 class CredibleRegion:
     """The smallest set of cells holding at least ``mass`` of the probability."""

@@ -23,9 +23,10 @@ import sys
 import tempfile
 import threading
 
+from geocell.data.images import MAX_PIXELS, ImageTooLarge, check_pixels  # one pixel rule
+from geocell.infer.regions import MAX_TOP_K  # one top-k limit for the CLI and the web API
+
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
-MAX_PIXELS = 50_000_000
-MAX_TOP_K = 100
 FORM_SLACK_BYTES = 64 * 1024          # room for the other form fields and multipart headers
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -85,10 +86,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS):
     except Exception as exc:
         raise UploadError(400, f"cannot read the image header: {type(exc).__name__}: {exc}") from None
     with im:
-        width, height = im.size
-        if width * height > max_pixels:
-            raise UploadError(413, f"image has {width}x{height} = {width * height / 1e6:.1f} Mpx; "
-                                   f"the limit is {max_pixels / 1e6:g} Mpx")
+        try:
+            check_pixels(im.width, im.height, max_pixels)
+        except ImageTooLarge as exc:
+            raise UploadError(413, str(exc)) from None
         truth = None
         try:
             from geocell.data.exif import gps_from_exif
@@ -97,7 +98,11 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS):
         except Exception:  # no GPS block, or EXIF the reader does not understand
             truth = None
         try:
-            rgb = im.convert("RGB")
+            from geocell.data.images import to_rgb8
+
+            im.load()
+            rgb = to_rgb8(im)
+            rgb = rgb.copy() if rgb is im else rgb
         except Exception as exc:  # truncated or corrupt pixel data
             raise UploadError(400, f"cannot decode the image: {type(exc).__name__}: {exc}") from None
     return rgb, truth

@@ -39,34 +39,75 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def _jpeg_has_end(f, size: int) -> bool:
+    """Whether a JPEG file has an end-of-image marker after its first scan starts. The last 64
+    bytes are looked at first; data some cameras append after the image (a preview, a video)
+    makes the slow path read the file: marker segments up to the first SOS, then the scan data
+    (where a 0xFF byte is always followed by 0x00 or a marker, so FFD9 is the end)."""
+    f.seek(max(0, size - 64))
+    if b"\xff\xd9" in f.read():
+        return True
+    f.seek(2)
+    while True:
+        marker = f.read(4)
+        if len(marker) < 4 or marker[0] != 0xFF:
+            return False
+        if marker[1] == 0xFF:  # fill byte before a marker
+            f.seek(-3, os.SEEK_CUR)
+            continue
+        length = int.from_bytes(marker[2:4], "big")
+        if length < 2:
+            return False
+        f.seek(length - 2, os.SEEK_CUR)
+        if marker[1] == 0xDA:  # SOS: scan data follows its header
+            break
+    carry = b""
+    while True:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            return False
+        if b"\xff\xd9" in carry + chunk:
+            return True
+        carry = chunk[-1:]
+
+
 def check_image_file(path: str) -> Optional[str]:
-    """Cheap structural check: None if the file looks like a complete JPEG/PNG, else why not."""
+    """Cheap structural check: None if the file looks like a complete JPEG/PNG whose declared
+    size is within the pixel limit (``geocell.data.images``), else why not."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             if not head:
                 return "empty file"
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
             if head.startswith(_JPEG_MAGIC):
-                # A complete JPEG ends with EOI; allow trailing padding some cameras write.
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - 64))
-                tail = f.read()
-                if b"\xff\xd9" not in tail:
+                if not _jpeg_has_end(f, size):
                     return "truncated JPEG (no end-of-image marker)"
-                return None
-            if head == _PNG_MAGIC:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
+            elif head == _PNG_MAGIC:
                 f.seek(max(0, size - 12))
                 if b"IEND" not in f.read():
                     return "truncated PNG (no IEND chunk)"
-                return None
-            return "not a JPEG or PNG file"
+            else:
+                return "not a JPEG or PNG file"
+            f.seek(0)
+            return _declared_size_problem(f)
     except FileNotFoundError:
         return "missing file"
     except OSError as e:
         return f"unreadable file ({e.strerror or e})"
+
+
+def _declared_size_problem(f) -> Optional[str]:
+    from geocell.data.images import ImageTooLarge, open_checked
+
+    try:
+        open_checked(f).close()
+    except ImageTooLarge as e:
+        return str(e)
+    except Exception:  # a header Pillow cannot parse: the decode fails, is skipped and counted
+        return None
+    return None
 
 
 def validate_files(paths, threads: int = 8) -> list:

@@ -26,11 +26,24 @@ Training epochs are reproducible from (seed, epoch), whatever the number of thre
   Ranks may differ by one sample per epoch; every rank yields ``len(loader)`` batches.
 
 Evaluation reads every sample of the shard exactly once (DALI sharding with padding, the
-padding duplicates dropped on the host)."""
+padding duplicates dropped on the host).
+
+Images that pass the up-front check but do not decode break a DALI pipeline; ``_recover``
+then decodes every image with Pillow, counts the bad ones in ``skipped_paths`` and rebuilds:
+
+- image files, training: a bad row keeps its place in the epoch permutation, its file replaced
+  by a good one whose sample is dropped on the host, so batch k of an epoch holds the same rows
+  (less the bad ones) whether the bad image was found in this run or not: a resumed run is
+  exact. Evaluation leaves the bad rows out.
+- packed shards: the bad samples are left out of copies of the shards' index files (in a
+  temporary folder), which the webdataset reader then follows."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+import weakref
 
 import numpy as np
 import torch
@@ -41,6 +54,7 @@ from geocell.loading.resample import BatchWriter, centre_crop_boxes
 log = logging.getLogger("geocell.loading.base")
 
 _READER = "Reader"
+_DROP = -1  # the label of a stand-in sample (an undecodable row's slot), dropped on the host
 
 
 class DaliLoader(Loader):
@@ -68,6 +82,8 @@ class DaliLoader(Loader):
             f"CPU pipeline, {self.num_workers} threads, resampling by geocell's kernel"
         self._start = 0
         self._iter = None
+        self._undecodable: set = set()  # manifest rows found not to decode at run time
+        self._index_dir = None  # filtered shard index files (packed shards with bad samples)
         if not self.gpu:
             self._writer = BatchWriter(self.image_size, MEAN, STD, threads=max(1, self.num_workers))
         if not self.train:
@@ -192,8 +208,9 @@ class DaliLoader(Loader):
                     shard_id=shard, num_shards=self.num_shards, pad_last_batch=False,
                     stick_to_shard=True, name=_READER)
             else:
+                files, labels = self._files_and_labels(rows)
                 jpegs, ids = fn.readers.file(
-                    files=[self.manifest.paths[r] for r in rows], labels=[int(r) for r in rows],
+                    files=files, labels=labels,
                     random_shuffle=False, shuffle_after_epoch=False, name=_READER)
             area_ratio, xy, flip = fn.external_source(
                 source=params, num_outputs=3, batch=True, batch_info=True,
@@ -204,11 +221,24 @@ class DaliLoader(Loader):
 
         return self._iterator(pipeline(), True)
 
+    def _files_and_labels(self, rows):
+        """The reader's file list for ``rows``: a row found undecodable keeps its slot with a
+        stand-in file and the label _DROP (so the batches keep their rows)."""
+        paths = self.manifest.paths
+        if not self._undecodable:
+            return [paths[r] for r in rows], [int(r) for r in rows]
+        stand_in = next((paths[r] for r in self.rows if int(r) not in self._undecodable), None)
+        if stand_in is None:
+            raise ValueError(f"no decodable images ({self.skipped} skipped: {self.skipped_paths[:3]})")
+        bad = self._undecodable
+        return ([stand_in if int(r) in bad else paths[r] for r in rows],
+                [_DROP if int(r) in bad else int(r) for r in rows])
+
     # -- the Loader interface --------------------------------------------------------------------
 
     def __len__(self):
         if self.train:
-            n = len(self.manifest) if self._shards else len(self.rows)
+            n = len(self.manifest) - len(self._undecodable) if self._shards else len(self.rows)
             return (n // self.num_shards) // self.batch_size
         return len(self._iter)
 
@@ -267,31 +297,71 @@ class DaliLoader(Loader):
                         drop -= 1
                         continue
                     out = batch[0]
-                    yield out["images"].to(self.device), self._targets(self._rows_of(out["ids"]))
+                    images, rows = out["images"], self._rows_of(out["ids"])
+                    keep = rows != _DROP
                     done += 1
+                    if bool(keep.all()):
+                        yield images.to(self.device), self._targets(rows)
+                    elif bool(keep.any()):
+                        idx = keep.nonzero().reshape(-1)
+                        yield (images.index_select(0, idx.to(images.device)).to(self.device),
+                               self._targets(rows[idx]))
                     if done >= steps:
                         break
                 return
             except RuntimeError as e:
                 if not self._recover(e):
                     raise
+                steps = min(steps, len(self))
 
     def _recover(self, error) -> bool:
         """A decoder error inside DALI breaks the pipeline: find the images that do not decode
-        (full decode with Pillow), exclude and count them, rebuild, and go on (training: from the
-        next batch of the epoch permutation of the remaining rows)."""
-        if self._shards:
-            return False  # shards hold only images that decoded while packing
+        (full decode with Pillow), count them and rebuild (see the module doc for how each case
+        goes on). False when every image decodes (the error was something else)."""
         msg = str(error).splitlines()[0] if str(error) else type(error).__name__
         log.warning("DALI pipeline failed (%s); checking every image by decoding it", msg)
-        bad = _undecodable([self.manifest.paths[r] for r in self.rows])
+        if self._shards:
+            return self._recover_shards()
+        rows = [int(r) for r in self.rows if int(r) not in self._undecodable]
+        paths = self.manifest.paths
+        bad = _undecodable([paths[r] for r in rows], _read_file)
         if not bad:
             return False
         for pos, reason in bad:
-            self.skipped_paths.append((self.manifest.paths[self.rows[pos]], reason))
-        keep = np.ones(len(self.rows), dtype=bool)
-        keep[[p for p, _ in bad]] = False
-        self.rows = self.rows[keep]
+            self.skipped_paths.append((paths[rows[pos]], reason))
+            self._undecodable.add(rows[pos])
+        if not self.train:
+            keep = np.array([int(r) not in self._undecodable for r in self.rows], dtype=bool)
+            self.rows = self.rows[keep]
+            self._iter = self._build_eval()
+        return True
+
+    def _recover_shards(self) -> bool:
+        from geocell.data.shards import read_sample, sample_locations, write_index_without
+
+        tars, tar_of, offset, size = sample_locations(self.manifest)
+        rows = [r for r in range(len(self.manifest)) if r not in self._undecodable]
+        bad = _undecodable(rows, lambda r: read_sample(tars[tar_of[r]], offset[r], size[r]))
+        if not bad:
+            return False
+        ids = np.asarray(self.manifest.ids, dtype=np.int64)
+        for pos, reason in bad:
+            r = rows[pos]
+            self._undecodable.add(r)
+            self.skipped_paths.append((f"{self.manifest.paths[r]} (sample {int(ids[r])} of "
+                                       f"{tars[tar_of[r]]})", reason))
+        if self._index_dir is None:
+            self._index_dir = tempfile.mkdtemp(prefix="geocell-dali-index-")
+            weakref.finalize(self, shutil.rmtree, self._index_dir, True)
+        drop_ids = {int(ids[r]) for r in self._undecodable}
+        tars_now = []
+        for k, (tar, idx) in enumerate(self._tars):
+            filtered = f"{self._index_dir}/{len(self._undecodable)}-{k}.idx"  # never one read
+            if write_index_without(idx, drop_ids, filtered):
+                tars_now.append((tar, filtered))
+        if not tars_now:
+            raise ValueError(f"no decodable samples in the shards ({self.skipped} skipped)")
+        self._tars = tars_now
         if not self.train:
             self._iter = self._build_eval()
         return True
@@ -338,19 +408,25 @@ class _HostBatches:
             yield [{"images": batch, "ids": torch.from_numpy(np.array(ids[:n], dtype=np.int64))}]
 
 
-def _undecodable(paths) -> list:
+def _read_file(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _undecodable(items, read) -> list:
+    """(position, reason) of the items whose bytes (``read(item)``) do not decode with Pillow
+    (the shared pixel limit included)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from PIL import Image
+    from geocell.data.images import decode_rgb
 
-    def check(p):
+    def check(item):
         try:
-            with Image.open(p) as im:
-                im.load()
+            decode_rgb(read(item))
             return None
         except Exception as e:
             return f"{type(e).__name__}: {e}"
 
     with ThreadPoolExecutor(4) as ex:
-        reasons = list(ex.map(check, paths))
+        reasons = list(ex.map(check, items))
     return [(i, r) for i, r in enumerate(reasons) if r is not None]

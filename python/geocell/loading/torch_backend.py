@@ -7,7 +7,6 @@ the main one), so the batches of an epoch do not depend on ``num_workers``."""
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 
@@ -24,13 +23,10 @@ def _read_bytes(source, row) -> bytes:
     if kind == "files":
         with open(source[1][row], "rb") as f:
             return f.read()
+    from geocell.data.shards import read_sample
+
     _, tars, tar_of, offset, size = source
-    with open(tars[tar_of[row]], "rb") as f:
-        f.seek(int(offset[row]))
-        data = f.read(int(size[row]))
-    if len(data) != int(size[row]):
-        raise OSError(f"shard {tars[tar_of[row]]} is truncated")
-    return data
+    return read_sample(tars[tar_of[row]], offset[row], size[row])
 
 
 def _quiet():
@@ -43,21 +39,24 @@ def _quiet():
 
 
 def _decode_cpu(data: bytes) -> torch.Tensor:
-    """uint8 (3,H,W) RGB: libjpeg-turbo through torchvision.io, Pillow where that is gone."""
-    try:
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-    except ImportError:
-        from PIL import Image
+    """uint8 (3,H,W) RGB. The declared size is checked first (``geocell.data.images``); JPEGs
+    decode with libjpeg-turbo through torchvision.io, everything else (and JPEGs where
+    torchvision is gone) through Pillow with the shared mode conversion (16-bit scaled to 8)."""
+    from geocell.data.images import decode_rgb, open_checked
 
-        with Image.open(io.BytesIO(data)) as img:
-            arr = np.asarray(img.convert("RGB"))
+    if data[:3] != b"\xff\xd8\xff":
+        arr = np.asarray(decode_rgb(data))
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    open_checked(data).close()  # header only: refuses a size claim before allocating it
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        arr = np.asarray(decode_rgb(data))
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     ctx = _quiet()
     try:
-        if data[:3] == b"\xff\xd8\xff":
-            return decode_jpeg(buf, mode=ImageReadMode.RGB)
-        return decode_image(buf, mode=ImageReadMode.RGB)
+        return decode_jpeg(buf, mode=ImageReadMode.RGB)
     finally:
         ctx.__exit__(None, None, None)
 
@@ -210,10 +209,21 @@ class TorchLoader(Loader):
     def _decode_on_gpu(self, blobs, rows, epoch):
         from torchvision.io import decode_jpeg
 
+        from geocell.data.images import open_checked
+
         tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
         is_jpeg = [b[:3] == b"\xff\xd8\xff" for b in blobs]
         decoded = [None] * len(blobs)
-        jpeg_idx = [i for i, j in enumerate(is_jpeg) if j]
+        jpeg_idx = []
+        for i, j in enumerate(is_jpeg):
+            if not j:
+                continue
+            try:
+                open_checked(blobs[i]).close()  # the declared size, before nvJPEG allocates it
+                jpeg_idx.append(i)
+            except Exception as e:
+                is_jpeg[i] = None  # neither decoded here nor below
+                self._count_bad([(int(rows[i]), f"{type(e).__name__}: {e}")])
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -228,7 +238,7 @@ class TorchLoader(Loader):
                 except Exception as e:
                     self._count_bad([(int(rows[i]), f"{type(e).__name__}: {e}")])
         for i, j in enumerate(is_jpeg):
-            if not j:
+            if j is False:
                 try:
                     decoded[i] = _decode_cpu(blobs[i]).to(self.device)
                 except Exception as e:

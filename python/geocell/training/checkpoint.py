@@ -2,11 +2,20 @@
 
 Everything is stored as tensors, numbers, strings, lists and dicts so that
 ``torch.load(path, weights_only=True)`` can read it; S2 cell ids (uint64) are stored viewed as int64.
+
+``save_checkpoint`` adds ``sha256``, a digest of everything else in the file (``payload_digest``),
+and ``load_checkpoint`` verifies it (a checkpoint written before digests existed loads with a
+warning) and then checks every table (``validate_checkpoint``), so a damaged or inconsistent file
+is refused with a message naming the file and what is wrong, instead of predicting NaN.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import re
+import socket
 import tempfile
 
 import numpy as np
@@ -14,10 +23,17 @@ import torch
 
 FORMAT = "geocell-checkpoint"
 FORMAT_VERSION = 1
+DIGEST_KEY = "sha256"
+
+log = logging.getLogger("geocell.training.checkpoint")
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class InvalidCheckpoint(CheckpointError, ValueError):
+    """A readable geocell checkpoint whose content is damaged or inconsistent."""
 
 
 def _geocell_version() -> str:
@@ -99,9 +115,12 @@ def save_checkpoint(path, **fields) -> None:
         fields["hierarchy"] = torch.tensor(np.array(fields["hierarchy"], dtype=np.int64))
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "geocell_version": _geocell_version()}
     payload.update(to_safe(fields))
+    payload[DIGEST_KEY] = payload_digest(payload)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    remove_orphan_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{_host()}-{os.getpid()}-", suffix=".pt",
+                               dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -114,8 +133,84 @@ def save_checkpoint(path, **fields) -> None:
         raise
 
 
+# Temporary files of save_checkpoint: .tmp-<host>-<pid>-<random>.pt. A writer killed before its
+# os.replace leaves one; the next save in the folder removes those whose process is gone.
+_TMP_PREFIX = ".tmp-"
+_TMP_NAME = re.compile(r"\.tmp-(.+)-(\d+)-[^-]+\.pt")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_orphan_temporaries(folder) -> list:
+    """Removes temporary checkpoint files in ``folder`` left by writers of this host that are no
+    longer running (another host's files are left alone: its processes cannot be seen from here).
+    Returns the removed paths."""
+    removed = []
+    host = _host()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP_NAME.fullmatch(name)
+        if not m or m.group(1) != host or int(m.group(2)) == os.getpid():
+            continue
+        if not _process_exists(int(m.group(2))):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+            except OSError:
+                pass
+    return removed
+
+
+def _feed(h, obj) -> None:
+    """Feeds ``obj`` to hash ``h`` in a canonical form: the same content gives the same bytes
+    however the file's zip records are laid out."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(h, key)
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    elif isinstance(obj, (str, bytes)):
+        data = obj.encode("utf-8", "surrogatepass") if isinstance(obj, str) else obj
+        h.update(f"{type(obj).__name__}{len(data)}:".encode())
+        h.update(data)
+    else:  # numbers, bool, None, dtypes: repr is exact and stable
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def payload_digest(payload: dict) -> str:
+    """sha256 (hex) of a checkpoint's content without its digest entry."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != DIGEST_KEY})
+    return h.hexdigest()
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a geocell checkpoint with weights_only=True; clear errors for other files."""
+    """Read a geocell checkpoint with weights_only=True; clear errors for other files, and
+    ``InvalidCheckpoint`` (a ValueError) for a damaged or inconsistent one."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -130,7 +225,92 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(
             f"{path}: checkpoint format version {version} is not supported (this geocell reads {FORMAT_VERSION})"
         )
+    stored = ckpt.pop(DIGEST_KEY, None)
+    if stored is None:
+        log.warning("%s: no checksum (written by geocell %s, before checkpoints carried one); "
+                    "its content is checked but cannot be verified", path, ckpt.get("geocell_version"))
+    elif stored != payload_digest(ckpt):
+        raise InvalidCheckpoint(f"{path}: checksum mismatch: the file is damaged (its content is "
+                                "not what was written)")
+    validate_checkpoint(ckpt, path)
     return ckpt
+
+
+def validate_checkpoint(ckpt: dict, where: str = "checkpoint") -> None:
+    """Checks every table of a loaded checkpoint; raises InvalidCheckpoint naming ``where`` and
+    the first problem: partitions (valid, ascending, disjoint S2 cells; counts >= 0; finite
+    centroids in range), hierarchy (shape, indices in range), head sizes against the partitions
+    and scene names, and the preprocessing."""
+    from geocell.loading.preprocess import Preprocess
+
+    def bad(msg):
+        raise InvalidCheckpoint(f"{where}: {msg}")
+
+    if not isinstance(ckpt.get("arch"), str) or not ckpt["arch"]:
+        bad(f"'arch' must be a model name, got {ckpt.get('arch')!r}")
+    state = ckpt.get("model")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        bad("'model' must be a state dict of tensors")
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad(f"model weight {key} holds NaN or infinite values")
+    parts = ckpt.get("partitions", [])
+    if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+        bad("'partitions' must be a list of partition tables")
+    sizes = []
+    for k, d in enumerate(parts):
+        name = f"partitions[{k}] ({d.get('name', '?')})"
+        try:
+            cells, counts, centroids = d["cells"], d["counts"], d["centroids"]
+            if not all(isinstance(t, torch.Tensor) for t in (cells, counts, centroids)):
+                raise ValueError("cells, counts and centroids must be tensors")
+            if cells.dtype != torch.int64 or cells.ndim != 1:
+                raise ValueError(f"cells must be a 1-D int64 tensor, got {cells.dtype} {tuple(cells.shape)}")
+            partition_from_dict(d)  # the partition rule: valid, ascending, disjoint cells ...
+        except (KeyError, TypeError, ValueError) as exc:
+            bad(f"{name}: {type(exc).__name__ + ': ' if isinstance(exc, KeyError) else ''}{exc}")
+        sizes.append(int(cells.shape[0]))
+    num_classes = ckpt.get("num_classes")
+    if not isinstance(num_classes, list) or [_int_or_none(c) for c in num_classes] != sizes:
+        bad(f"num_classes {num_classes!r} does not match the partition sizes {sizes}")
+    heads = sorted(int(m.group(1)) for key in state
+                   for m in [re.fullmatch(r"geo_heads\.(\d+)\.weight", key)] if m)
+    if heads != list(range(len(sizes))):
+        bad(f"the model has {len(heads)} geo heads for {len(sizes)} partitionings")
+    for k, n in enumerate(sizes):
+        for part in ("weight", "bias"):
+            t = state.get(f"geo_heads.{k}.{part}")
+            if t is None or t.ndim < 1 or t.shape[0] != n:
+                bad(f"geo head {k} {part} has {None if t is None else tuple(t.shape)}; its "
+                    f"partitioning has {n} cells")
+    scene_names = ckpt.get("scene_names") or []
+    if not isinstance(scene_names, list) or not all(isinstance(n, str) for n in scene_names):
+        bad(f"'scene_names' must be a list of names, got {scene_names!r}")
+    scene_w = state.get("scene_head.weight")
+    scene_n = 0 if scene_w is None else int(scene_w.shape[0])
+    if scene_n != len(scene_names):
+        bad(f"the scene head has {scene_n} outputs for {len(scene_names)} scene names")
+    if parts:
+        h = ckpt.get("hierarchy")
+        if not isinstance(h, torch.Tensor) or h.dtype != torch.int64:
+            bad("'hierarchy' must be an int64 tensor")
+        if tuple(h.shape) != (sizes[-1], len(sizes)):
+            bad(f"hierarchy has shape {tuple(h.shape)}, expected ({sizes[-1]}, {len(sizes)}): "
+                "one row per fine cell, one column per partitioning")
+        for k, n in enumerate(sizes):
+            col = h[:, k]
+            if col.numel() and (int(col.min()) < -1 or int(col.max()) >= n):
+                bad(f"hierarchy column {k} holds indices outside -1..{n - 1}")
+        if h.numel() and not torch.equal(h[:, -1], torch.arange(sizes[-1])):
+            bad("hierarchy's last column must number the fine cells 0, 1, 2, ...")
+    try:
+        Preprocess.from_dict(ckpt.get("preprocess"))
+    except (TypeError, ValueError) as exc:
+        bad(f"preprocess: {exc}")
+
+
+def _int_or_none(v):
+    return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else None
 
 
 def model_from_checkpoint(ckpt):

@@ -1,0 +1,79 @@
+"""How a photo file becomes 8-bit RGB pixels: the one pixel limit and the one mode conversion,
+used by ``data pack``, the torch loader, ``predict`` and ``serve``.
+
+- The pixel count is read from the header (Pillow opens lazily) and checked before anything is
+  decoded: a file claiming 65500 x 65500 pixels is refused without allocating 12 GB.
+- 16-bit images (modes ``I;16*``, ``I``) are scaled to 8 bits (v / 257, rounded), not clipped;
+  grey, palette, CMYK and the other Pillow modes go through Pillow's conversion to RGB; an alpha
+  channel is dropped (the stored colour is kept, as torchvision's and DALI's decoders do).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+
+# Larger images are refused: a decode stays under about 150 MB of RGB whatever a header claims.
+MAX_PIXELS = 50_000_000
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class ImageTooLarge(ValueError):
+    """The header declares more pixels than ``MAX_PIXELS`` (nothing was decoded)."""
+
+
+def check_pixels(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+    if int(width) * int(height) > max_pixels:
+        raise ImageTooLarge(f"image declares {width}x{height} = {width * height / 1e6:.1f} Mpx; "
+                            f"the limit is {max_pixels / 1e6:g} Mpx")
+
+
+def open_checked(source, max_pixels: int = MAX_PIXELS, formats=None):
+    """A lazily opened PIL image (path, file object or bytes) whose declared size is within
+    ``max_pixels``; raises ImageTooLarge before decoding anything."""
+    from PIL import Image
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit is lower
+            img = Image.open(source, formats=formats)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image too large: {exc}") from None
+    try:
+        check_pixels(img.width, img.height, max_pixels)
+    except ImageTooLarge:
+        img.close()
+        raise
+    return img
+
+
+def to_rgb8(img):
+    """An RGB (8 bits per channel) PIL image from a PIL image of any mode (see the module doc)."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT or mode == "I":
+        a = np.asarray(img)
+        if mode == "I" and a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise ValueError(f"32-bit integer image with values outside 0..65535 (mode {mode})")
+        grey = ((a.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)  # round(v / 257)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        raise ValueError("floating-point image (mode F) has no defined 8-bit scale")
+    return img.convert("RGB")
+
+
+def decode_rgb(source, max_pixels: int = MAX_PIXELS):
+    """Decodes a path, file object or bytes into an RGB PIL image after checking the declared
+    size (``open_checked``) and converting the mode (``to_rgb8``)."""
+    with open_checked(source, max_pixels) as img:
+        img.load()
+        out = to_rgb8(img)
+        return out.copy() if out is img else out  # closing img frees its pixels
