@@ -136,3 +136,74 @@ def test_imagenet_weights_offline_is_a_clear_cli_error(earth, tmp_path, monkeypa
     assert code == 2
     err = capsys.readouterr().err
     assert "could not download the ImageNet weights for resnet18" in err and "--pretrained none" in err
+
+
+def _train_process(args):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "geocell", "train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_at_a_mid_epoch_checkpoint(proc, last, after_step, timeout=120):
+    """SIGKILL ``proc`` once ``last`` is a mid-epoch checkpoint past ``after_step``; returns that
+    step, or None when the run ended first."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            state = load_checkpoint(last)["train_state"]
+        except Exception:  # not written yet
+            state = None
+        if state and state["step_in_epoch"] > 0 and state["step"] > after_step:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return int(state["step"])
+        time.sleep(0.02)
+    proc.wait(timeout=timeout)
+    return None
+
+
+def test_killed_twice_mid_epoch_then_resumed_equals_the_uninterrupted_run(earth, tmp_path):
+    # Periodic checkpoints every 2 steps; SIGKILL right after one (possibly inside the next
+    # write), resume, kill again later, resume to the end: bit-identical to one clean run.
+    args = ["--manifest", earth, "--epochs", "2", *TINY, "--checkpoint-every", "2"]
+    assert run.main([*args, "-o", str(tmp_path / "full")]) == 0
+    out, last = tmp_path / "cut", tmp_path / "cut" / "last.pt"
+    killed = [_kill_at_a_mid_epoch_checkpoint(_train_process([*args, "-o", str(out)]), last, 0)]
+    if killed[0] is not None:
+        killed.append(_kill_at_a_mid_epoch_checkpoint(_train_process(["--resume", str(out)]), last, killed[0]))
+    assert killed[0] is not None, "the run ended before a mid-epoch checkpoint could be interrupted"
+    finish = _train_process(["--resume", str(out)])
+    assert finish.wait(timeout=300) == 0, finish.stderr.read()
+    full, resumed = _weights(tmp_path / "full" / "last.pt"), _weights(last)
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if "images_per_s" in line]
+    assert steps[-1] == load_checkpoint(last)["train_state"]["step"]
+    assert not list(out.glob(".tmp-*"))  # no orphan temporary checkpoint left behind
+
+
+def test_images_that_fail_are_listed_in_the_run_folder(earth, tmp_path, capsys):
+    from geocell.data.manifest import read_manifest, write_manifest
+
+    m = read_manifest(earth)
+    train_rows = np.flatnonzero(m.split == "train")
+    broken = tmp_path / "broken.jpg"   # a JPEG header and end marker around garbage: fails to decode
+    broken.write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(2000) + b"\xff\xd9")
+    empty = tmp_path / "empty.jpg"     # fails the check before loading
+    empty.write_bytes(b"")
+    m.paths[train_rows[0]], m.paths[train_rows[1]] = str(broken), str(empty)
+    write_manifest(m, tmp_path / "m.csv")
+    out = tmp_path / "run"
+    assert run.main(["--manifest", str(tmp_path / "m.csv"), "--epochs", "1", "-o", str(out), *TINY]) == 0
+    import csv
+
+    with open(out / "skipped_images.csv", newline="") as f:
+        listed = {(r["split"], os.path.basename(r["image"])) for r in csv.DictReader(f)}
+    assert listed == {("train", "broken.jpg"), ("train", "empty.jpg")}
+    assert "2 images could not be used (train 2)" in capsys.readouterr().out

@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 
 from geocell.cells import EARTH_RADIUS_KM
-from geocell.data.splits import held_out_split
+from geocell.data.splits import held_out_split, min_distance_km
 
 SCENE_NAMES = ["water", "coast", "land"]
 FOOTPRINT_KM = 450.0
@@ -172,7 +172,10 @@ def _render(task) -> int:
 
 
 def _sample_locations(n: int, rng: np.random.Generator) -> np.ndarray:
-    pool = default_locations()
+    return _sample_from(default_locations(), n, rng)
+
+
+def _sample_from(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     if n <= len(pool):
         return pool[np.sort(rng.choice(len(pool), size=n, replace=False))]
     # More patches than locations: resample with a small jitter so patches differ.
@@ -183,7 +186,39 @@ def _sample_locations(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack([lat, lng], axis=1)
 
 
-HELD_OUT_BLOCK_LEVEL = 2  # S2 level-2 blocks, about 2,000 km across
+HELD_OUT_BLOCK_LEVEL = 3  # S2 level-3 blocks, about 1,000 km across
+
+
+def _held_out_locations(n: int, rng: np.random.Generator, seed: int, footprint_km: float):
+    """(latlng, split) of ``n`` patches whose val/test places the training split never sees.
+
+    The split is drawn over the whole pool of 100,000 locations, not over the n sampled ones:
+    whole S2 level-3 blocks go to val and test (blocks drawn uniformly, so they spread over
+    the world), held-out locations within one footprint of any training-pool location are
+    dropped, and then each split is sampled from its own pool (train 80 %, val and test 10 % of
+    ``n``). Training keeps its size, and the held-out images follow the photos' own density
+    within dozens of blocks instead of one or two dense ones. The guarantee is checked once
+    more on the sampled patches (jittered training locations, for n past the pool, could move)."""
+    pool = default_locations()
+    split = held_out_split(pool[:, 0], pool[:, 1], fractions=SPLIT_FRACTIONS, block_level=HELD_OUT_BLOCK_LEVEL,
+                           buffer_km=footprint_km, seed=seed)
+    parts, names = [], []
+    n_held = {name: int(round(frac * n)) for name, frac in SPLIT_FRACTIONS.items()}
+    for name, count in [("train", n - sum(n_held.values())), *n_held.items()]:
+        candidates = pool[split == name]
+        if name == "train":
+            chosen = _sample_from(candidates, count, rng)
+        else:
+            chosen = candidates[np.sort(rng.choice(len(candidates), size=min(count, len(candidates)), replace=False))]
+        parts.append(chosen)
+        names += [name] * len(chosen)
+    latlng, split = np.concatenate(parts), np.array(names, dtype=object)
+    train = split == "train"
+    held = np.flatnonzero(~train)
+    near = min_distance_km(latlng[held, 0], latlng[held, 1], latlng[train, 0], latlng[train, 1]) < footprint_km
+    keep = np.ones(len(latlng), dtype=bool)
+    keep[held[near]] = False
+    return latlng[keep], split[keep].astype(str)
 
 
 def _assign_splits(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -205,10 +240,10 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     (``path,lat,lng,scene,split``); returns the manifest path.
 
     ``split_rule``: "held-out" (default): val and test are places the model has not seen
-    (:func:`geocell.data.splits.held_out_split` over S2 level-2 blocks, no val/test location
-    within ``footprint_km`` of a training one; the locations in that border are left out, so
-    the dataset has fewer than ``n`` images); "random": a random 80/10/10 draw, whose val/test
-    patches overlap training patches (it measures memorisation).
+    (whole S2 level-3 blocks of the location pool, no val/test location within ``footprint_km``
+    of a training one: see ``_held_out_locations``; a few held-out locations may be dropped, so
+    the dataset can have slightly fewer than ``n`` images); "random": a random 80/10/10 draw,
+    whose val/test patches overlap training patches (it measures memorisation).
 
     ``locations``: a CSV path (lat/lng[/split] columns) or an (N, 2) array of lat, lng; the
     patches are then made at exactly those points (split from the file, else ``test``) and
@@ -223,14 +258,11 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     if split_rule not in ("held-out", "random"):
         raise ValueError(f"split_rule must be 'held-out' or 'random', not {split_rule!r}")
     if locations is None:
-        latlng = _sample_locations(int(n), rng)
         if split_rule == "random":
+            latlng = _sample_locations(int(n), rng)
             split = _assign_splits(len(latlng), rng)
         else:
-            # val/test: whole S2 blocks, none within one patch width of a training location
-            split = held_out_split(latlng[:, 0], latlng[:, 1], fractions=SPLIT_FRACTIONS,
-                                   block_level=HELD_OUT_BLOCK_LEVEL, buffer_km=footprint_km, seed=seed)
-            latlng, split = latlng[split != ""], split[split != ""]
+            latlng, split = _held_out_locations(int(n), rng, seed, footprint_km)
     elif isinstance(locations, (str, os.PathLike)):
         latlng, split_list = read_locations(locations)
         split = np.array(split_list, dtype=str)

@@ -21,6 +21,9 @@ import tempfile
 import numpy as np
 import torch
 
+from geocell.infer.calibration import Calibration
+from geocell.loading.preprocess import Preprocess
+
 FORMAT = "geocell-checkpoint"
 FORMAT_VERSION = 1
 DIGEST_KEY = "sha256"
@@ -240,9 +243,7 @@ def validate_checkpoint(ckpt: dict, where: str = "checkpoint") -> None:
     """Checks every table of a loaded checkpoint; raises InvalidCheckpoint naming ``where`` and
     the first problem: partitions (valid, ascending, disjoint S2 cells; counts >= 0; finite
     centroids in range), hierarchy (shape, indices in range), head sizes against the partitions
-    and scene names, and the preprocessing."""
-    from geocell.loading.preprocess import Preprocess
-
+    and scene names, the preprocessing and the calibration."""
     def bad(msg):
         raise InvalidCheckpoint(f"{where}: {msg}")
 
@@ -307,6 +308,11 @@ def validate_checkpoint(ckpt: dict, where: str = "checkpoint") -> None:
         Preprocess.from_dict(ckpt.get("preprocess"))
     except (TypeError, ValueError) as exc:
         bad(f"preprocess: {exc}")
+    if ckpt.get("calibration") is not None:
+        try:
+            Calibration.from_dict(ckpt["calibration"], len(ckpt.get("partitions") or []))
+        except (KeyError, TypeError, ValueError) as exc:
+            bad(f"calibration: {exc}")
 
 
 def _int_or_none(v):

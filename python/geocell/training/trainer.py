@@ -17,6 +17,7 @@ with 0 and 2 workers and DALI on the CPU); exception: DALI over packed shards (s
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import functools
 import json
@@ -299,6 +300,8 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
         result.update(finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader,
                              test_loader, state))
     logger.close()
+    report_skipped(info, checkpoints.path("skipped_images.csv"),
+                   {"train": train_loader, "val": val_loader, "test": test_loader})
     result["seconds"] = time.perf_counter() - t_start
     log(info, f"run folder {run_dir} ({result['seconds']:.0f} s)")
     if not stopped and info.is_main:
@@ -349,6 +352,28 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
         with open(checkpoints.path("results.json"), "w") as f:
             json.dump({"split": split, "rows": rows, "val_rows": val_rows, **extras}, f, indent=1)
     return {"rows": rows, "val_rows": val_rows, "extras": extras}
+
+
+def report_skipped(info, path: str, loaders: dict) -> None:
+    """Images that could not be used (unreadable before loading, or failing to decode in an
+    epoch), from every rank, each listed once in ``path`` and counted on the console."""
+    rows = sorted({(split, str(p), str(reason)) for split, loader in loaders.items() if loader is not None
+                   for p, reason in loader.skipped_paths})
+    if info.enabled:
+        import torch.distributed as dist
+
+        parts = [None] * info.world
+        dist.all_gather_object(parts, rows)
+        rows = sorted(set().union(*map(set, parts)))
+    if not info.is_main or not rows:
+        return
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "image", "reason"])
+        writer.writerows(rows)
+    counts = {split: sum(r[0] == split for r in rows) for split in loaders}
+    print(f"{len(rows)} images could not be used ("
+          + ", ".join(f"{split} {n}" for split, n in counts.items() if n) + f"), listed in {path}", flush=True)
 
 
 def nearest_training_ceiling(train_set, true_latlng, limit: int = 10 ** 9) -> dict:
