@@ -29,8 +29,10 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -336,6 +338,13 @@ def _run_img2dataset(url_table: Path, folder: Path, log_path: Path, *, shorter_s
 
     done_before = set(_stats_files(folder))
     previous_sigint = signal.getsignal(signal.SIGINT)
+    # img2dataset's processes import wandb, which makes temporary folders at import and leaves
+    # them behind when the pool terminates its workers: they go to a folder removed after.
+    tempfile.gettempdir()  # this process keeps its own temporary folder
+    scratch = log_path.parent / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    previous_tmpdir = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(scratch)
     bar = None
     with _console_to_log(log_path) as console:
         try:
@@ -376,6 +385,11 @@ def _run_img2dataset(url_table: Path, folder: Path, log_path: Path, *, shorter_s
             raise KeyboardInterrupt from None
         finally:
             signal.signal(signal.SIGINT, previous_sigint)
+            if previous_tmpdir is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = previous_tmpdir
+            shutil.rmtree(scratch, ignore_errors=True)
             if bar is not None:
                 bar.close()
 
