@@ -6,6 +6,10 @@ metadata join, msgpack round trip."""
 import csv
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -25,6 +29,25 @@ from geocell.data.manifest import read_manifest  # noqa: E402
 
 SLOW_SECONDS = 3.0
 TIMEOUT = "1"
+RUN_LIMIT_S = 120  # one download run; a hung one is killed with its processes
+
+
+def _download(args) -> tuple:
+    """Runs ``geocell data download`` in its own process group: (exit status, stdout, stderr)."""
+    import geocell
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(geocell.__file__).parents[1]),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, "-m", "geocell", "data", "download", *args], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=RUN_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return p.returncode, out, err
 
 
 def _jpeg(i: int, size) -> bytes:
@@ -142,17 +165,14 @@ def downloaded(server, tmp_path_factory):
     urls = base / "urls.csv"
     urls.write_text("\n".join(rows) + "\n")
     out = base / "shards"
-    t0 = time.monotonic()
-    code = data_main(["download", str(urls), *_args(out)])
-    first_seconds = time.monotonic() - t0
-    hits_after_first = dict(server.hits)
-    assert code == 0
-    return urls, out, hits_after_first, first_seconds
+    code, stdout, stderr = _download([str(urls), *_args(out)])
+    assert code == 0, stderr
+    return urls, out, dict(server.hits), stdout
 
 
 def test_download_shards_carry_id_and_location(downloaded, server):
-    urls, out, _, seconds = downloaded
-    assert seconds < 40
+    urls, out, _, stdout = downloaded
+    assert stdout.startswith(f"{len(GOOD)} of 14 photos downloaded")
     m = read_manifest(out)  # what geocell train --manifest out/ reads
     assert len(m) == len(GOOD)
     samples = _samples(out)
@@ -195,10 +215,28 @@ def test_second_run_fetches_nothing(downloaded, server):
     urls, out, hits, _ = downloaded
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     requests_before = server.total()
-    assert data_main(["download", str(urls), *_args(out)]) == 0
+    assert _download([str(urls), *_args(out)])[0] == 0
     assert server.total() == requests_before == sum(hits.values())
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == before  # same shards, indexes, manifest and failures
+
+
+def test_unfinished_staging_shard_is_fetched_again(downloaded, server):
+    # As if the run had been interrupted while img2dataset's second shard (5 URLs: photos
+    # 5-7, the 404 and the non-image) was being written: only that shard is fetched again.
+    urls, out, _, _ = downloaded
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / "_download" / "img2dataset" / "00001_stats.json").unlink()
+    state = out / "_download" / "state.json"
+    packed_before = json.loads(state.read_text())["packed"]
+    hits_before = dict(server.hits)
+    assert _download([str(urls), *_args(out)])[0] == 0
+    assert json.loads(state.read_text())["packed"] != packed_before  # packed again
+    new_hits = {k: v - hits_before.get(k, 0) for k, v in server.hits.items() if v != hits_before.get(k, 0)}
+    assert new_hits == {"/img/5.jpg": 1, "/img/6.jpg": 1, "/img/7.jpg": 1, "/missing.jpg": 1,
+                        "/text.jpg": 1}
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before  # repacked to the same bytes
 
 
 def test_changed_url_list_is_refused(downloaded, tmp_path, capsys):
@@ -252,9 +290,9 @@ def test_geoestimation_urls_joined_with_metadata(server, tmp_path):
     (tmp_path / "mp16_places365.csv").write_text("\n".join(meta_rows) + "\n")
     out = tmp_path / "shards"
     before = dict(server.hits)
-    code = data_main(["download", str(tmp_path / "mp16_urls.csv"), "--metadata",
-                      str(tmp_path / "mp16_places365.csv"), *_args(out)])
-    assert code == 0
+    code, _, stderr = _download([str(tmp_path / "mp16_urls.csv"), "--metadata",
+                                 str(tmp_path / "mp16_places365.csv"), *_args(out)])
+    assert code == 0, stderr
     new_hits = {k: v - before.get(k, 0) for k, v in server.hits.items() if v != before.get(k, 0)}
     assert new_hits == {"/img/8.jpg": 1, "/img/9.jpg": 1, "/img/10.jpg": 1}  # not 11: no metadata
     samples = _samples(out)

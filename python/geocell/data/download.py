@@ -487,10 +487,12 @@ def download(urls, out_dir, *, metadata=None, url_column: Optional[str] = None,
     new_rows = [g for g in staged if g // urls_per_staging_shard in new_shards]
     bytes_now = sum(os.path.getsize(staged[g]) for g in new_rows)
 
-    # Packing is a function of the staged files and its settings: skipped when neither changed.
+    # Packing is a function of the staged files and its settings: skipped when neither changed
+    # (a staged shard is known by its number and when img2dataset finished it).
     order = sorted(staged)
-    pack_settings = {"shards": sorted(done_now), "shorter_side": shorter_side, "max_side": max_side,
-                     "quality": quality, "shard_size": shard_size}
+    pack_settings = {"shards": [[s, done_now[s].get("end_time")] for s in sorted(done_now)],
+                     "shorter_side": shorter_side, "max_side": max_side, "quality": quality,
+                     "shard_size": shard_size}
     packed = None
     from geocell.data.shards import SHARDS_META, pack, shard_meta
 
