@@ -161,6 +161,7 @@ def downloaded(server, tmp_path_factory):
         f"north,{server.url}/img/9.jpg,95,12,urban,x",       # line 13: bad latitude, never fetched
         "nourl,,12,12,urban,x",                              # line 14: no URL
         f"nan,{server.url}/img/10.jpg,nan,12,urban,x",       # line 15: bad coordinate, never fetched
+        f"p0,{server.url}/img/11.jpg,1,1,urban,x",           # line 16: an id seen before
     ]
     urls = base / "urls.csv"
     urls.write_text("\n".join(rows) + "\n")
@@ -172,7 +173,7 @@ def downloaded(server, tmp_path_factory):
 
 def test_download_shards_carry_id_and_location(downloaded, server):
     urls, out, _, stdout = downloaded
-    assert stdout.startswith(f"{len(GOOD)} of 14 photos downloaded")
+    assert stdout.startswith(f"{len(GOOD)} of 15 photos downloaded")
     m = read_manifest(out)  # what geocell train --manifest out/ reads
     assert len(m) == len(GOOD)
     samples = _samples(out)
@@ -181,7 +182,10 @@ def test_download_shards_carry_id_and_location(downloaded, server):
         meta, jpg = samples[f"p{i}"]
         assert meta["lat"] == -60 + 15 * i and meta["lng"] == -170 + 40 * i
         assert meta["url"] == f"{server.url}/img/{i}.jpg"
-        assert meta["source_line"] == i + 2 and meta["meta"]["note"] == f"n{i}"
+        assert meta["source_line"] == i + 2
+        assert meta["meta"] == {"id": f"p{i}", "url": meta["url"], "lat": str(-60 + 15 * i),
+                                "lng": str(-170 + 40 * i), "scene": m.scene_names[i % 3],
+                                "note": f"n{i}"}  # the URL list's row as written
         assert meta["scene"] == i % 3 and m.scene_names == ["indoor", "natural", "urban"]
         # manifest rows in URL-list order; the JSON's id is the sample id of that row
         assert m.lat[k] == meta["lat"] and int(m.ids[k]) == meta["id"]
@@ -202,11 +206,12 @@ def test_download_failures_are_counted_by_reason(downloaded, server):
     failed = {row["line"]: row for row in _failed(out)}
     reasons = {line: row["reason"] for line, row in failed.items()}
     assert reasons == {"10": "http 404", "11": "not an image", "12": "timeout",
-                       "13": "bad coordinates", "14": "no url", "15": "bad coordinates"}
+                       "13": "bad coordinates", "14": "no url", "15": "bad coordinates",
+                       "16": "duplicate id"}
     assert failed["10"]["id"] == "gone" and failed["10"]["url"].endswith("/missing.jpg")
     assert "latitude 95.0" in failed["13"]["detail"]
     # Bad coordinates are rejected before fetching; every other URL was asked for once.
-    assert "/img/9.jpg" not in hits and "/img/10.jpg" not in hits
+    assert not {"/img/9.jpg", "/img/10.jpg", "/img/11.jpg"} & set(hits)
     assert hits == {**{f"/img/{i}.jpg": 1 for i in GOOD}, "/missing.jpg": 1, "/text.jpg": 1,
                     "/slow.jpg": 1}
 

@@ -55,11 +55,13 @@ _MAX_IMAGE_PIXELS = 2**27
 
 @dataclass
 class Fetch:
-    """One URL to fetch: its line in the URL list, source id, URL and metadata row."""
+    """One URL to fetch: its line in the URL list, source id, URL, metadata row, and the
+    URL list's fields when the list is its own metadata."""
     line: int
     source_id: str
     url: str
     meta_row: int
+    fields: Optional[dict] = None
 
 
 @dataclass
@@ -147,7 +149,8 @@ def _column(header, names, given, what, path) -> Optional[int]:
 def plan_fetches(urls, stage: Path, metadata=None, *, url_column=None, id_column=None,
                  flickr_size: str = "") -> tuple:
     """Joins the URL list with its metadata: (fetches, failures, KeyedMetadata). Rows with
-    no URL, no (usable) metadata or bad coordinates become failures and are never fetched."""
+    no URL, no (usable) metadata, bad coordinates or an id seen before become failures and
+    are never fetched."""
     header, rows = _read_url_list(urls)
     i_url = _column(header, _URL_COLUMNS, url_column, "URL", urls)
     if i_url is None:
@@ -165,8 +168,8 @@ def plan_fetches(urls, stage: Path, metadata=None, *, url_column=None, id_column
         if _find(header, _LAT_COLUMNS) is None or _find(header, _LNG_COLUMNS) is None:
             raise ValueError(f"{urls}: no lat/lng columns in header {header}; give them, or "
                              "--metadata with GeoEstimation's IMG_ID,LAT,LON,... joined on the id")
-        # The URL list is its own metadata: rewritten with its line number as the key, so
-        # the manifest rules read it (a key column must come first) and ids may repeat.
+        # The URL list is its own metadata, read by the manifest rules from a copy whose
+        # first column, "path" (the column they read as the image), is the line number.
         stage.mkdir(parents=True, exist_ok=True)
         candidates = stage / "candidates.csv"
         with open(candidates, "w", newline="", encoding="utf-8") as f:
@@ -179,6 +182,7 @@ def plan_fetches(urls, stage: Path, metadata=None, *, url_column=None, id_column
         keyed = [(line, str(line), row) for line, row in rows]
 
     fetches, seen = [], {}
+    own_fields = metadata is None
     for line, key, row in keyed:
         url = row[i_url].strip() if len(row) > i_url else ""
         source_id = key if metadata is not None else (
@@ -200,12 +204,13 @@ def plan_fetches(urls, stage: Path, metadata=None, *, url_column=None, id_column
                     reason = _coordinate_or_metadata(detail)
                 failures.append(Failure(line, source_id, url, reason, detail))
             continue
-        if r in seen:
+        if source_id in seen:
             failures.append(Failure(line, source_id, url, "duplicate id",
-                                    f"id {source_id!r} already on line {seen[r]}"))
+                                    f"id {source_id!r} already on line {seen[source_id]}"))
             continue
-        seen[r] = line
-        fetches.append(Fetch(line, source_id, flickr_sized(url, flickr_size), r))
+        seen[source_id] = line
+        fields = dict(zip(header, row)) if own_fields else None
+        fetches.append(Fetch(line, source_id, flickr_sized(url, flickr_size), r, fields))
     return fetches, failures, meta
 
 
@@ -501,7 +506,8 @@ def download(urls, out_dir, *, metadata=None, url_column: Optional[str] = None,
         m.paths = [staged[g] for g in order]
         m.report = []
         extra = [{"source_id": fetches[g].source_id, "url": fetches[g].url,
-                  "source_line": fetches[g].line, "meta": meta.fields(fetches[g].meta_row)}
+                  "source_line": fetches[g].line,
+                  "meta": fetches[g].fields or meta.fields(fetches[g].meta_row)}
                  for g in order]
         summary = pack(m, out_dir, shard_size=shard_size, shorter_side=shorter_side,
                        max_side=max_side, quality=quality, workers=workers, progress=progress,
