@@ -350,16 +350,21 @@ def test_msgpack_import_round_trip(tmp_path):
         f.write(msgpack.packb({"image": IMAGES[7], "id": "no/such.jpg"}))
         f.write(msgpack.packb([1, 2, 3]))
         f.write(msgpack.packb({"image": IMAGES[8], "id": "cut.jpg"})[:-40])
+    # shard_2: a good record, then bytes that are not msgpack (0xc1 is never used).
+    with open(folder / "shard_2.msg", "wb") as f:
+        f.write(msgpack.packb({"image": IMAGES[10], "id": "x/9.jpg"}) + b"\xc1\x00\x00")
     meta_rows = ["IMG_ID,LAT,LON,S3_Label,S16_Label,S365_Label,Prob_indoor,Prob_natural,Prob_urban"]
     meta_rows += [f"{ids[i]},{-30 + 9 * i},{100 - 7 * i},{i % 3},{i},{50 + i},0.1,0.1,0.8" for i in range(7)]
     meta_rows.append("cut.jpg,0,0,0,0,0,0.1,0.1,0.8")
+    meta_rows.append("x/9.jpg,45,45,1,0,0,0.1,0.1,0.8")
     (tmp_path / "meta.csv").write_text("\n".join(meta_rows) + "\n")
     out = tmp_path / "shards"
     code = data_main(["pack", "--from-msgpack", str(folder), "--metadata", str(tmp_path / "meta.csv"),
                       "-o", str(out), "--shorter-side", "64", "--shard-size", "3", "--workers", "1", "-q"])
     assert code == 0
     samples = _samples(out)
-    assert sorted(samples) == sorted(ids)
+    assert sorted(samples) == sorted(ids + ["x/9.jpg"])
+    assert samples["x/9.jpg"][1] == IMAGES[10] and samples["x/9.jpg"][0]["lat"] == 45
     for i, key in enumerate(ids):
         meta, jpg = samples[key]
         assert (meta["lat"], meta["lng"], meta["scene"]) == (-30 + 9 * i, 100 - 7 * i, i % 3)
@@ -369,11 +374,14 @@ def test_msgpack_import_round_trip(tmp_path):
         if min(SIZES[i]) <= 64:
             assert jpg == IMAGES[i]  # small JPEGs are packed byte for byte
     m = read_manifest(out)
-    assert len(m) == 7 and list(m.lat) == [-30 + 9 * i for i in range(7)]
+    assert len(m) == 8 and list(m.lat) == [-30 + 9 * i for i in range(7)] + [45]
     with open(out / "import_report.csv", newline="") as f:
         report = list(csv.DictReader(f))
-    assert sorted(r["reason"] for r in report) == ["no metadata", "unreadable record", "unreadable record"]
-    assert any("truncated" in r["detail"] for r in report)
+    assert sorted(r["reason"] for r in report) == ["no metadata"] + ["unreadable record"] * 3
+    details = {(Path(r["file"]).name, r["detail"].split(" (")[0]) for r in report}
+    assert details >= {("shard_1.msg", "record is a list, not a map"),
+                       ("shard_2.msg", "unreadable from here on")}
+    assert any(r["detail"].startswith("truncated record") for r in report)
     assert [r["id"] for r in report if r["reason"] == "no metadata"] == ["no/such.jpg"]
 
 

@@ -69,7 +69,8 @@ def read_records(path, max_record_bytes: int = MAX_RECORD_BYTES):
                     yield start, None, None, f"truncated record ({size - start} bytes at the end)"
                 return
             except (msgpack.UnpackException, ValueError) as e:
-                yield start, None, None, f"unreadable from here on: {type(e).__name__}: {e}"
+                why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                yield start, None, None, f"unreadable from here on ({why})"
                 return
             end = unpacker.tell()
             if not isinstance(record, dict):
