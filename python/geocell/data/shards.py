@@ -51,18 +51,18 @@ class ShardInfo:
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def _read_source(source) -> bytes:
-    """The bytes of an image given as a path or as ``(container path, offset, size)``."""
+def _open_source(source):
+    """A binary file on an image given as a path (read lazily: a file's size is not trusted)
+    or as ``(container path, offset, size)`` (the importer bounds the size)."""
     if isinstance(source, str):
-        with open(source, "rb") as f:
-            return f.read()
+        return open(source, "rb")
     container, offset, size = source
     with open(container, "rb") as f:
         f.seek(offset)
         data = f.read(size)
     if len(data) != size:
         raise ValueError(f"{container}: {size} bytes at offset {offset} expected, {len(data)} there")
-    return data
+    return io.BytesIO(data)
 
 
 def _encode(source, shorter_side: Optional[int], max_side: Optional[int], quality: int,
@@ -71,8 +71,7 @@ def _encode(source, shorter_side: Optional[int], max_side: Optional[int], qualit
     With ``keep_jpeg`` an RGB JPEG that needs no resize is checked by decoding and kept as is."""
     from PIL import Image
 
-    raw = _read_source(source)
-    with Image.open(io.BytesIO(raw)) as img:
+    with _open_source(source) as f, Image.open(f) as img:
         w, h = img.size
         scale = 1.0
         if shorter_side:
@@ -80,9 +79,13 @@ def _encode(source, shorter_side: Optional[int], max_side: Optional[int], qualit
         if max_side:
             scale = min(scale, max_side / max(w, h))
         target = (max(1, round(w * scale)), max(1, round(h * scale)))
-        if keep_jpeg and scale >= 1.0 and img.format == "JPEG" and img.mode == "RGB":
+        # Kept only when no bigger than a JPEG of these pixels can be (no trailing payload).
+        size = f.seek(0, io.SEEK_END)
+        if (keep_jpeg and scale >= 1.0 and img.format == "JPEG" and img.mode == "RGB"
+                and size <= 2 * 3 * w * h + (1 << 16)):
             img.load()  # a truncated or corrupt JPEG fails here, as it would when re-encoded
-            return raw
+            f.seek(0)
+            return f.read()
         if scale < 1.0:
             # DCT-domain downscaling while decoding JPEGs: the decode stays the only one.
             img.draft("RGB", target)
