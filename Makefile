@@ -21,7 +21,7 @@ install: $(PY)
 	$(PIP) install -q ".[test]"
 
 install-train: $(PY)
-	$(PIP) install -q ".[test,train,serve,dali]"
+	$(PIP) install -q ".[test,train,serve,dali,download]"
 
 # What the demo needs: geocell with its training extra (torch, torchvision, Pillow, basemap-data,
 # ...), no test tools and no DALI (its CUDA libraries are gigabytes; the torch loader is used).

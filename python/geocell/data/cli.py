@@ -2,6 +2,8 @@
 
     geocell data from-exif DIR -o manifest.csv
     geocell data pack manifest.csv -o shards/ [--shorter-side 320] [--max-side N] [--workers 2]
+    geocell data pack --from-msgpack DIR --metadata META.csv -o shards/
+    geocell data download URLS.csv -o shards/ [--metadata META.csv] [--threads 4]
     geocell data earth -o DIR [--n 20000] [--size 128] [--seed 0] [--locations FILE]
 """
 
@@ -33,6 +35,10 @@ def _pack(args) -> int:
     from geocell.data.manifest import read_manifest
     from geocell.data.shards import pack
 
+    if args.from_msgpack:
+        return _pack_msgpack(args)
+    if args.manifest is None or args.metadata:
+        raise ValueError("give a manifest, or --from-msgpack DIR with --metadata META.csv")
     manifest = read_manifest(args.manifest, image_root=args.image_root)
     if manifest.report:
         print(manifest.format_report(limit=args.show), file=sys.stderr)
@@ -44,6 +50,48 @@ def _pack(args) -> int:
     for row, path, why in summary["skipped_rows"][: args.show]:
         print(f"  row {row}: {path}: {why}")
     return 0 if summary["count"] else 1
+
+
+def _pack_msgpack(args) -> int:
+    from geocell.data.msgpack_import import pack_msgpack
+
+    if args.manifest is not None or not args.metadata:
+        raise ValueError("--from-msgpack DIR takes --metadata META.csv (IMG_ID,LAT,LON,...) "
+                         "and no manifest")
+    summary = pack_msgpack(args.from_msgpack, args.metadata, args.output,
+                           shard_size=args.shard_size, shorter_side=args.shorter_side or None,
+                           max_side=args.max_side, quality=args.quality, workers=args.workers,
+                           progress=not args.quiet)
+    print(f"{summary['records']} records read; {summary['count']} images packed into "
+          f"{len(summary['shards'])} shards in {args.output}; {summary['skipped']} broken images "
+          f"(listed in {args.output}/pack_report.csv)")
+    unmatched = summary["unmatched"]
+    if unmatched:
+        print(f"{sum(unmatched.values())} records not packed (listed in {summary['report']}):")
+        for reason, n in sorted(unmatched.items(), key=lambda kv: (-kv[1], kv[0])):
+            print(f"  {n:8d}  {reason}")
+    return 0 if summary["count"] else 1
+
+
+def _download(args) -> int:
+    from geocell.data.download import download, format_summary
+
+    try:
+        summary = download(args.urls, args.output, metadata=args.metadata,
+                           url_column=args.url_column, id_column=args.id_column,
+                           shorter_side=args.shorter_side or None, max_side=args.max_side,
+                           quality=args.quality, shard_size=args.shard_size,
+                           processes=args.processes, threads=args.threads, timeout=args.timeout,
+                           retries=args.retries, distributor=args.distributor,
+                           urls_per_staging_shard=args.urls_per_staging_shard,
+                           flickr_size=args.flickr_size, workers=args.workers,
+                           progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("geocell data download: interrupted; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    print(format_summary(summary))
+    return 0 if summary["packed"] else 1
 
 
 def _earth(args) -> int:
@@ -66,8 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_from_exif)
 
-    p = sub.add_parser("pack", help="WebDataset tar shards (+ DALI index files) from a manifest")
-    p.add_argument("manifest")
+    p = sub.add_parser("pack", help="WebDataset tar shards (+ DALI index files) from a manifest "
+                                    "or GeoEstimation's msgpack shards")
+    p.add_argument("manifest", nargs="?", default=None)
+    p.add_argument("--from-msgpack", metavar="DIR", default=None,
+                   help="GeoEstimation's msgpack shards (shard_N.msg) instead of a manifest")
+    p.add_argument("--metadata", default=None,
+                   help="with --from-msgpack: the metadata CSV (IMG_ID,LAT,LON[,S3_Label,...])")
     p.add_argument("-o", "--output", required=True, help="folder for the shards")
     p.add_argument("--image-root", default=None, help="folder that relative image paths are under")
     p.add_argument("--shorter-side", type=int, default=320, help="shorter side at most this (0: keep)")
@@ -78,6 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=20)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_pack)
+
+    p = sub.add_parser("download", help="download photos from a URL list (img2dataset) into shards")
+    p.add_argument("urls", help="CSV: url + lat/lng columns, or GeoEstimation's image_id,url list")
+    p.add_argument("-o", "--output", required=True, help="folder for the shards (resumable)")
+    p.add_argument("--metadata", default=None,
+                   help="metadata CSV joined on the id (IMG_ID,LAT,LON[,S3_Label,...])")
+    p.add_argument("--url-column", default=None, help="URL column (default: url)")
+    p.add_argument("--id-column", default=None, help="id column (default: image_id, id, ...)")
+    p.add_argument("--shorter-side", type=int, default=320, help="shorter side at most this (0: keep)")
+    p.add_argument("--max-side", type=int, default=None, help="longer side at most this")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of resized photos")
+    p.add_argument("--shard-size", type=int, default=5000, help="images per shard")
+    p.add_argument("--processes", type=int, default=1, help="download processes (default 1)")
+    p.add_argument("--threads", type=int, default=4,
+                   help="connections per process (default 4: polite to one host)")
+    p.add_argument("--timeout", type=float, default=10, help="seconds per request")
+    p.add_argument("--retries", type=int, default=0, help="retries of a failed request")
+    p.add_argument("--distributor", choices=("multiprocessing", "pyspark", "ray"),
+                   default="multiprocessing", help="img2dataset's distributor (default multiprocessing)")
+    p.add_argument("--urls-per-staging-shard", type=int, default=1000,
+                   help="URLs per img2dataset shard: the unit a resumed run redoes")
+    p.add_argument("--flickr-size", default="",
+                   help="Flickr size suffix for staticflickr URLs (z: 640 px, as GeoEstimation)")
+    p.add_argument("--workers", type=int, default=2, help="packing processes")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_download)
 
     p = sub.add_parser("earth", help="the built-in Earth dataset (Blue Marble patches at MP-16 locations)")
     p.add_argument("-o", "--output", required=True, help="output folder")

@@ -8,6 +8,12 @@ reads without parsing) + ``KEY.json`` (id, source row, lat, lng, scene, path). T
 the row of ``out_dir/manifest.csv``, the manifest of the packed samples, so labels come from
 that manifest. Broken images are never packed; they are listed in ``out_dir/pack_report.csv``.
 
+Importers whose images are not one file each (``geocell data download``, the msgpack import)
+use the same writer: ``sources`` gives a row's image as a byte range of a container file,
+``extra_json`` adds fields (source id, URL, metadata columns) to each sample's JSON, and
+``keep_jpeg`` stores an RGB JPEG already within the size limits as it is (no second lossy
+encode of an image the downloader has just encoded).
+
 Index files follow DALI's ``wds2idx`` format v1.2: a header line ``v1.2 <samples>``, then one
 line per sample of ``<ext> <data offset> <size> <member name>`` groups.
 """
@@ -45,14 +51,30 @@ class ShardInfo:
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def _encode(path: str, shorter_side: Optional[int], max_side: Optional[int], quality: int) -> bytes:
+def _open_source(source):
+    """A binary file on an image given as a path (read lazily: a file's size is not trusted)
+    or as ``(container path, offset, size)`` (the importer bounds the size)."""
+    if isinstance(source, str):
+        return open(source, "rb")
+    container, offset, size = source
+    with open(container, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise ValueError(f"{container}: {size} bytes at offset {offset} expected, {len(data)} there")
+    return io.BytesIO(data)
+
+
+def _encode(source, shorter_side: Optional[int], max_side: Optional[int], quality: int,
+            keep_jpeg: bool = False) -> bytes:
     """Decodes once and re-encodes as RGB JPEG within the size limits; raises on bad images
-    (also on images over the pixel limit, before decoding them)."""
+    (also on images over the pixel limit, before decoding them). With ``keep_jpeg`` an RGB JPEG
+    that needs no resize is checked by decoding and kept as is."""
     from PIL import Image
 
     from geocell.data.images import open_checked, to_rgb8
 
-    with open_checked(path) as img:
+    with _open_source(source) as f, open_checked(f) as img:
         w, h = img.size
         scale = 1.0
         if shorter_side:
@@ -60,6 +82,13 @@ def _encode(path: str, shorter_side: Optional[int], max_side: Optional[int], qua
         if max_side:
             scale = min(scale, max_side / max(w, h))
         target = (max(1, round(w * scale)), max(1, round(h * scale)))
+        # Kept only when no bigger than a JPEG of these pixels can be (no trailing payload).
+        size = f.seek(0, io.SEEK_END)
+        if (keep_jpeg and scale >= 1.0 and img.format == "JPEG" and img.mode == "RGB"
+                and size <= 2 * 3 * w * h + (1 << 16)):
+            img.load()  # a truncated or corrupt JPEG fails here, as it would when re-encoded
+            f.seek(0)
+            return f.read()
         if scale < 1.0:
             # DCT-domain downscaling while decoding JPEGs: the decode stays the only one.
             img.draft("RGB", target)
@@ -85,21 +114,25 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
 
 def _pack_shard(task):
     (tar_path, idx_path, ids, rows, paths, lats, lngs, scenes, shorter_side, max_side,
-     quality) = task
+     quality, sources, extras, keep_jpeg) = task
     skipped = []
     lines = []
     tmp_tar = tar_path + ".tmp"
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
         next_id = ids
-        for row, path, lat, lng, scene in zip(rows, paths, lats, lngs, scenes):
+        for row, path, lat, lng, scene, source, extra in zip(rows, paths, lats, lngs, scenes,
+                                                             sources, extras):
             try:
-                jpg = _encode(path, shorter_side, max_side, quality)
+                jpg = _encode(path if source is None else source, shorter_side, max_side, quality,
+                              keep_jpeg)
             except Exception as e:  # Pillow raises many types for broken files
                 skipped.append((int(row), path, f"{type(e).__name__}: {e}"))
                 continue
             key = f"{next_id:09d}"
-            meta = json.dumps({"id": next_id, "row": int(row), "lat": float(lat), "lng": float(lng),
-                               "scene": int(scene), "path": path}).encode()
+            fields = dict(extra or {})
+            fields.update({"id": next_id, "row": int(row), "lat": float(lat), "lng": float(lng),
+                           "scene": int(scene), "path": path})
+            meta = json.dumps(fields).encode()
             parts = []
             for ext, data in (("jpg", jpg), ("cls", str(next_id).encode()),
                               ("id", struct.pack("<q", next_id)), ("json", meta)):
@@ -121,13 +154,21 @@ def _pack_shard(task):
 
 def pack(manifest, out_dir, *, shard_size: int = 5000, shorter_side: Optional[int] = 320,
          max_side: Optional[int] = None, quality: int = 90, workers: int = 2,
-         progress: bool = True) -> dict:
+         progress: bool = True, sources: Optional[list] = None,
+         extra_json: Optional[list] = None, keep_jpeg: bool = False) -> dict:
     """Packs ``manifest`` into shards under ``out_dir``; returns the summary written to
-    ``out_dir/shards.json`` (also: ``skipped`` list of (row, path, reason))."""
+    ``out_dir/shards.json`` (also: ``skipped`` list of (row, path, reason)).
+
+    ``sources[i]``: where row i's image is when it is not the file ``manifest.paths[i]``:
+    ``(container path, offset, size)``. ``extra_json[i]``: a dict of fields added to row i's
+    sample JSON (the writer's own fields win). ``keep_jpeg``: see ``_encode``."""
     from geocell.data.manifest import Manifest, write_manifest
 
     out_dir = Path(out_dir)
     n = len(manifest)
+    for name, given in (("sources", sources), ("extra_json", extra_json)):
+        if given is not None and len(given) != n:
+            raise ValueError(f"pack: {name} has {len(given)} entries, the manifest {n} rows")
     split = manifest.split if manifest.split is not None else np.full(n, "all")
     # Split names become file names: check them all before anything is written.
     where = manifest.source or "manifest"
@@ -151,7 +192,9 @@ def pack(manifest, out_dir, *, shard_size: int = 5000, shorter_side: Optional[in
         tar_path = str(out_dir / f"{name}-{k:06d}.tar")
         tasks.append((tar_path, tar_path[:-4] + ".idx", first, rows,
                       [manifest.paths[i] for i in rows], manifest.lat[rows], manifest.lng[rows],
-                      manifest.scene[rows], shorter_side, max_side, quality))
+                      manifest.scene[rows], shorter_side, max_side, quality,
+                      [None if sources is None else sources[i] for i in rows],
+                      [None if extra_json is None else extra_json[i] for i in rows], keep_jpeg))
         first += len(rows)
     bar = _progress(n, progress)
     results = []
