@@ -20,6 +20,7 @@ import numpy as np
 
 import torch
 
+import geocell
 from geocell.infer.calibration import Calibration, Mixture, _unit, combined_log_probs, expected_calibration_error
 from geocell.infer.metrics import (
     BASELINE_ROW,
@@ -133,8 +134,6 @@ class Evaluator:
 
         true = cat(self._truth, (0, 2))
         best = cat(self._best, (0,)).astype(np.int64)
-        import geocell
-
         if self.fine_tokens is None:
             self.fine_tokens = np.asarray(geocell.cell_to_token(np.asarray(self.partitions[-1].cells, np.uint64)))
         truth_cell = self.partitions[-1].assign(true[:, 0], true[:, 1]) if len(true) else np.zeros(0, np.int64)
@@ -311,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how the five crops' probabilities are combined (default: %(default)s)")
     ap.add_argument("--cdf", metavar="PNG", help="write the error CDF plot")
     ap.add_argument("--out", metavar="CSV", help="write per-image predictions")
+    ap.add_argument("--mass", type=float, nargs="+", default=[], metavar="X",
+                    help="credible-region masses whose coverage is reported besides 0.5 and 0.9")
     ap.add_argument("--limit", type=int, help="evaluate only the first N rows (quick checks)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=2, help="decoding worker processes (default: %(default)s)")
@@ -323,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from geocell.data.manifest import read_manifest
     from geocell.infer.predict import Geolocator
+
+    if any(not 0.0 < m < 1.0 for m in args.mass):
+        build_parser().error(f"argument --mass: each mass must be in (0, 1), got {args.mass}")
 
     try:
         geo = Geolocator.from_checkpoint(args.checkpoint, device=args.device)
@@ -355,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ev = evaluate_paths(geo, manifest.paths, np.stack([manifest.lat, manifest.lng], axis=1),
                         tta=args.tta, tta_combine=args.tta_combine, batch_size=args.batch_size,
-                        num_workers=args.workers,
+                        num_workers=args.workers, region_masses=tuple(sorted(set(REGION_MASSES) | set(args.mass))),
                         progress=not args.no_progress and sys.stderr.isatty())
     for path, reason in ev.skipped:
         print(f"geocell evaluate: skipped {path}: {reason}", file=sys.stderr)
@@ -366,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     tta = "" if args.tta == "none" else f", tta {args.tta} ({args.tta_combine})"
     print(f"{os.path.basename(args.manifest)}: {len(ev.paths)} images{tta}")
     print(format_table(rows))
+    summary = ev.calibration_summary()
+    if geo.calibration.calibrated:
+        print(format_calibration(summary))
+    else:
+        print("(an uncalibrated checkpoint: no credible-region coverage; top-1 cell "
+              f"mean probability {summary.get('mean_top1_probability', float('nan')):.3f}, "
+              f"expected calibration error {summary.get('ece_top1', float('nan')):.3f})")
     if ev.skipped or manifest.report:
         print(f"({len(ev.skipped)} unreadable images skipped, {len(manifest.report)} manifest rows "
               "left out; accuracies are over the images evaluated)")

@@ -115,7 +115,9 @@ def save_checkpoint(path, **fields) -> None:
     if "model" in fields:
         fields["model"] = clean_state_dict(fields["model"])
     if "hierarchy" in fields:
-        fields["hierarchy"] = torch.tensor(np.array(fields["hierarchy"], dtype=np.int64))
+        h = fields["hierarchy"]
+        fields["hierarchy"] = (h.detach().cpu() if isinstance(h, torch.Tensor)
+                               else torch.from_numpy(np.asarray(h))).to(torch.int64).clone()
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "geocell_version": _geocell_version()}
     payload.update(to_safe(fields))
     payload[DIGEST_KEY] = payload_digest(payload)
