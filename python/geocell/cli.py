@@ -12,7 +12,7 @@ import sys
 # command -> (module with main(argv) -> int, one-line help, needs the train extra)
 COMMANDS: dict[str, tuple[str, str, bool]] = {
     "partition": ("geocell.partition_cli", "build adaptive S2 partitionings from photo locations", False),
-    "data": ("geocell.data.cli", "datasets: from-exif, pack (WebDataset shards), earth (built-in)", True),
+    "data": ("geocell.data.cli", "datasets: from-exif, pack (WebDataset shards), download (URL lists), earth (built-in)", True),
     "scenes": ("geocell.training.scenes", "the scene helper network: train, label", True),
     "train": ("geocell.training.trainer", "train the multitask geolocation model", True),
     "evaluate": ("geocell.infer.evaluate", "accuracy table and error CDF of a checkpoint on a manifest", True),
