@@ -42,6 +42,7 @@ from typing import Optional
 
 from geocell.data.manifest import _LAT_COLUMNS, _LNG_COLUMNS, _find
 from geocell.data.metadata import KeyedMetadata, read_keyed_metadata
+from geocell.data.shards import pack, shard_meta, SHARDS_META
 
 STAGE = "_download"
 FAILED_CSV = "failed.csv"
@@ -499,7 +500,6 @@ def download(urls, out_dir, *, metadata=None, url_column: Optional[str] = None,
                      "shorter_side": shorter_side, "max_side": max_side, "quality": quality,
                      "shard_size": shard_size}
     packed = None
-    from geocell.data.shards import SHARDS_META, pack, shard_meta
 
     if order and (state.get("packed") != pack_settings or not (out_dir / SHARDS_META).is_file()):
         m = meta.manifest.subset([fetches[g].meta_row for g in order])

@@ -27,6 +27,7 @@ import numpy as np
 
 from geocell.cells import EARTH_RADIUS_KM
 from geocell.data.splits import held_out_split, min_distance_km
+from geocell.data.manifest import _find, _LAT_COLUMNS, _LNG_COLUMNS, _parse_coord, Manifest, write_manifest
 
 SCENE_NAMES = ["water", "coast", "land"]
 FOOTPRINT_KM = 450.0
@@ -60,8 +61,6 @@ def default_locations() -> np.ndarray:
 def read_locations(path) -> tuple:
     """A CSV with lat/lng columns (any of lat/latitude, lng/lon/longitude, any case) and an
     optional split column. Returns (latlng (N,2), split list or None)."""
-    from geocell.data.manifest import _LAT_COLUMNS, _LNG_COLUMNS, _find, _parse_coord
-
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", newline="") as f:
         reader = csv.reader(f)
@@ -249,8 +248,6 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     patches are then made at exactly those points (split from the file, else ``test``) and
     ``n``/``seed`` only matter for the default locations. Deterministic for a given seed.
     """
-    from geocell.data.manifest import Manifest, write_manifest
-
     out_dir = Path(out_dir)
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)

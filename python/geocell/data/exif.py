@@ -27,6 +27,8 @@ from typing import Optional
 
 import numpy as np
 
+from geocell.data.manifest import Manifest, write_manifest
+
 GPS_IFD = 0x8825
 GPS_LATITUDE_REF, GPS_LATITUDE, GPS_LONGITUDE_REF, GPS_LONGITUDE = 1, 2, 3, 4
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif"}
@@ -144,8 +146,6 @@ def gps_exif(lat: float, lng: float, exif=None):
 def manifest_from_exif(folder, out_manifest=None, progress: bool = False):
     """Walks ``folder`` for photos and reads their GPS. Returns ``(manifest, skipped)`` where
     ``skipped`` is a list of ``(path, reason)``; writes the manifest when a path is given."""
-    from geocell.data.manifest import Manifest, write_manifest
-
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder")

@@ -152,7 +152,7 @@ def read_manifest(path, image_root=None, check_files: bool = True) -> Manifest:
     """
     path = Path(path)
     if path.is_dir():
-        from geocell.data.shards import is_shard_dir, read_shards
+        from geocell.data.shards import is_shard_dir, read_shards  # shards imports this module
 
         if is_shard_dir(path):
             return read_shards(path)

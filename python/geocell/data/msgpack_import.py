@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from geocell.data.metadata import read_keyed_metadata
+from geocell.data.shards import pack
 
 IMPORT_REPORT = "import_report.csv"
 # A record larger than this is not a photo of a dataset; the bound keeps memory bounded
@@ -102,8 +103,6 @@ def pack_msgpack(folder, metadata, out_dir, *, max_record_bytes: int = MAX_RECOR
     """Packs the records of ``folder``'s msgpack files that have a metadata row into shards
     under ``out_dir``; returns ``shards.pack``'s summary plus ``records``, ``unmatched``
     (Counter of reasons) and ``report`` (path of the CSV listing them)."""
-    from geocell.data.shards import pack
-
     files = msgpack_files(folder)
     meta = read_keyed_metadata(metadata)
     rows, sources, extra, problems = [], [], [], []

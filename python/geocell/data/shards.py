@@ -34,6 +34,9 @@ from typing import Optional
 
 import numpy as np
 
+from geocell.data.images import open_checked, to_rgb8
+from geocell.data.manifest import Manifest, read_manifest, write_manifest
+
 INDEX_VERSION = "v1.2"
 SHARDS_META = "shards.json"
 EXTENSIONS = ("jpg", "cls", "id", "json")
@@ -71,8 +74,6 @@ def _encode(source, shorter_side: Optional[int], max_side: Optional[int], qualit
     (also on images over the pixel limit, before decoding them). With ``keep_jpeg`` an RGB JPEG
     that needs no resize is checked by decoding and kept as is."""
     from PIL import Image
-
-    from geocell.data.images import open_checked, to_rgb8
 
     with _open_source(source) as f, open_checked(f) as img:
         w, h = img.size
@@ -162,8 +163,6 @@ def pack(manifest, out_dir, *, shard_size: int = 5000, shorter_side: Optional[in
     ``sources[i]``: where row i's image is when it is not the file ``manifest.paths[i]``:
     ``(container path, offset, size)``. ``extra_json[i]``: a dict of fields added to row i's
     sample JSON (the writer's own fields win). ``keep_jpeg``: see ``_encode``."""
-    from geocell.data.manifest import Manifest, write_manifest
-
     out_dir = Path(out_dir)
     n = len(manifest)
     for name, given in (("sources", sources), ("extra_json", extra_json)):
@@ -248,8 +247,6 @@ def is_shard_dir(path) -> bool:
 def read_shards(path):
     """The manifest of a packed folder; ``manifest.shards`` points at the folder and
     ``manifest.ids`` holds each row's sample id (the ``KEY.id`` in the tar)."""
-    from geocell.data.manifest import read_manifest
-
     path = Path(path)
     m = read_manifest(path / "manifest.csv", check_files=False)
     m.shards = str(path.resolve())

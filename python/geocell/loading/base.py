@@ -34,6 +34,7 @@ import numpy as np
 log = logging.getLogger("geocell.loading.base")
 
 from geocell.loading.preprocess import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD, RATIO, SCALE, default_resize_size
+from geocell.data.images import ImageTooLarge, open_checked
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -99,7 +100,6 @@ def check_image_file(path: str) -> Optional[str]:
 
 
 def _declared_size_problem(f) -> Optional[str]:
-    from geocell.data.images import ImageTooLarge, open_checked
 
     try:
         open_checked(f).close()
@@ -200,7 +200,6 @@ def dali_available() -> bool:
 
 class Loader:
     """Shared state and target lookup of both backends."""
-
     backend = "none"
 
     def __init__(self, manifest, labels, *, train, batch_size, image_size, resize_size, device,

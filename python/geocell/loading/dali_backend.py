@@ -50,6 +50,8 @@ import torch
 
 from geocell.loading.base import MEAN, STD, Loader, epoch_rows, sample_uniforms
 from geocell.loading.resample import BatchWriter, centre_crop_boxes
+from geocell.data.images import decode_rgb
+from geocell.data.shards import read_sample, sample_locations, whole_shards, write_index_without
 
 log = logging.getLogger("geocell.loading.base")
 
@@ -64,7 +66,6 @@ class DaliLoader(Loader):
         super().__init__(manifest, labels, **kw)
         self._shards = bool(getattr(manifest, "shards", None))
         if self._shards:
-            from geocell.data.shards import whole_shards
 
             self._tars = whole_shards(manifest)
             ids = np.asarray(manifest.ids, dtype=np.int64)
@@ -337,7 +338,6 @@ class DaliLoader(Loader):
         return True
 
     def _recover_shards(self) -> bool:
-        from geocell.data.shards import read_sample, sample_locations, write_index_without
 
         tars, tar_of, offset, size = sample_locations(self.manifest)
         rows = [r for r in range(len(self.manifest)) if r not in self._undecodable]
@@ -417,8 +417,6 @@ def _undecodable(items, read) -> list:
     """(position, reason) of the items whose bytes (``read(item)``) do not decode with Pillow
     (the shared pixel limit included)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from geocell.data.images import decode_rgb
 
     def check(item):
         try:

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from geocell.loading.preprocess import Preprocess
 from geocell.loading.base import RATIO, SCALE, Loader, crop_params, epoch_rows, sample_rng, shard_range
+from geocell.data.images import decode_rgb, open_checked
+from geocell.data.shards import read_sample, sample_locations
 
 
 def _read_bytes(source, row) -> bytes:
@@ -23,7 +25,6 @@ def _read_bytes(source, row) -> bytes:
     if kind == "files":
         with open(source[1][row], "rb") as f:
             return f.read()
-    from geocell.data.shards import read_sample
 
     _, tars, tar_of, offset, size = source
     return read_sample(tars[tar_of[row]], offset[row], size[row])
@@ -42,8 +43,6 @@ def _decode_cpu(data: bytes) -> torch.Tensor:
     """uint8 (3,H,W) RGB. The declared size is checked first (``geocell.data.images``); JPEGs
     decode with libjpeg-turbo through torchvision.io, everything else (and JPEGs where
     torchvision is gone) through Pillow with the shared mode conversion (16-bit scaled to 8)."""
-    from geocell.data.images import decode_rgb, open_checked
-
     if data[:3] != b"\xff\xd8\xff":
         arr = np.asarray(decode_rgb(data))
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
@@ -148,7 +147,6 @@ class TorchLoader(Loader):
     def __init__(self, manifest, labels, *, gpu_decode=None, **kw):
         super().__init__(manifest, labels, **kw)
         if getattr(manifest, "shards", None):
-            from geocell.data.shards import sample_locations
 
             tars, tar_of, offset, size = sample_locations(manifest)
             self._source = ("shards", tars, tar_of, offset, size)
@@ -208,8 +206,6 @@ class TorchLoader(Loader):
 
     def _decode_on_gpu(self, blobs, rows, epoch):
         from torchvision.io import decode_jpeg
-
-        from geocell.data.images import open_checked
 
         tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
         is_jpeg = [b[:3] == b"\xff\xd8\xff" for b in blobs]
