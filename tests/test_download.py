@@ -34,11 +34,9 @@ RUN_LIMIT_S = 120  # one download run; a hung one is killed with its processes
 
 def _download(args) -> tuple:
     """Runs ``geocell data download`` in its own process group: (exit status, stdout, stderr)."""
-    import geocell
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(geocell.__file__).parents[1]),
-                                                      os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.Popen([sys.executable, "-m", "geocell", "data", "download", *args], env=env,
+    # The interpreter that runs the tests has geocell installed; no PYTHONPATH is added, since
+    # putting site-packages ahead of the standard library lets stray backports shadow it.
+    p = subprocess.Popen([sys.executable, "-m", "geocell", "data", "download", *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
