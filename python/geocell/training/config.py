@@ -29,8 +29,12 @@ class TrainConfig:
     earth_split: str = "held-out"  # or "random" (val/test overlap training patches: memorisation)
     image_size: int = 64
     resize_size: int | None = None
-    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])  # training crop: area fraction range
-    hflip: float = 0.5  # training: probability of a horizontal mirror
+    # Defaults chosen on the Earth dataset's held-out validation split (README: the recipe study).
+    # GeoEstimation's 0.66-1 crop keeps a patch's context, which ImageNet's 0.08-1 throws away.
+    crop_scale: list = field(default_factory=lambda: [0.66, 1.0])  # training crop: area fraction range
+    # A mirrored satellite patch shows a coastline or range that exists nowhere: no mirror by
+    # default (the MP-16 configs, photos, keep GeoEstimation's 0.5).
+    hflip: float = 0.0  # training: probability of a horizontal mirror
     backend: str = "auto"
     workers: int = 2
     # partitionings
@@ -42,9 +46,9 @@ class TrainConfig:
     pretrained: str = "none"
     scene_head: bool = True
     scene_weight: float = 1.0
-    smoothing_km: float = 0.0  # haversine label smoothing temperature; 0 = one-hot targets
+    smoothing_km: float = 500.0  # haversine label smoothing temperature; 0 = one-hot targets
     # optimisation
-    epochs: int = 2
+    epochs: int = 4
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
@@ -177,7 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", help="none | imagenet | PATH to weights (default none)")
     g.add_argument("--scene-head", type=_bool, help="train the scene head (default true when scene labels exist)")
     g.add_argument("--scene-weight", type=float, help=f"weight of the scene loss (default {d.scene_weight})")
-    g.add_argument("--smoothing-km", type=float, help="haversine label smoothing temperature in km (e.g. 65); 0 = off")
+    g.add_argument("--smoothing-km", type=float,
+                   help=f"haversine label smoothing temperature in km; 0 = one-hot targets (default {d.smoothing_km:g})")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     g.add_argument("--batch-size", type=int, help=f"per process (default {d.batch_size})")
