@@ -70,10 +70,7 @@ def test_readme_partition_command_runs_as_written(tmp_path):
     args = line[len("$ geocell "):].split()
     args = [str(REPO / a) if a.endswith(".csv.gz") else a for a in args]
     args[args.index("-o") + 1] = str(tmp_path / "cells")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(geocell.__file__).parents[1]),
-                                                      os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-m", "geocell", *args], capture_output=True, text=True, env=env,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-m", "geocell", *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "cells_50_1000" in out.stdout and (tmp_path / "cells" / "hierarchy.csv").exists()
 
