@@ -3,7 +3,6 @@
 
 import ast
 import inspect
-import os
 import re
 import subprocess
 import sys
