@@ -219,3 +219,18 @@ def test_orphan_temporary_files_of_dead_writers_are_removed(tmp_path):
     assert left == sorted([live.name, other.name])
     assert remove_orphan_temporaries(tmp_path) == []
     assert load_checkpoint(target)["arch"] == "x"
+
+
+def test_resume_from_a_refused_checkpoint_is_a_usage_error_not_a_traceback(good, tmp_path, capsys):
+    from geocell.training import trainer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    data = bytearray(open(good[0], "rb").read())
+    data[len(data) // 2] ^= 0x40  # one bit flipped in the middle of last.pt
+    (run / "last.pt").write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exc:
+        trainer.main(["--resume", str(run)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "last.pt" in err and "Traceback" not in err
