@@ -106,7 +106,7 @@ def test_numpy_blocks_and_ivfpq_past_the_budget(monkeypatch):
     assert np.array_equal(exact[1], blocked[1])
     pytest.importorskip("faiss")
     ivf = Searcher(vectors, memory_budget=0)
-    assert ivf.kind == "ivfpq" and ivfpq_shape(4000, 32) == (64, 2)
+    assert ivf.kind == "ivfpq" and ivfpq_shape(4000, 32) == (64, 4)
     sims, idx = ivf.search(queries, 8)
     assert idx.shape == (50, 8) and (idx >= 0).all()
     assert (idx[:, 0] == np.arange(50)).mean() >= 0.8  # the perturbed photo itself comes first
