@@ -9,6 +9,9 @@ outside assets), so it works offline. The API:
 - ``POST /api/map`` (same fields) -> the probability map as a PNG.
 - ``GET /api/health`` -> the checkpoint's name and format version.
 
+With a retrieval index beside the checkpoint (``<stem>.retrieval.npz``) or given by ``--index``,
+the best guess and the credible region are the hybrid's (``--no-retrieval``: the cells alone).
+
 Errors are JSON ``{"error": "..."}`` with a 4xx status. The model is loaded once; every
 prediction runs in a worker thread, one at a time under a lock, so the event loop stays free
 and concurrent requests cannot mix results.
@@ -255,13 +258,15 @@ async function errorText(resp) {
   try { return (await resp.json()).error || resp.statusText; } catch (e) { return resp.statusText; }
 }
 function show(card, rec, truth) {
-  const c = rec.credible_region, t = rec.hierarchical_top1;
-  const best = card.appendChild(el("p", "best guess: " + t.lat.toFixed(4) + ", " + t.lng.toFixed(4) +
-    " (p = " + pct(t.probability) + ", cell " + t.cell + ", level " + t.level + ")"));
-  Object.assign(best.dataset, {role: "best", lat: t.lat, lng: t.lng, cell: t.cell});
+  const c = rec.credible_region, t = rec.hierarchical_top1, b = rec.best_guess || t;
+  const how = rec.retrieval ? " (hybrid, retrieval weight " + rec.retrieval.weight.toFixed(2) + "; top cell p = "
+                            : " (p = ";
+  const best = card.appendChild(el("p", "best guess: " + b.lat.toFixed(4) + ", " + b.lng.toFixed(4) +
+    how + pct(t.probability) + ", cell " + t.cell + ", level " + t.level + ")"));
+  Object.assign(best.dataset, {role: "best", lat: b.lat, lng: b.lng, cell: t.cell});
   if (truth) {
     card.appendChild(el("p", "EXIF GPS: " + truth[0].toFixed(4) + ", " + truth[1].toFixed(4) +
-      "; best guess is " + Math.round(haversine(truth, [t.lat, t.lng])).toLocaleString() + " km away"))
+      "; best guess is " + Math.round(haversine(truth, [b.lat, b.lng])).toLocaleString() + " km away"))
       .dataset.role = "exif";
   }
   card.appendChild(el("p", pct(c.mass) + " credible region: " + c.num_cells + " cells, " +
