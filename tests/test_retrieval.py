@@ -150,6 +150,21 @@ def test_hybrid_is_a_distribution_and_its_regions_hold_what_they_should():
     assert not Mixture(log_q, centroids, 300.0).holds(place, 0.99)
 
 
+def test_hybrid_best_guess_falls_back_to_the_top_cell():
+    from geocell.infer.evaluate import hybrid_mode
+
+    # two overlapping cells: their mixture is densest between them, where the neighbours are
+    centroids = unit_vectors(np.array([0.0, 0.0]), np.array([0.0, 3.0]))
+    log_q = np.log([0.55, 0.45])
+    middle = np.array([[0.0, 1.5]] * 16)
+    for weight, want in ((1e-6, (0.0, 0.0)), (0.9, (0.0, 1.5))):
+        kernels = NeighbourKernels(weight=weight, q=np.full(16, 1 / 16),
+                                   means=unit_vectors(middle[:, 0], middle[:, 1]), kernel_km=20.0)
+        mixture = Mixture(log_q, centroids, 300.0, neighbours=kernels, samples=1)
+        assert mixture.density_at(kernels.means[:1])[0] > mixture.density_at(centroids[:1])[0]
+        assert np.allclose(hybrid_mode(mixture, log_q, centroids, kernels), want, atol=1e-9)
+
+
 def _synthetic_validation(n=300, informative=True, seed=0):
     rng = np.random.default_rng(seed)
     cent = np.stack([rng.uniform(-60, 60, 40), rng.uniform(-180, 180, 40)], 1)
