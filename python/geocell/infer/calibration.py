@@ -371,9 +371,9 @@ class HybridFit:
 
     def mix(self, sims) -> tuple[np.ndarray, np.ndarray]:
         """Cosine similarities (B, k), most similar first -> (lambda (B,), neighbour weights (B, k))."""
-        logit, w = _mix_torch(torch.as_tensor(np.asarray(sims, dtype=np.float64)), self.kind,
-                              *(torch.tensor(v, dtype=torch.float64) for v in self._raw()))
-        return torch.sigmoid(logit).numpy(), w.numpy()
+        logit, log_w = _mix_torch(torch.as_tensor(np.asarray(sims, dtype=np.float64)), self.kind,
+                                  *(torch.tensor(v, dtype=torch.float64) for v in self._raw()))
+        return torch.sigmoid(logit).numpy(), torch.exp(log_w).numpy()
 
     def _raw(self):
         lam = min(max(self.weight, 1e-12), 1 - 1e-12)
@@ -387,16 +387,17 @@ class HybridFit:
 
 
 def _mix_torch(sims, kind, logit_lam, gate_a, gate_b, log_tau):
-    """(logit of lambda (B,), neighbour weights (B, k)) for similarities (B, k)."""
+    """(logit of lambda (B,), log neighbour weights (B, k)) for similarities (B, k); log-space,
+    so that a weight that underflows to 0 keeps a finite gradient."""
     if kind == "uniform":
-        w = torch.full_like(sims, 1.0 / sims.shape[1])
+        log_w = torch.full_like(sims, -math.log(sims.shape[1]))
     else:
-        w = torch.softmax(sims / torch.exp(log_tau), dim=1)
+        log_w = torch.log_softmax(sims / torch.exp(log_tau), dim=1)
     if kind == "gated":
         logit = gate_a + gate_b * sims[:, 0]
     else:
         logit = logit_lam.expand(sims.shape[0])
-    return logit, w
+    return logit, log_w
 
 
 def neighbour_log_density(neighbour_unit, log_w, true_unit, kernel_km) -> torch.Tensor:
@@ -410,8 +411,8 @@ def neighbour_log_density(neighbour_unit, log_w, true_unit, kernel_km) -> torch.
 
 def _hybrid_nll(kind, p, cell_ll, sims, nb_unit, true_unit) -> torch.Tensor:
     """Mean negative log-likelihood of the true locations under the hybrid with raw params ``p``."""
-    logit, w = _mix_torch(sims, kind, p["logit_lam"], p["gate_a"], p["gate_b"], p["log_tau"])
-    nb = neighbour_log_density(nb_unit, torch.log(w), true_unit, torch.exp(p["log_kernel"]))
+    logit, log_w = _mix_torch(sims, kind, p["logit_lam"], p["gate_a"], p["gate_b"], p["log_tau"])
+    nb = neighbour_log_density(nb_unit, log_w, true_unit, torch.exp(p["log_kernel"]))
     return -torch.logaddexp(F.logsigmoid(-logit) + cell_ll, F.logsigmoid(logit) + nb).mean()
 
 
@@ -475,9 +476,14 @@ def fit_retrieval(log_q, centroids, kernel_km: float, sims, neighbour_latlng, tr
             raw = _fit_hybrid(kind, [t[fit_rows] for t in data], steps)
             held_out.append(float(_hybrid_nll(kind, raw, *[t[test_rows] for t in data])))
         metrics[f"nll_cv_{kind}"] = float(np.mean(held_out))
-    best = min(kinds, key=lambda kd: metrics[f"nll_cv_{kd}"])
+    scored = [kd for kd in kinds if math.isfinite(metrics[f"nll_cv_{kd}"])]
+    if not scored:
+        raise FloatingPointError("the hybrid's fit diverged for every kind")
+    best = min(scored, key=lambda kd: metrics[f"nll_cv_{kd}"])
     raw = _fit_hybrid(best, data, steps)
     metrics["nll_after"] = float(_hybrid_nll(best, raw, *data))
+    if not math.isfinite(metrics["nll_after"]):
+        raise FloatingPointError(f"the hybrid's fit ({best}) diverged")
     return _to_fit(best, raw, int(sims.shape[1]), fitted_on, metrics)
 
 
