@@ -205,8 +205,11 @@ def test_cli_json_schema(tiny):
     assert [p["image"] for p in doc["predictions"]] == images[:2]
     guess_keys = {"lat", "lng", "probability", "cell", "partitioning", "level"}
     for p in doc["predictions"]:
-        assert set(p) == {"image", "top_k", "hierarchical_top1", "per_partitioning",
+        assert set(p) == {"image", "best_guess", "retrieval", "top_k", "hierarchical_top1", "per_partitioning",
                           "credible_region", "scenes"}
+        # no retrieval index beside the checkpoint: the best guess is the top cell's
+        assert p["retrieval"] is None and p["best_guess"] == {
+            "lat": p["hierarchical_top1"]["lat"], "lng": p["hierarchical_top1"]["lng"], "source": "cells"}
         assert len(p["top_k"]) == 3 and all(set(g) == guess_keys for g in p["top_k"])
         assert set(p["hierarchical_top1"]) == guess_keys
         assert set(p["per_partitioning"]) == {"coarse", "fine"}

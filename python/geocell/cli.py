@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "train": ("geocell.training.trainer", "train the multitask geolocation model", True),
     "evaluate": ("geocell.infer.evaluate", "accuracy table and error CDF of a checkpoint on a manifest", True),
     "predict": ("geocell.infer.predict", "locate photos: top-k cells, credible region, probability map", True),
+    "index": ("geocell.infer.retrieval", "retrieval index of photos for a checkpoint: index build", True),
     "serve": ("geocell.infer.serve", "a local web page and JSON API to locate photos", True),
 }
 

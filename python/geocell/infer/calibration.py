@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from geocell._internal.geometry import unit_to_latlng, unit_vectors
 from geocell.cells import EARTH_RADIUS_KM
@@ -54,6 +55,7 @@ class Calibration:
     kernel_km: float = 0.0        # spread of a cell's probability around its centroid
     fitted_on: str = ""           # what it was fitted on, for people reading the checkpoint
     metrics: dict = field(default_factory=dict)  # the fit's held-out figures
+    retrieval: dict = field(default_factory=dict)  # the hybrid's fit (HybridFit.to_dict), if any
 
     @classmethod
     def identity(cls, n_partitions: int) -> "Calibration":
@@ -73,20 +75,25 @@ class Calibration:
         return self
 
     def to_dict(self) -> dict:
-        return {"weights": [float(w) for w in self.weights],
-                "kernel_km": float(self.kernel_km),
-                "fitted_on": str(self.fitted_on), "metrics": {k: float(v) for k, v in self.metrics.items()}}
+        out = {"weights": [float(w) for w in self.weights],
+               "kernel_km": float(self.kernel_km),
+               "fitted_on": str(self.fitted_on), "metrics": {k: float(v) for k, v in self.metrics.items()}}
+        if self.retrieval:
+            out["retrieval"] = dict(self.retrieval)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict | None, n_partitions: int) -> "Calibration":
         if not d:
             return cls.identity(n_partitions)
-        unknown = set(d) - {"weights", "kernel_km", "fitted_on", "metrics"}
+        unknown = set(d) - {"weights", "kernel_km", "fitted_on", "metrics", "retrieval"}
         if unknown:
             raise ValueError(f"calibration: unknown fields {sorted(unknown)}")
         return cls(weights=tuple(float(w) for w in d["weights"]), kernel_km=float(d.get("kernel_km", 0.0)),
                    fitted_on=str(d.get("fitted_on", "")),
-                   metrics=dict(d.get("metrics", {}))).check(n_partitions)
+                   metrics=dict(d.get("metrics", {})),
+                   retrieval=HybridFit.from_dict(d["retrieval"]).to_dict() if d.get("retrieval") else {}
+                   ).check(n_partitions)
 
 
 # ----------------------------------------------------------------------------- the combination
@@ -124,12 +131,14 @@ def grid_level_for(kernel_km: float) -> int:
     return MAX_GRID_LEVEL
 
 
-def _sample_vmf(means: np.ndarray, kappa: float, rng: np.random.Generator) -> np.ndarray:
+def _sample_vmf(means: np.ndarray, kappa, rng: np.random.Generator) -> np.ndarray:
     """One unit vector per row of ``means`` from a von Mises-Fisher distribution (exact on S²:
-    the cosine to the mean is 1 + log(u + (1 - u) e^(-2 kappa)) / kappa)."""
+    the cosine to the mean is 1 + log(u + (1 - u) e^(-2 kappa)) / kappa); ``kappa`` is one
+    number or one per row."""
     n = len(means)
+    kappa = np.broadcast_to(np.asarray(kappa, dtype=np.float64), (n,))
     u = rng.random(n)
-    w = 1.0 + np.log(u + (1.0 - u) * math.exp(-2.0 * kappa)) / kappa
+    w = 1.0 + np.log(u + (1.0 - u) * np.exp(-2.0 * kappa)) / kappa
     phi = rng.random(n) * 2 * math.pi
     # an orthonormal frame around each mean
     helper = np.where(np.abs(means[:, :1]) < 0.9, [[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]])
@@ -138,6 +147,15 @@ def _sample_vmf(means: np.ndarray, kappa: float, rng: np.random.Generator) -> np
     e2 = np.cross(means, e1)
     r = np.sqrt(np.maximum(0.0, 1.0 - w * w))[:, None]
     return w[:, None] * means + r * (np.cos(phi)[:, None] * e1 + np.sin(phi)[:, None] * e2)
+
+
+def _kappa(kernel_km):
+    return (EARTH_RADIUS_KM / np.asarray(kernel_km, dtype=np.float64)) ** 2
+
+
+def _log_norm(kappa):
+    """log of the vMF normalising constant per km² (numpy, any shape)."""
+    return np.log(kappa) - math.log(2 * math.pi) - np.log1p(-np.exp(-2 * kappa)) - 2 * math.log(EARTH_RADIUS_KM)
 
 
 @dataclass
@@ -158,27 +176,43 @@ class Mixture:
     density exceeds its (1 - X) quantile over draws from the mixture)."""
 
     def __init__(self, log_q: np.ndarray, centroids_unit: np.ndarray, kernel_km: float, *,
-                 samples: int = 4000, seed: int = 0):
+                 samples: int = 4000, seed: int = 0, neighbours: "NeighbourKernels | None" = None):
         log_q = np.asarray(log_q, dtype=np.float64)
         k = min(MIXTURE_TOP, log_q.size)
         top = np.argpartition(-log_q, k - 1)[:k]
         q = np.exp(log_q[top] - log_q[top].max())
-        self.q = q / q.sum()
-        self.means = centroids_unit[top]
-        self.kappa = (EARTH_RADIUS_KM / kernel_km) ** 2
+        q = q / q.sum()
+        means = centroids_unit[top]
+        kappas = np.full(k, _kappa(kernel_km))
         self.kernel_km = kernel_km
+        if neighbours is not None and neighbours.weight > 0:
+            # the hybrid: (1 - weight) of the mass on the cells, weight on the retrieved photos
+            q = np.concatenate([(1.0 - neighbours.weight) * q, neighbours.weight * neighbours.q])
+            means = np.concatenate([means, neighbours.means])
+            kappas = np.concatenate([kappas, np.full(len(neighbours.q), _kappa(neighbours.kernel_km))])
+            if neighbours.weight >= 0.05:
+                self.kernel_km = min(kernel_km, neighbours.kernel_km)  # the grid the region is drawn on
+        self.q, self.means, self.kappas = q, means, kappas
+        self._log_norm = _log_norm(kappas)
         rng = np.random.default_rng(seed)
-        draws = _sample_vmf(self.means[rng.choice(k, size=samples, p=self.q)], self.kappa, rng)
+        pick = rng.choice(len(q), size=samples, p=q)
+        draws = _sample_vmf(means[pick], kappas[pick], rng)
         self.draws = draws
         self.draw_density = self.density_at(draws)
 
+    @property
+    def kappa(self) -> float:
+        """The cells' kernel concentration."""
+        return float(self.kappas[0])
+
     def density_at(self, unit: np.ndarray) -> np.ndarray:
         """Density per km² at unit vectors (N, 3)."""
-        kappa = self.kappa
-        log_norm = math.log(kappa) - math.log(2 * math.pi) - math.log1p(-math.exp(-2 * kappa)) \
-            - 2 * math.log(EARTH_RADIUS_KM)
         dots = np.clip(np.asarray(unit) @ self.means.T, -1.0, 1.0)
-        return np.exp(log_norm + kappa * (dots - 1.0)) @ self.q
+        return np.exp(self._log_norm + self.kappas * (dots - 1.0)) @ self.q
+
+    def mode(self, candidates_unit: np.ndarray) -> int:
+        """Index of the candidate (rows of unit vectors) where the density is highest."""
+        return int(np.argmax(self.density_at(candidates_unit)))
 
     def threshold(self, mass: float) -> float:
         return float(np.quantile(self.draw_density, 1.0 - mass))
@@ -266,6 +300,191 @@ def fit_calibration(logits, hierarchy, centroids, true_latlng, *, fitted_on: str
     return Calibration(weights=tuple(float(v) for v in torch.exp(log_w).detach()), kernel_km=kernel_km,
                        fitted_on=fitted_on,
                        metrics={"nll_before": before, "nll_after": after}).check(n_parts)
+
+
+# ----------------------------------------------------------------------------- the hybrid with retrieval
+#
+# The k training photos nearest in the trunk's embedding space add a second part to the mixture:
+#
+#     p(x) = (1 - lambda) * p_cells(x) + lambda * sum_j w_j vMF(x; neighbour_j, kernel_r)
+#
+# Three ways to weigh it were fitted on the validation split (see fit_retrieval):
+#   "uniform": w_j = 1/k, lambda a constant;
+#   "softmax": w_j = softmax(s_j / tau) over the neighbours' cosine similarities s_j;
+#   "gated":   softmax weights, and lambda = sigmoid(a + b * s_1) depends on how similar the
+#              nearest photo is, so an image whose neighbours are all unlike it keeps the cells.
+# It stays a probability distribution, so its credible regions keep their meaning.
+
+HYBRID_KINDS = ("uniform", "softmax", "gated")
+RETRIEVAL_K = 16
+
+
+@dataclass(frozen=True)
+class NeighbourKernels:
+    """One image's retrieval part of the mixture: its share ``weight`` of the mass, spread over
+    the neighbours' locations (unit vectors ``means``) with weights ``q`` (summing to 1)."""
+
+    weight: float
+    q: np.ndarray
+    means: np.ndarray
+    kernel_km: float
+
+
+@dataclass(frozen=True)
+class HybridFit:
+    """How the neighbours join the cell mixture; stored in :class:`Calibration` ``retrieval``."""
+
+    kind: str = "gated"
+    weight: float = 0.0          # lambda ("uniform", "softmax")
+    gate: tuple = (0.0, 0.0)     # (a, b) of lambda = sigmoid(a + b * s_1) ("gated")
+    temperature: float = 1.0     # tau of the neighbours' softmax weights
+    kernel_km: float = 25.0      # spread around each neighbour's location
+    k: int = RETRIEVAL_K
+    fitted_on: str = ""
+    metrics: dict = field(default_factory=dict)
+
+    def check(self) -> "HybridFit":
+        if self.kind not in HYBRID_KINDS:
+            raise ValueError(f"retrieval: unknown kind {self.kind!r} (one of {', '.join(HYBRID_KINDS)})")
+        numbers = (self.weight, *self.gate, self.temperature, self.kernel_km)
+        if not all(math.isfinite(v) for v in numbers) or len(self.gate) != 2:
+            raise ValueError(f"retrieval: parameters must be finite numbers, got {self.to_dict()}")
+        if not 0.0 <= self.weight <= 1.0 or self.temperature <= 0 or self.kernel_km <= 0 or self.k < 1:
+            raise ValueError("retrieval: needs 0 <= weight <= 1, temperature > 0, kernel_km > 0, k >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "weight": float(self.weight), "gate": [float(v) for v in self.gate],
+                "temperature": float(self.temperature), "kernel_km": float(self.kernel_km), "k": int(self.k),
+                "fitted_on": str(self.fitted_on), "metrics": {k: float(v) for k, v in self.metrics.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HybridFit":
+        unknown = set(d) - {"kind", "weight", "gate", "temperature", "kernel_km", "k", "fitted_on", "metrics"}
+        if unknown:
+            raise ValueError(f"retrieval: unknown fields {sorted(unknown)}")
+        return cls(kind=str(d["kind"]), weight=float(d.get("weight", 0.0)),
+                   gate=tuple(float(v) for v in d.get("gate", (0.0, 0.0))),
+                   temperature=float(d.get("temperature", 1.0)), kernel_km=float(d["kernel_km"]),
+                   k=int(d.get("k", RETRIEVAL_K)), fitted_on=str(d.get("fitted_on", "")),
+                   metrics=dict(d.get("metrics", {}))).check()
+
+    def mix(self, sims) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine similarities (B, k), most similar first -> (lambda (B,), neighbour weights (B, k))."""
+        logit, log_w = _mix_torch(torch.as_tensor(np.asarray(sims, dtype=np.float64)), self.kind,
+                                  *(torch.tensor(v, dtype=torch.float64) for v in self._raw()))
+        return torch.sigmoid(logit).numpy(), torch.exp(log_w).numpy()
+
+    def _raw(self):
+        lam = min(max(self.weight, 1e-12), 1 - 1e-12)
+        return (math.log(lam / (1 - lam)), self.gate[0], self.gate[1], math.log(self.temperature))
+
+    def kernels(self, sims_row, neighbour_latlng) -> NeighbourKernels:
+        """The retrieval part for one image (its k similarities and neighbour locations)."""
+        lam, w = self.mix(np.asarray(sims_row)[None])
+        return NeighbourKernels(weight=float(lam[0]), q=w[0], means=_unit(neighbour_latlng),
+                                kernel_km=self.kernel_km)
+
+
+def _mix_torch(sims, kind, logit_lam, gate_a, gate_b, log_tau):
+    """(logit of lambda (B,), log neighbour weights (B, k)) for similarities (B, k); log-space,
+    so that a weight that underflows to 0 keeps a finite gradient."""
+    if kind == "uniform":
+        log_w = torch.full_like(sims, -math.log(sims.shape[1]))
+    else:
+        log_w = torch.log_softmax(sims / torch.exp(log_tau), dim=1)
+    if kind == "gated":
+        logit = gate_a + gate_b * sims[:, 0]
+    else:
+        logit = logit_lam.expand(sims.shape[0])
+    return logit, log_w
+
+
+def neighbour_log_density(neighbour_unit, log_w, true_unit, kernel_km) -> torch.Tensor:
+    """log sum_j w_j vMF(x; n_j) per image: (N, k, 3) neighbours, (N, k) log-weights, (N, 3)."""
+    dots = torch.einsum("nkd,nd->nk", neighbour_unit, true_unit).clamp(-1.0, 1.0)
+    kappa = (EARTH_RADIUS_KM / kernel_km) ** 2
+    log_norm = torch.log(kappa) - math.log(2 * math.pi) - torch.log1p(-torch.exp(-2 * kappa)) \
+        - 2 * math.log(EARTH_RADIUS_KM)
+    return torch.logsumexp(log_w + log_norm + kappa * (dots - 1.0), dim=1)
+
+
+def _hybrid_nll(kind, p, cell_ll, sims, nb_unit, true_unit) -> torch.Tensor:
+    """Mean negative log-likelihood of the true locations under the hybrid with raw params ``p``."""
+    logit, log_w = _mix_torch(sims, kind, p["logit_lam"], p["gate_a"], p["gate_b"], p["log_tau"])
+    nb = neighbour_log_density(nb_unit, log_w, true_unit, torch.exp(p["log_kernel"]))
+    return -torch.logaddexp(F.logsigmoid(-logit) + cell_ll, F.logsigmoid(logit) + nb).mean()
+
+
+def _fit_hybrid(kind, data, steps) -> dict:
+    """Raw parameters of one kind maximising the mean log-likelihood of ``data``
+    (cell log-densities, similarities, neighbour unit vectors, true unit vectors)."""
+    def start(v):
+        return torch.tensor(v, dtype=torch.float64)
+
+    raw = {"logit_lam": start(-2.0), "gate_a": start(-2.0), "gate_b": start(0.0),
+           "log_tau": start(math.log(0.1)), "log_kernel": start(math.log(100.0))}
+    free = {"uniform": ("logit_lam", "log_kernel"), "softmax": ("logit_lam", "log_tau", "log_kernel"),
+            "gated": ("gate_a", "gate_b", "log_tau", "log_kernel")}[kind]
+    for name in free:
+        raw[name].requires_grad_(True)
+    optimizer = torch.optim.LBFGS([raw[n] for n in free], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = _hybrid_nll(kind, raw, *data)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return {k: v.detach() for k, v in raw.items()}
+
+
+def _to_fit(kind, raw, k, fitted_on, metrics) -> HybridFit:
+    return HybridFit(kind=kind, weight=float(torch.sigmoid(raw["logit_lam"])),
+                     gate=(float(raw["gate_a"]), float(raw["gate_b"])),
+                     temperature=min(float(torch.exp(raw["log_tau"])), 1e3), kernel_km=float(torch.exp(raw["log_kernel"])),
+                     k=k, fitted_on=fitted_on, metrics=metrics).check()
+
+
+def fit_retrieval(log_q, centroids, kernel_km: float, sims, neighbour_latlng, true_latlng, *,
+                  kinds=HYBRID_KINDS, fitted_on: str = "", steps: int = 50, seed: int = 0) -> HybridFit:
+    """The hybrid's parameters from held-out images: ``log_q`` (N, n_fine) their calibrated cell
+    log-probabilities, ``kernel_km`` the calibration's kernel, ``sims`` (N, k) and
+    ``neighbour_latlng`` (N, k, 2) their retrieved training photos, ``true_latlng`` (N, 2).
+
+    Each kind in ``kinds`` is scored by two-fold cross-validation (fitted on one half of the
+    images, its mean negative log-likelihood measured on the other); the best is fitted again on
+    all of them. ``metrics`` keeps every kind's held-out NLL and the cells' alone."""
+    log_q = torch.as_tensor(np.asarray(log_q), dtype=torch.float64)
+    n = log_q.shape[0]
+    if n < 4:
+        raise ValueError("fitting the hybrid needs at least four held-out images")
+    sims = torch.as_tensor(np.asarray(sims), dtype=torch.float64)
+    nb_unit = torch.as_tensor(_unit(np.asarray(neighbour_latlng).reshape(-1, 2)).reshape(n, -1, 3))
+    true_unit = torch.as_tensor(_unit(true_latlng))
+    with torch.no_grad():
+        cell_ll = mixture_log_density(log_q, _unit(centroids), true_latlng,
+                                      torch.tensor(float(kernel_km), dtype=torch.float64))
+    halves = np.array_split(np.random.default_rng(seed).permutation(n), 2)
+    metrics = {"nll_cells": float(-cell_ll.mean())}
+    data = (cell_ll, sims, nb_unit, true_unit)
+    for kind in kinds:
+        held_out = []
+        for a, b in ((0, 1), (1, 0)):
+            fit_rows, test_rows = torch.as_tensor(halves[a]), torch.as_tensor(halves[b])
+            raw = _fit_hybrid(kind, [t[fit_rows] for t in data], steps)
+            held_out.append(float(_hybrid_nll(kind, raw, *[t[test_rows] for t in data])))
+        metrics[f"nll_cv_{kind}"] = float(np.mean(held_out))
+    scored = [kd for kd in kinds if math.isfinite(metrics[f"nll_cv_{kd}"])]
+    if not scored:
+        raise FloatingPointError("the hybrid's fit diverged for every kind")
+    best = min(scored, key=lambda kd: metrics[f"nll_cv_{kd}"])
+    raw = _fit_hybrid(best, data, steps)
+    metrics["nll_after"] = float(_hybrid_nll(best, raw, *data))
+    if not math.isfinite(metrics["nll_after"]):
+        raise FloatingPointError(f"the hybrid's fit ({best}) diverged")
+    return _to_fit(best, raw, int(sims.shape[1]), fitted_on, metrics)
 
 
 def expected_calibration_error(confidence, correct, bins: int = 15) -> float:

@@ -1,7 +1,8 @@
 """The evaluation loop (after each training epoch and in ``geocell evaluate``) and the command.
 
-Rows: each partitioning's own top-1, the hierarchical top-1 and the most-frequent-cell
-baseline; columns: the share of images within 1/25/200/750/2500 km and the median error. For a
+Rows: each partitioning's own top-1, the hierarchical top-1, with a retrieval index the hybrid
+(the mode of the cells' mixture joined by the nearest training photos, see
+:mod:`geocell.infer.calibration`) and the most-frequent-cell baseline; columns: the share of images within 1/25/200/750/2500 km and the median error. For a
 calibrated model also: how often each credible region holds the true location, the regions'
 median area and the expected calibration error of the top-1 cell.
 The manifest may be the GeoEstimation test metadata as published (im2gps_places365.csv,
@@ -21,10 +22,18 @@ import numpy as np
 import torch
 
 import geocell
-from geocell.infer.calibration import Calibration, Mixture, _unit, combined_log_probs, expected_calibration_error
+from geocell.infer.calibration import (
+    Calibration,
+    HybridFit,
+    Mixture,
+    _unit,
+    combined_log_probs,
+    expected_calibration_error,
+)
 from geocell.infer.metrics import (
     BASELINE_ROW,
     HIERARCHY_ROW,
+    HYBRID_ROW,
     THRESHOLDS_KM,
     _gather_concat,
     _reduce_counts,
@@ -57,6 +66,7 @@ class Evaluation:
     region_holds: dict[float, np.ndarray] = field(default_factory=dict)  # mass -> truth inside?
     region_area_km2: dict[float, np.ndarray] = field(default_factory=dict)  # mass -> area
     logits: list[np.ndarray] | None = None  # per-partitioning logits, when kept (calibration)
+    embeddings: np.ndarray | None = None    # unit trunk embeddings, when kept (fitting the hybrid)
 
     def errors_km(self) -> dict[str, np.ndarray]:
         return {name: great_circle_errors_km(pred, self.true_latlng)
@@ -83,25 +93,31 @@ class Evaluator:
     :meth:`finish` gathers the ranks' results under torch.distributed."""
 
     def __init__(self, partitions, hierarchy, *, names=None, calibration: Calibration | None = None,
-                 region_masses=(), keep_logits: bool = False, mixture_samples: int = 4000):
+                 region_masses=(), keep_logits: bool = False, mixture_samples: int = 4000,
+                 hybrid: HybridFit | None = None, keep_embeddings: bool = False):
         self.partitions = list(partitions)
         self.hierarchy = np.asarray(hierarchy)
         self.names = list(names) if names is not None else partition_names(len(self.partitions))
         self.calibration = calibration or Calibration.identity(len(self.partitions))
         self.region_masses = tuple(region_masses) if self.calibration.calibrated else ()
-        self.keep_logits = keep_logits
+        self.keep_logits, self.keep_embeddings = keep_logits, keep_embeddings
+        # the hybrid needs the cells' kernel: with an uncalibrated model there is no mixture to join
+        self.hybrid = hybrid if self.calibration.calibrated else None
         self.mixture_samples = mixture_samples
         self.centroids = [np.asarray(p.centroids, dtype=np.float64) for p in self.partitions]
         self.fine_unit = _unit(self.centroids[-1])
         self.fine_tokens = None
-        rows = self.names + ([HIERARCHY_ROW] if len(self.names) > 1 else [])
+        rows = self.names + ([HIERARCHY_ROW] if len(self.names) > 1 else []) + ([HYBRID_ROW] if self.hybrid else [])
         self._pred = {r: [] for r in rows}
-        self._truth, self._best, self._prob, self._ids, self._logits = [], [], [], [], []
+        self._truth, self._best, self._prob, self._ids, self._logits, self._emb = [], [], [], [], [], []
         self._holds = {m: [] for m in self.region_masses}
         self._areas = {m: [] for m in self.region_masses}
         self.scene_hits = self.scene_total = 0
 
-    def add(self, geo_logits, true_latlng, *, scene_logits=None, scene_labels=None, ids=()) -> None:
+    def add(self, geo_logits, true_latlng, *, scene_logits=None, scene_labels=None, ids=(),
+            neighbours=None, embeddings=None) -> None:
+        """``neighbours``: (similarities (B, k), locations (B, k, 2)) of the retrieved training
+        photos, needed with a hybrid; ``embeddings`` (B, D) are kept when asked for."""
         true = np.asarray(true_latlng, dtype=np.float64).reshape(-1, 2)
         for name, z, cents in zip(self.names, geo_logits, self.centroids):
             self._pred[name].append(cents[z.argmax(dim=1).cpu().numpy()])
@@ -116,12 +132,23 @@ class Evaluator:
         self._ids += [str(i) for i in ids]
         if self.keep_logits:
             self._logits.append([z.float().cpu().numpy() for z in geo_logits])
-        for i in range(len(true) if self.region_masses else 0):
+        if self.keep_embeddings and embeddings is not None:
+            self._emb.append(np.asarray(embeddings, dtype=np.float32))
+        if self.hybrid is not None and neighbours is None:
+            raise ValueError("a hybrid evaluation needs each batch's neighbours")
+        hybrid_pred = []
+        for i in range(len(true) if (self.region_masses or self.hybrid) else 0):
+            kernels = self.hybrid.kernels(neighbours[0][i], neighbours[1][i]) if self.hybrid else None
             mixture = Mixture(log_q[i].numpy(), self.fine_unit, self.calibration.kernel_km,
-                              samples=self.mixture_samples, seed=i)
+                              samples=self.mixture_samples if self.region_masses else 1, seed=i,
+                              neighbours=kernels)
+            if kernels is not None:
+                hybrid_pred.append(hybrid_mode(mixture, log_q[i].numpy(), self.fine_unit, kernels))
             for m in self.region_masses:
                 self._holds[m].append(mixture.holds(true[i], m))
                 self._areas[m].append(mixture.region_area_km2(m))
+        if self.hybrid is not None:
+            self._pred[HYBRID_ROW].append(np.asarray(hybrid_pred, dtype=np.float64).reshape(-1, 2))
         if scene_logits is not None and scene_labels is not None:
             scene = torch.as_tensor(scene_labels).to(scene_logits.device)
             mask = scene >= 0
@@ -142,6 +169,7 @@ class Evaluator:
             logits = [cat([b[p] for b in self._logits], (0, len(self.partitions[p])))
                       for p in range(len(self.partitions))]
         scene_hits, scene_total = _reduce_counts(self.scene_hits, self.scene_total)
+        embeddings = cat(self._emb, (0, 0)) if self.keep_embeddings else None
         return Evaluation(
             names=self.names, paths=list(self._ids), true_latlng=true,
             pred_latlng={r: cat(v, (0, 2)) for r, v in self._pred.items()},
@@ -150,28 +178,63 @@ class Evaluator:
             skipped=list(skipped), scene_hits=scene_hits, scene_total=scene_total,
             region_holds={m: cat([np.asarray(v, dtype=bool)], (0,)) for m, v in self._holds.items()},
             region_area_km2={m: cat([np.asarray(v, dtype=np.float64)], (0,)) for m, v in self._areas.items()},
-            logits=logits)
+            logits=logits, embeddings=embeddings)
+
+
+HYBRID_CELL_CANDIDATES = 1  # cell centroids among the hybrid's mode candidates: the top cell's
+
+
+def hybrid_mode(mixture: Mixture, log_q: np.ndarray, fine_unit: np.ndarray, kernels) -> tuple[float, float]:
+    """The hybrid's best guess: of the neighbours' locations and the top cell's centroid, the
+    one where the mixture's density is highest. The neighbours compete only when together they
+    hold at least the top cell's share of the mass: with a weight near 0 the hybrid answers what
+    the hierarchy answers."""
+    from geocell._internal.geometry import unit_to_latlng
+
+    k = min(HYBRID_CELL_CANDIDATES, log_q.size)
+    top = np.argpartition(-log_q, k - 1)[:k]
+    candidates = fine_unit[top]
+    q_top = float(np.exp(np.max(log_q) - np.logaddexp.reduce(log_q)))
+    if kernels.weight >= (1.0 - kernels.weight) * q_top:
+        candidates = np.concatenate([candidates, kernels.means])
+    lat, lng = unit_to_latlng(candidates[mixture.mode(candidates)])
+    return float(lat[0]), float(lng[0])
 
 
 @torch.no_grad()
 def evaluate_loader(model, loader, partitions, hierarchy, device, *, amp=None, names=None, channels_last=False,
-                    calibration: Calibration | None = None, region_masses=(), keep_logits=False) -> Evaluation:
+                    calibration: Calibration | None = None, region_masses=(), keep_logits=False,
+                    retrieval=None, hybrid: HybridFit | None = None, keep_embeddings=False) -> Evaluation:
     """One pass of ``model`` over a training-style loader (batches of images and targets).
-    Under torch.distributed every rank evaluates its shard and every rank gets the whole result."""
+    Under torch.distributed every rank evaluates its shard and every rank gets the whole result.
+    With a ``retrieval`` index and a ``hybrid`` fit the table gains the hybrid's row."""
+    from geocell.infer.retrieval import normalise
+
     device = torch.device(device)
+    hybrid = hybrid if retrieval is not None else None
     evaluator = Evaluator(partitions, hierarchy, names=names, calibration=calibration,
-                          region_masses=region_masses, keep_logits=keep_logits)
+                          region_masses=region_masses, keep_logits=keep_logits, hybrid=hybrid,
+                          keep_embeddings=keep_embeddings)
+    features = keep_embeddings or evaluator.hybrid is not None
+    net = getattr(model, "module", model)  # the features come from the model inside DDP
     was_training = model.training
     model.eval()
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        emb = neighbours = None
         with autocast_context(device, amp):
-            geo_logits, scene_logits = model(images)
+            if features:
+                geo_logits, scene_logits, feats = net.forward_with_features(images)
+                emb = normalise(feats.float().cpu().numpy())
+            else:
+                geo_logits, scene_logits = model(images)
+        if evaluator.hybrid is not None:
+            neighbours = retrieval.neighbours(emb, evaluator.hybrid.k)
         evaluator.add([g.float() for g in geo_logits], targets["latlng"].cpu().numpy(),
                       scene_logits=scene_logits, scene_labels=targets.get("scene"),
-                      ids=targets["index"].cpu().tolist())
+                      ids=targets["index"].cpu().tolist(), neighbours=neighbours, embeddings=emb)
     if was_training:
         model.train()
     return evaluator.finish()
@@ -185,7 +248,7 @@ def evaluate_paths(geo, paths, true_latlng, *, tta: str = "none", tta_combine: s
     if len(paths) != len(true_latlng):
         raise ValueError(f"{len(paths)} paths but {len(true_latlng)} locations")
     evaluator = Evaluator(geo.partitions, geo.hierarchy, names=geo.partition_names,
-                          calibration=geo.calibration, region_masses=region_masses)
+                          calibration=geo.calibration, region_masses=region_masses, hybrid=geo.hybrid)
     skipped = []
     bar = None
     if progress:
@@ -196,8 +259,9 @@ def evaluate_paths(geo, paths, true_latlng, *, tta: str = "none", tta_combine: s
                                                 num_workers=num_workers):
         skipped += [(paths[i], err) for i, err in failed]
         if images is not None:
-            log_probs, _ = geo.head_log_probs(images, tta_combine=tta_combine)
-            evaluator.add(log_probs, true_latlng[indices], ids=[paths[i] for i in indices])
+            log_probs, _, emb = geo.head_outputs(images, tta_combine=tta_combine)
+            evaluator.add(log_probs, true_latlng[indices], ids=[paths[i] for i in indices],
+                          neighbours=geo.neighbours(emb) if evaluator.hybrid is not None else None)
         if bar is not None:
             bar.update(len(indices) + len(failed))
     if bar is not None:
@@ -268,7 +332,7 @@ def plot_error_cdf(errors_km: dict[str, np.ndarray], path, title: str | None = N
 
 def write_predictions_csv(ev: Evaluation, path) -> None:
     errors = ev.errors_km()
-    final = HIERARCHY_ROW if HIERARCHY_ROW in ev.pred_latlng else ev.names[-1]
+    final = next(r for r in (HYBRID_ROW, HIERARCHY_ROW, ev.names[-1]) if r in ev.pred_latlng)
     header = ["image", "true_lat", "true_lng", "pred_lat", "pred_lng", "error_km", "cell", "probability"]
     for name in ev.names:
         header += [f"{name}_lat", f"{name}_lng", f"{name}_error_km"]
@@ -312,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", metavar="CSV", help="write per-image predictions")
     ap.add_argument("--mass", type=float, nargs="+", default=[], metavar="X",
                     help="credible-region masses whose coverage is reported besides 0.5 and 0.9")
+    ap.add_argument("--index", metavar="NPZ", help="retrieval index (default: <checkpoint stem>.retrieval.npz "
+                    "when present); adds the hybrid's row")
+    ap.add_argument("--no-retrieval", action="store_true", help="the cells alone, even when an index is present")
     ap.add_argument("--limit", type=int, help="evaluate only the first N rows (quick checks)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=2, help="decoding worker processes (default: %(default)s)")
@@ -329,10 +396,13 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"argument --mass: each mass must be in (0, 1), got {args.mass}")
 
     try:
-        geo = Geolocator.from_checkpoint(args.checkpoint, device=args.device)
+        geo = Geolocator.from_checkpoint(args.checkpoint, device=args.device, index=args.index,
+                                         retrieval=not args.no_retrieval)
     except Exception as exc:  # unreadable, unsafe or incompatible file: say which and why
         print(f"geocell evaluate: cannot load {args.checkpoint}: {exc}", file=sys.stderr)
         return 1
+    for note in geo.notes:
+        print(f"geocell evaluate: {note}", file=sys.stderr)
     try:
         manifest = read_manifest(args.manifest, image_root=args.image_root)
     except (OSError, ValueError) as exc:
@@ -368,10 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows = accuracy_rows(ev, geo.fine)
     tta = "" if args.tta == "none" else f", tta {args.tta} ({args.tta_combine})"
-    print(f"{os.path.basename(args.manifest)}: {len(ev.paths)} images{tta}")
+    print(f"{os.path.basename(args.manifest)}: {len(ev.paths)} images{tta}"
+          + (f", retrieval over {len(geo.retrieval)} photos" if geo.hybrid is not None else ""))
     print(format_table(rows))
     summary = ev.calibration_summary()
     if geo.calibration.calibrated:
+        if geo.hybrid is not None:
+            print("credible regions of the hybrid:")
         print(format_calibration(summary))
     else:
         print("(an uncalibrated checkpoint: no credible-region coverage; top-1 cell "

@@ -18,6 +18,7 @@ from geocell.cells import great_circle_km
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 BASELINE_ROW = "most frequent cell"
 HIERARCHY_ROW = "hierarchy"
+HYBRID_ROW = "hybrid (retrieval)"  # the hierarchy's cells mixed with the retrieved training photos
 
 
 def partition_names(n: int) -> list[str]:

@@ -4,6 +4,10 @@ For each image: the top-k fine cells of the hierarchical prediction (fine probab
 the probabilities of the coarser cells containing it, renormalised), each partitioning's
 own top-k, and the 90 % credible region (fewest fine cells holding 90 % of the
 probability) with its area in km². Optionally a probability map per image.
+
+With a retrieval index (``<checkpoint stem>.retrieval.npz``, or ``--index``) and a calibrated
+checkpoint the best guess and the credible region are the hybrid's: the cells' mixture joined
+by the nearest training photos (:mod:`geocell.infer.retrieval`); ``--no-retrieval`` turns it off.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 import geocell
 from geocell._internal.geometry import unit_vectors
-from geocell.infer.calibration import Calibration, Mixture, combined_log_probs
+from geocell.infer.calibration import Calibration, HybridFit, Mixture, combined_log_probs
 from geocell.infer.regions import MAX_TOP_K, credible_region
 from geocell.loading.preprocess import Preprocess
 
@@ -62,12 +66,23 @@ class Prediction:
     region_area_km2: float
     region_cells: list[str]
     scenes: list[tuple[str, float]] = field(default_factory=list)
+    retrieval: dict | None = None  # the hybrid's best guess, its weight and the neighbours, when used
     fine_probs: np.ndarray | None = field(default=None, repr=False)  # kept only when asked (maps)
     region_cell_ids: np.ndarray | None = field(default=None, repr=False)  # credible region, S2 ids (maps)
 
+    @property
+    def best_guess(self) -> tuple[float, float]:
+        """(lat, lng) of the prediction: the hybrid's mode with retrieval, else the top cell."""
+        if self.retrieval is not None:
+            return self.retrieval["lat"], self.retrieval["lng"]
+        return self.hierarchical_top1.lat, self.hierarchical_top1.lng
+
     def to_dict(self) -> dict:
+        lat, lng = self.best_guess
         return {
             "image": self.image,
+            "best_guess": {"lat": lat, "lng": lng, "source": "hybrid" if self.retrieval is not None else "cells"},
+            "retrieval": self.retrieval,
             "top_k": [g.to_dict() for g in self.top_k],
             "hierarchical_top1": self.hierarchical_top1.to_dict(),
             "per_partitioning": {name: [g.to_dict() for g in guesses]
@@ -213,7 +228,8 @@ class Geolocator:
 
     def __init__(self, model: torch.nn.Module, partitions: Sequence, hierarchy, *,
                  partition_names: Sequence[str] | None = None, scene_names: Sequence[str] = (),
-                 preprocess: dict | None = None, calibration: dict | None = None, device=None):
+                 preprocess: dict | None = None, calibration: dict | None = None, device=None,
+                 retrieval=None, hybrid: dict | None = None):
         self.device = torch.device(device if device is not None else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
@@ -230,10 +246,25 @@ class Geolocator:
                              f"{len(self.partitions[-1])} fine cells")
         self._tokens: list[np.ndarray] | None = None
         self._fine_areas: np.ndarray | None = None
+        # retrieval: an index of training photos and the hybrid's fit (the index's, else the calibration's)
+        self.notes: list[str] = []   # why retrieval is off although an index was given
+        self.retrieval, self.hybrid = None, None
+        if retrieval is not None:
+            fit = hybrid or retrieval.fit or self.calibration.retrieval
+            if not self.calibration.calibrated:
+                self.notes.append("retrieval off: the checkpoint is not calibrated")
+            elif not fit:
+                self.notes.append("retrieval off: no fitted hybrid in the index or the checkpoint "
+                                  "(geocell index build --fit-split val)")
+            else:
+                self.retrieval, self.hybrid = retrieval, HybridFit.from_dict(fit)
 
     @classmethod
-    def from_checkpoint(cls, path, device=None) -> "Geolocator":
-        """Load a checkpoint safely (tensors and plain data only; nothing is executed)."""
+    def from_checkpoint(cls, path, device=None, *, index=None, retrieval: bool = True) -> "Geolocator":
+        """Load a checkpoint safely (tensors and plain data only; nothing is executed). With
+        ``retrieval``, the index ``index`` or else ``<checkpoint stem>.retrieval.npz`` when it
+        exists; an index made by another checkpoint is refused (RetrievalError)."""
+        from geocell.infer.retrieval import RetrievalIndex, checkpoint_fingerprint, index_path_for
         from geocell.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(path, map_location="cpu")
@@ -242,9 +273,14 @@ class Geolocator:
                                   "cannot locate photos)")
         model, partitions, hierarchy = model_from_checkpoint(ckpt)
         names = [str(p.get("name", f"p{i}")) for i, p in enumerate(ckpt["partitions"])]
+        found = None
+        if retrieval:
+            index_path = index if index is not None else index_path_for(path)
+            if index is not None or os.path.isfile(index_path):
+                found = RetrievalIndex.load(index_path, fingerprint=checkpoint_fingerprint(ckpt))
         return cls(model, partitions, hierarchy, partition_names=names,
                    scene_names=ckpt.get("scene_names", []), preprocess=ckpt.get("preprocess"),
-                   calibration=ckpt.get("calibration"), device=device)
+                   calibration=ckpt.get("calibration"), device=device, retrieval=found)
 
     # -- cached per-cell data
 
@@ -279,11 +315,12 @@ class Geolocator:
     # -- the network
 
     @torch.inference_mode()
-    def head_log_probs(self, images: torch.Tensor, *, tta_combine: str = "max"
-                       ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def head_outputs(self, images: torch.Tensor, *, tta_combine: str = "max"
+                     ) -> tuple[list[torch.Tensor], torch.Tensor | None, np.ndarray | None]:
         """Normalised images (B, 3, H, W) or crops (B, n, 3, H, W) -> (per-partitioning
-        log-probabilities [(B, C_p)] float64 on the CPU, scene probabilities (B, S) or None);
-        crops are combined per head by ``tta_combine``."""
+        log-probabilities [(B, C_p)] float64 on the CPU, scene probabilities (B, S) or None,
+        unit embeddings (B, D) when retrieval is on, else None); crops are combined per head by
+        ``tta_combine``, their embeddings averaged."""
         n_crops = 1
         if images.ndim == 5:
             n_crops = images.shape[1]
@@ -291,24 +328,49 @@ class Geolocator:
         x = images.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        geo_logits, scene_logits = self.model(x)
+        emb = None
+        if self.hybrid is not None:
+            geo_logits, scene_logits, feats = self.model.forward_with_features(x)
+            from geocell.infer.retrieval import normalise
+
+            feats = normalise(feats.float().cpu().numpy())
+            emb = normalise(feats.reshape(-1, n_crops, feats.shape[1]).mean(axis=1))
+        else:
+            geo_logits, scene_logits = self.model(x)
         # float64 so that reported probabilities sum to 1 to the last digit
         probs = [torch.softmax(g.double(), dim=1) for g in geo_logits]
         scenes = torch.softmax(scene_logits.double(), dim=1) if scene_logits is not None else None
         if n_crops > 1:
             probs = [combine_crops(p, n_crops, tta_combine) for p in probs]
             scenes = combine_crops(scenes, n_crops, tta_combine) if scenes is not None else None
-        return [torch.log(p).cpu() for p in probs], (scenes.cpu() if scenes is not None else None)
+        return [torch.log(p).cpu() for p in probs], (scenes.cpu() if scenes is not None else None), emb
+
+    def head_log_probs(self, images: torch.Tensor, *, tta_combine: str = "max"
+                       ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """:meth:`head_outputs` without the embeddings."""
+        log_probs, scenes, _ = self.head_outputs(images, tta_combine=tta_combine)
+        return log_probs, scenes
+
+    def neighbours(self, embeddings) -> tuple[np.ndarray, np.ndarray] | None:
+        """(similarities (B, k), locations (B, k, 2)) of the nearest indexed photos, or None
+        without retrieval."""
+        if self.hybrid is None or embeddings is None:
+            return None
+        return self.retrieval.neighbours(embeddings, self.hybrid.k)
 
     def distributions(self, images: torch.Tensor, *, tta_combine: str = "max"
                       ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
         """Normalised images (B, 3, H, W) or crops (B, n, 3, H, W) ->
         (per-partitioning probabilities [(B, C_p)], the calibrated hierarchical distribution
         over the fine cells (B, n_fine), scene probabilities (B, S) or None)."""
-        log_probs, scenes = self.head_log_probs(images, tta_combine=tta_combine)
+        probs, hier, scenes, _ = self._distributions(images, tta_combine)
+        return probs, hier, scenes
+
+    def _distributions(self, images, tta_combine):
+        log_probs, scenes, emb = self.head_outputs(images, tta_combine=tta_combine)
         hier = torch.exp(combined_log_probs(log_probs, self.hierarchy, self.calibration)).numpy()
         return ([torch.exp(lp).numpy() for lp in log_probs], hier,
-                scenes.numpy() if scenes is not None else None)
+                scenes.numpy() if scenes is not None else None, self.neighbours(emb))
 
     # -- results
 
@@ -326,15 +388,26 @@ class Geolocator:
 
     def describe(self, image: str, probs: list[np.ndarray], hier: np.ndarray,
                  scenes: np.ndarray | None, *, top_k: int = 5, mass: float = 0.9,
-                 keep_probs: bool = False) -> Prediction:
-        """The Prediction for one image from its distributions (rows of :meth:`distributions`)."""
+                 keep_probs: bool = False, neighbours=None) -> Prediction:
+        """The Prediction for one image from its distributions (rows of :meth:`distributions`);
+        ``neighbours``: this image's (similarities (k,), locations (k, 2)), for the hybrid."""
         fine_p = len(self.partitions) - 1
         top = self._top(fine_p, hier, top_k)
+        found = None
         if self.calibration.calibrated:
-            # the highest-density region of the calibrated mixture, drawn with S2 cells
-            region = Mixture(np.log(np.maximum(hier, 1e-300)), self._fine_unit(), self.calibration.kernel_km
-                             ).region(mass)
+            # the highest-density region of the calibrated mixture (with retrieval: the hybrid's)
+            log_q = np.log(np.maximum(hier, 1e-300))
+            kernels = self.hybrid.kernels(*neighbours) if self.hybrid is not None and neighbours else None
+            mixture = Mixture(log_q, self._fine_unit(), self.calibration.kernel_km, neighbours=kernels)
+            region = mixture.region(mass)
             region_ids, covered, area = region.cells, region.covered, region.area_km2
+            if kernels is not None:
+                from geocell.infer.evaluate import hybrid_mode
+
+                lat, lng = hybrid_mode(mixture, log_q, self._fine_unit(), kernels)
+                found = {"lat": lat, "lng": lng, "weight": kernels.weight,
+                         "neighbours": [{"lat": float(a), "lng": float(b), "similarity": float(sim)}
+                                        for sim, (a, b) in zip(neighbours[0], neighbours[1])]}
         else:
             cells_region = credible_region(hier, self.fine_areas_km2, mass)
             region_ids = np.asarray(self.fine.cells, dtype=np.uint64)[cells_region.indices]
@@ -349,7 +422,7 @@ class Geolocator:
                               for p in range(len(self.partitions))},
             region_mass=float(mass), region_covered=covered, region_area_km2=area,
             region_cells=[str(t) for t in geocell.cell_to_token(region_ids)],
-            scenes=scene_list,
+            scenes=scene_list, retrieval=found,
             fine_probs=hier.copy() if keep_probs else None,
             region_cell_ids=region_ids if keep_probs else None)
 
@@ -373,11 +446,12 @@ class Geolocator:
                 else:
                     names.append(f"<image {start + j}>")
                     tensors.append(transform(_to_pil(item)))
-            probs, hier, scenes = self.distributions(torch.stack(tensors), tta_combine=tta_combine)
+            probs, hier, scenes, nbs = self._distributions(torch.stack(tensors), tta_combine)
             for j, name in enumerate(names):
                 results.append(self.describe(
                     name, [p[j] for p in probs], hier[j], None if scenes is None else scenes[j],
-                    top_k=top_k, mass=mass, keep_probs=keep_probs))
+                    top_k=top_k, mass=mass, keep_probs=keep_probs,
+                    neighbours=None if nbs is None else (nbs[0][j], nbs[1][j])))
         return results[0] if single else results
 
     def predict_files(self, paths: Sequence[str], top_k: int = 5, *, mass: float = 0.9,
@@ -397,12 +471,13 @@ class Geolocator:
             for images, indices, failed in batches:
                 out: dict[int, tuple] = {i: (paths[i], None, err) for i, err in failed}
                 if images is not None:
-                    probs, hier, scenes = self.distributions(images, tta_combine=tta_combine)
+                    probs, hier, scenes, nbs = self._distributions(images, tta_combine)
                     for j, i in enumerate(indices):
                         out[i] = (paths[i], self.describe(
                             paths[i], [p[j] for p in probs], hier[j],
                             None if scenes is None else scenes[j],
-                            top_k=top_k, mass=mass, keep_probs=keep_probs), None)
+                            top_k=top_k, mass=mass, keep_probs=keep_probs,
+                            neighbours=None if nbs is None else (nbs[0][j], nbs[1][j])), None)
                 for i in sorted(out):
                     yield out[i]
                 if bar is not None:
@@ -434,7 +509,8 @@ def csv_row(path: str, pred: Prediction | None, error: str | None, top_k: int) -
     if pred is None:
         return [path] + [""] * (len(csv_header(top_k)) - 2) + [error or ""]
     t = pred.hierarchical_top1
-    row = [path, f"{t.lat:.6f}", f"{t.lng:.6f}", f"{t.probability:.6g}", t.cell, t.partitioning,
+    lat, lng = pred.best_guess
+    row = [path, f"{lat:.6f}", f"{lng:.6f}", f"{t.probability:.6g}", t.cell, t.partitioning,
            t.level, len(pred.region_cells), f"{pred.region_area_km2:.6g}", f"{pred.region_covered:.6f}"]
     for r in range(top_k):
         if r < len(pred.top_k):
@@ -447,12 +523,19 @@ def csv_row(path: str, pred: Prediction | None, error: str | None, top_k: int) -
 
 def format_prediction(pred: Prediction) -> str:
     t = pred.hierarchical_top1
-    lines = [display_name(pred.image),
-             f"  best guess: {t.lat:.4f}, {t.lng:.4f}  (p = {t.probability:.3g}, cell {t.cell}, "
-             f"{t.partitioning}, level {t.level})",
-             f"  {pred.region_mass:.0%} credible region: {len(pred.region_cells)} cells, "
-             f"{pred.region_area_km2:,.0f} km² (holds {pred.region_covered:.1%})",
-             "  top-k:"]
+    lines = [display_name(pred.image)]
+    if pred.retrieval is not None:
+        r = pred.retrieval
+        lines.append(f"  best guess: {r['lat']:.4f}, {r['lng']:.4f}  (hybrid: retrieval weight {r['weight']:.2f}, "
+                     f"nearest photo similarity {r['neighbours'][0]['similarity']:.2f})")
+        lines.append(f"  top cell:   {t.lat:.4f}, {t.lng:.4f}  (p = {t.probability:.3g}, cell {t.cell}, "
+                     f"{t.partitioning}, level {t.level})")
+    else:
+        lines.append(f"  best guess: {t.lat:.4f}, {t.lng:.4f}  (p = {t.probability:.3g}, cell {t.cell}, "
+                     f"{t.partitioning}, level {t.level})")
+    lines += [f"  {pred.region_mass:.0%} credible region: {len(pred.region_cells)} cells, "
+              f"{pred.region_area_km2:,.0f} km² (holds {pred.region_covered:.1%})",
+              "  top-k:"]
     for r, g in enumerate(pred.top_k, 1):
         lines.append(f"    {r}. {g.lat:9.4f} {g.lng:10.4f}  p = {g.probability:.4f}  cell {g.cell}")
     if pred.scenes:
@@ -496,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "out.png -> out_0.png, out_1.png, ... (or give a folder)")
     ap.add_argument("--truth", type=_parse_truth, metavar="LAT,LNG",
                     help="true location to mark on the map(s) (default: the photo's EXIF GPS, if any)")
+    ap.add_argument("--index", metavar="NPZ", help="retrieval index of training photos (default: "
+                    "<checkpoint stem>.retrieval.npz when present)")
+    ap.add_argument("--no-retrieval", action="store_true", help="the cells alone, even when an index is present")
     ap.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time crops")
     ap.add_argument("--tta-combine", choices=TTA_COMBINE, default="max")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -561,10 +647,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     check_args(ap, args)
     try:
-        geo = Geolocator.from_checkpoint(args.checkpoint, device=args.device)
+        geo = Geolocator.from_checkpoint(args.checkpoint, device=args.device, index=args.index,
+                                         retrieval=not args.no_retrieval)
     except Exception as exc:  # unreadable, unsafe or incompatible file: say which and why
         print(f"geocell predict: cannot load {args.checkpoint}: {exc}", file=sys.stderr)
         return 1
+    for note in geo.notes:
+        print(f"geocell predict: {note}", file=sys.stderr)
 
     paths = expand_inputs(args.images)
     if not paths:
@@ -591,11 +680,11 @@ def main(argv: list[str] | None = None) -> int:
         if map_paths is not None:
             from geocell.infer.maps import draw_probability_map
 
-            top = pred.hierarchical_top1
+            top = pred.best_guess
             draw_probability_map(
                 map_paths[i], np.asarray(geo.fine.cells, dtype=np.uint64), pred.fine_probs,
-                top1=(top.lat, top.lng), truth=args.truth or _exif_location(path), region=pred.region_cell_ids,
-                title=f"{display_name(os.path.basename(path))}: best guess {top.lat:.3f}, {top.lng:.3f}; "
+                top1=top, truth=args.truth or _exif_location(path), region=pred.region_cell_ids,
+                title=f"{display_name(os.path.basename(path))}: best guess {top[0]:.3f}, {top[1]:.3f}; "
                       f"{pred.region_mass:.0%} region {pred.region_area_km2:,.0f} km²")
             pred.fine_probs = pred.region_cell_ids = None  # don't hold n_fine floats per image
         records.append(pred.to_dict())

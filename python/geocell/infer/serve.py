@@ -9,6 +9,9 @@ outside assets), so it works offline. The API:
 - ``POST /api/map`` (same fields) -> the probability map as a PNG.
 - ``GET /api/health`` -> the checkpoint's name and format version.
 
+With a retrieval index beside the checkpoint (``<stem>.retrieval.npz``) or given by ``--index``,
+the best guess and the credible region are the hybrid's (``--no-retrieval``: the cells alone).
+
 Errors are JSON ``{"error": "..."}`` with a 4xx status. The model is loaded once; every
 prediction runs in a worker thread, one at a time under a lock, so the event loop stays free
 and concurrent requests cannot mix results.
@@ -109,10 +112,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS):
 
 
 def _map_title(name: str, pred) -> str:
-    top = pred.hierarchical_top1
+    lat, lng = pred.best_guess
     short = name if len(name) <= 48 else name[:45] + "..."
     short = short.replace("$", r"\$")  # matplotlib reads $...$ as mathtext
-    return (f"{short}: best guess {top.lat:.3f}, {top.lng:.3f}; "
+    return (f"{short}: best guess {lat:.3f}, {lng:.3f}; "
             f"{pred.region_mass:.0%} region {pred.region_area_km2:,.0f} km²")
 
 
@@ -120,14 +123,16 @@ class Service:
     """One loaded Geolocator; predictions and map drawing, each serialised by its own lock."""
 
     def __init__(self, checkpoint_path, *, device=None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, index=None, retrieval: bool = True):
         from geocell.infer.predict import Geolocator
         from geocell.training.checkpoint import FORMAT_VERSION
 
         self.checkpoint_path = os.fspath(checkpoint_path)
         self.checkpoint_name = os.path.basename(self.checkpoint_path)
         # refuses unsafe files and any format version but this one
-        self.geo = Geolocator.from_checkpoint(self.checkpoint_path, device=device)
+        # and, with retrieval, an index made by another checkpoint
+        self.geo = Geolocator.from_checkpoint(self.checkpoint_path, device=device, index=index,
+                                              retrieval=retrieval)
         self.format_version = FORMAT_VERSION
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels)
@@ -145,6 +150,7 @@ class Service:
                 "format_version": self.format_version, "geocell_version": str(__version__),
                 "partitionings": list(self.geo.partition_names), "fine_cells": len(self.geo.fine),
                 "scenes": list(self.geo.scene_names), "device": str(self.geo.device),
+                "retrieval": len(self.geo.retrieval) if self.geo.hybrid is not None else None,
                 "max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels}
 
     def predict(self, name: str, image, top_k: int, mass: float, keep_probs: bool = False):
@@ -158,11 +164,11 @@ class Service:
 
         from geocell.infer.maps import draw_probability_map
 
-        top = pred.hierarchical_top1
+        top = pred.best_guess
         with self._map_lock, tempfile.TemporaryDirectory(prefix="geocell-map-") as tmp:
             path = os.path.join(tmp, "map.png")
             draw_probability_map(path, np.asarray(self.geo.fine.cells, dtype=np.uint64),
-                                 pred.fine_probs, top1=(top.lat, top.lng), truth=truth,
+                                 pred.fine_probs, top1=top, truth=truth,
                                  region=pred.region_cell_ids, title=_map_title(pred.image, pred))
             with open(path, "rb") as f:
                 return f.read()
@@ -252,13 +258,15 @@ async function errorText(resp) {
   try { return (await resp.json()).error || resp.statusText; } catch (e) { return resp.statusText; }
 }
 function show(card, rec, truth) {
-  const c = rec.credible_region, t = rec.hierarchical_top1;
-  const best = card.appendChild(el("p", "best guess: " + t.lat.toFixed(4) + ", " + t.lng.toFixed(4) +
-    " (p = " + pct(t.probability) + ", cell " + t.cell + ", level " + t.level + ")"));
-  Object.assign(best.dataset, {role: "best", lat: t.lat, lng: t.lng, cell: t.cell});
+  const c = rec.credible_region, t = rec.hierarchical_top1, b = rec.best_guess || t;
+  const how = rec.retrieval ? " (hybrid, retrieval weight " + rec.retrieval.weight.toFixed(2) + "; top cell p = "
+                            : " (p = ";
+  const best = card.appendChild(el("p", "best guess: " + b.lat.toFixed(4) + ", " + b.lng.toFixed(4) +
+    how + pct(t.probability) + ", cell " + t.cell + ", level " + t.level + ")"));
+  Object.assign(best.dataset, {role: "best", lat: b.lat, lng: b.lng, cell: t.cell});
   if (truth) {
     card.appendChild(el("p", "EXIF GPS: " + truth[0].toFixed(4) + ", " + truth[1].toFixed(4) +
-      "; best guess is " + Math.round(haversine(truth, [t.lat, t.lng])).toLocaleString() + " km away"))
+      "; best guess is " + Math.round(haversine(truth, [b.lat, b.lng])).toLocaleString() + " km away"))
       .dataset.role = "exif";
   }
   card.appendChild(el("p", pct(c.mass) + " credible region: " + c.num_cells + " cells, " +
@@ -390,7 +398,7 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 
 def app(checkpoint_path=None, *, device=None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-        max_pixels: int = MAX_PIXELS):
+        max_pixels: int = MAX_PIXELS, index=None, retrieval: bool = True):
     """The ASGI app serving one checkpoint (loaded now, once).
 
     Without ``checkpoint_path`` the ``GEOCELL_CHECKPOINT`` environment variable names it, so
@@ -408,7 +416,7 @@ def app(checkpoint_path=None, *, device=None, max_upload_bytes: int = MAX_UPLOAD
         if not checkpoint_path:
             raise ValueError("no checkpoint: pass checkpoint_path or set GEOCELL_CHECKPOINT")
     service = Service(checkpoint_path, device=device, max_upload_bytes=max_upload_bytes,
-                      max_pixels=max_pixels)
+                      max_pixels=max_pixels, index=index, retrieval=retrieval)
     page = render_page(service)
     api = FastAPI(title="geocell", version=str(service.health()["geocell_version"]),
                   docs_url=None, redoc_url=None, openapi_url=None)  # the docs page loads from a CDN
@@ -490,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    ap.add_argument("--index", metavar="NPZ", help="retrieval index of training photos (default: "
+                    "<checkpoint stem>.retrieval.npz when present)")
+    ap.add_argument("--no-retrieval", action="store_true", help="the cells alone, even when an index is present")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return ap
 
@@ -506,7 +517,7 @@ def main(argv: "list[str] | None" = None) -> int:
         print(f"geocell serve: --port must be in 0..65535, got {args.port}", file=sys.stderr)
         return 2
     try:
-        asgi = app(args.checkpoint, device=args.device)
+        asgi = app(args.checkpoint, device=args.device, index=args.index, retrieval=not args.no_retrieval)
     except ImportError as exc:
         print(f"geocell serve needs the serve extra ({exc}); install it with: "
               "pip install 'geocell[serve]'", file=sys.stderr)

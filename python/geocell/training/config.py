@@ -71,6 +71,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = True
+    retrieval: bool = True  # at the end: index the training photos beside best.pt, fit the hybrid on val
     ablation: bool = False
 
 
@@ -207,5 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1 (default auto)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=argparse.SUPPRESS)
+    g.add_argument("--no-retrieval", dest="retrieval", action="store_false", default=argparse.SUPPRESS,
+                   help="no retrieval index of the training photos (best.retrieval.npz) and no hybrid")
     g.add_argument("--ablation", action="store_true", default=argparse.SUPPRESS,
                    help="compare 1 partitioning / 3 + hierarchy / 3 + hierarchy + scene head")

@@ -119,7 +119,13 @@ class GeoModel(nn.Module):
         self.load_state_dict(mapped, strict=False)
 
     def forward(self, x: torch.Tensor):
+        geo, scene, _ = self.forward_with_features(x)
+        return geo, scene
+
+    def forward_with_features(self, x: torch.Tensor):
+        """(geo logits, scene logits or None, the trunk's pooled features (B, feature_dim)):
+        the penultimate layer, which retrieval L2-normalises into embeddings."""
         feats = self.trunk(x)
         geo = [head(feats) for head in self.geo_heads]
         scene = self.scene_head(feats) if self.scene_head is not None else None
-        return geo, scene
+        return geo, scene, feats

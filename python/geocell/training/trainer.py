@@ -31,9 +31,26 @@ import torch
 import geocell
 from geocell.data.manifest import read_manifest
 from geocell.data.splits import held_out_split, min_distance_km
-from geocell.infer.calibration import Calibration, fit_calibration
-from geocell.infer.evaluate import REGION_MASSES, accuracy_rows, evaluate_loader, format_calibration
-from geocell.infer.metrics import BASELINE_ROW, HIERARCHY_ROW, format_table, partition_names
+from geocell.infer.calibration import (
+    RETRIEVAL_K,
+    Calibration,
+    Mixture,
+    _unit,
+    combined_log_probs,
+    fit_calibration,
+    fit_retrieval,
+)
+from geocell.infer.evaluate import REGION_MASSES, accuracy_rows, evaluate_loader, format_calibration, hybrid_mode
+from geocell.infer.metrics import (
+    BASELINE_ROW,
+    HIERARCHY_ROW,
+    HYBRID_ROW,
+    _gather_concat,
+    accuracy_table,
+    format_table,
+    partition_names,
+)
+from geocell.infer.retrieval import RetrievalIndex, index_path_for, model_fingerprint, normalise
 from geocell.loading.base import make_loader
 from geocell.loading.labels import LabelTable
 from geocell.loading.preprocess import Preprocess
@@ -297,8 +314,15 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
 
     result = {"rows": {}, "val_rows": {}, "extras": {}, "run_dir": run_dir, "model": model, "stopped": stopped}
     if not stopped:
+        index_loader = functools.partial(make_loader, train_set, LabelTable.from_manifest(train_set, partitions),
+                                         train=False, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                                         resize_size=cfg.resize_size, backend=cfg.backend, device=info.device,
+                                         num_workers=cfg.workers, shard_id=info.rank, num_shards=info.world,
+                                         seed=cfg.seed) if cfg.retrieval else None
         result.update(finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader,
-                             test_loader, state))
+                             test_loader, state, index_loader=index_loader,
+                             embed=functools.partial(embed_loader, model, device=info.device, amp=amp_dtype,
+                                                     channels_last=channels_last)))
     logger.close()
     report_skipped(info, checkpoints.path("skipped_images.csv"),
                    {"train": train_loader, "val": val_loader, "test": test_loader})
@@ -311,13 +335,15 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
     return result
 
 
-def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader, test_loader, state) -> dict:
+def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader, test_loader, state,
+           *, index_loader=None, embed=None) -> dict:
     """After the last epoch: the best weights back, calibration fitted on the validation split,
+    the training photos indexed for retrieval and the hybrid fitted on the validation split too,
     then the test split evaluated once (the validation split when there is none)."""
     engine.barrier(info)
     best = load_checkpoint(checkpoints.path("best.pt"))
     model.load_state_dict(best["model"])
-    val = evaluate(val_loader, keep_logits=True)
+    val = evaluate(val_loader, keep_logits=True, keep_embeddings=index_loader is not None)
     val_rows = accuracy_rows(val, partitions[-1])
     extras = {}
     try:
@@ -326,6 +352,11 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
             fitted_on=f"validation split, {len(val.true_latlng)} images")
     except (ValueError, FloatingPointError) as exc:
         log(info, f"no calibration: {exc}")
+    index = hybrid = None
+    if index_loader is not None:
+        index, hybrid = build_retrieval(info, checkpoints, index_loader, embed, val, partitions)
+        if hybrid is not None:
+            val_rows[HYBRID_ROW] = hybrid_rows_from(val, partitions, checkpoints.calibration, hybrid, index)
     if checkpoints.calibration is not None:
         cal = checkpoints.calibration
         log(info, "calibration fitted on the validation split: weights "
@@ -334,24 +365,100 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
         checkpoints.save("last.pt", state)
         extras["calibration"] = cal.to_dict()
     split, loader = ("test", test_loader) if test_loader is not None else ("validation", val_loader)
-    final = evaluate(loader, calibration=checkpoints.calibration, region_masses=REGION_MASSES)
+    final = evaluate(loader, calibration=checkpoints.calibration, region_masses=REGION_MASSES,
+                     retrieval=index, hybrid=hybrid)
     rows = accuracy_rows(final, partitions[-1])
     summary = final.calibration_summary()
     ceiling = nearest_training_ceiling(train_set, final.true_latlng)
     log(info, f"\ngeolocation accuracy on the {split} split ({len(final.true_latlng)} images, best.pt)"
               f"{', scene accuracy %.1f%%' % (100 * final.scene_acc) if final.scene_acc is not None else ''}:")
     log(info, format_table(rows))
+    if hybrid is not None:
+        log(info, f"(validation split, where the hybrid was fitted: hierarchy "
+                  f"{100 * val_rows[HIERARCHY_ROW]['acc_200km']:.1f}% / hybrid "
+                  f"{100 * val_rows[HYBRID_ROW]['acc_200km']:.1f}% within 200 km)"
+                  if HIERARCHY_ROW in val_rows else "")
     if ceiling:
         log(info, "the nearest training photo is within "
                   + ", ".join(f"{t} km for {100 * v:.1f}%" for t, v in ceiling.items()) + " of these images")
     if summary:
-        log(info, format_calibration(summary))
+        log(info, ("credible regions of the hybrid:\n" if hybrid is not None else "") + format_calibration(summary))
     extras.update(n=len(final.true_latlng), scene_acc=final.scene_acc, calibration_summary=summary,
                   nearest_training_ceiling={str(k): v for k, v in ceiling.items()})
     if info.is_main:
         with open(checkpoints.path("results.json"), "w") as f:
             json.dump({"split": split, "rows": rows, "val_rows": val_rows, **extras}, f, indent=1)
     return {"rows": rows, "val_rows": val_rows, "extras": extras}
+
+
+@torch.no_grad()
+def embed_loader(model, loader, *, device, amp, channels_last):
+    """(unit trunk embeddings (N, D) float16, locations (N, 2)) of every image of ``loader``,
+    gathered from all ranks."""
+    from geocell.infer.metrics import autocast_context
+
+    was_training = model.training
+    model.eval()
+    emb, latlng = [], []
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp):
+            _, _, feats = model.forward_with_features(images)
+        emb.append(normalise(feats.float().cpu().numpy()).astype(np.float16))
+        latlng.append(targets["latlng"].cpu().numpy().astype(np.float64))
+    if was_training:
+        model.train()
+    dim = getattr(model, "feature_dim", 0)
+    return (_gather_concat(np.concatenate(emb) if emb else np.zeros((0, dim), np.float16)),
+            _gather_concat(np.concatenate(latlng) if latlng else np.zeros((0, 2))))
+
+
+def build_retrieval(info, checkpoints, index_loader, embed, val, partitions):
+    """best.retrieval.npz: the training photos embedded by the best weights; with a calibration,
+    the hybrid fitted on the validation split (stored in the calibration). (index, fit or None)."""
+    t0 = time.perf_counter()
+    emb, latlng = embed(index_loader())
+    fields = checkpoints.fields
+    index = RetrievalIndex(emb, latlng[:, 0], latlng[:, 1],
+                           model_fingerprint(checkpoints.model.state_dict(), fields["arch"], fields["preprocess"]),
+                           source=f"training split, {len(latlng)} images")
+    if info.is_main:
+        index.save(index_path_for(checkpoints.path("best.pt")))
+    log(info, f"retrieval index of {len(index)} training photos ({index.dim}-d) in "
+              f"{time.perf_counter() - t0:.0f} s: {index_path_for(checkpoints.path('best.pt'))}")
+    cal = checkpoints.calibration
+    if cal is None or len(val.true_latlng) < 4:
+        log(info, "no hybrid: it needs a calibration and at least four validation images")
+        return index, None
+    sims, nb = index.neighbours(val.embeddings, RETRIEVAL_K)
+    log_q = combined_log_probs([torch.as_tensor(z) for z in val.logits], geocell.hierarchy(partitions), cal)
+    try:
+        hybrid = fit_retrieval(log_q, partitions[-1].centroids, cal.kernel_km, sims, nb, val.true_latlng,
+                               fitted_on=f"validation split, {len(val.true_latlng)} images")
+    except (ValueError, FloatingPointError) as exc:
+        log(info, f"no hybrid: {exc}")
+        return index, None
+    from geocell.infer.retrieval import describe_fit
+
+    log(info, f"hybrid fitted on the validation split: {describe_fit(hybrid.to_dict())}")
+    checkpoints.calibration = dataclasses.replace(cal, retrieval=hybrid.to_dict())
+    return index, hybrid
+
+
+def hybrid_rows_from(val, partitions, calibration, hybrid, index) -> dict:
+    """The hybrid's accuracy row on the validation split, from its kept logits and embeddings."""
+    log_q = combined_log_probs([torch.as_tensor(z) for z in val.logits], geocell.hierarchy(partitions),
+                               calibration).numpy()
+    fine_unit = _unit(partitions[-1].centroids)
+    sims, nb = index.neighbours(val.embeddings, hybrid.k)
+    pred = []
+    for i in range(len(log_q)):
+        kernels = hybrid.kernels(sims[i], nb[i])
+        mixture = Mixture(log_q[i], fine_unit, calibration.kernel_km, samples=1, neighbours=kernels)
+        pred.append(hybrid_mode(mixture, log_q[i], fine_unit, kernels))
+    return accuracy_table(np.asarray(pred).reshape(-1, 2), val.true_latlng)
 
 
 def report_skipped(info, path: str, loaders: dict) -> None:
