@@ -141,3 +141,16 @@ def test_checkpoint_carries_the_calibration(tmp_path):
     levels = {len(t) for t in pred.region_cells}
     assert pred.region_cells and len(levels) <= 2 and pred.region_area_km2 > 0
     assert 0.8 <= pred.region_covered <= 1.0
+
+
+def test_a_head_weighted_zero_ignores_its_underflowed_probabilities():
+    import torch
+
+    from geocell.infer.metrics import hierarchical_log_probs
+
+    coarse = torch.tensor([[0.0, float("-inf")]], dtype=torch.float64)  # p = 1, 0 (underflowed)
+    fine = torch.log(torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64))
+    hierarchy = [[0, 0], [1, 1], [1, 2]]
+    out = hierarchical_log_probs([coarse, fine], hierarchy, weights=[0.0, 1.0])
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, fine)

@@ -39,7 +39,11 @@ def hierarchical_log_probs(log_probs: Sequence[torch.Tensor], hierarchy, weights
         col = h[:, p]
         gathered = log_probs[p][:, col.clamp(min=0)]
         term = torch.where(col >= 0, gathered, torch.zeros_like(gathered))
-        term = term if weights is None else term * weights[p]
+        if weights is not None:
+            # A head weighted 0 contributes nothing, also where its probability underflowed (0 * -inf).
+            w = weights[p]
+            fixed_zero = not (torch.is_tensor(w) and w.requires_grad) and float(w) == 0.0
+            term = torch.zeros_like(term) if fixed_zero else term * w
         out = term if out is None else out + term
     return out
 

@@ -338,11 +338,12 @@ class Geolocator:
         else:
             geo_logits, scene_logits = self.model(x)
         # float64 so that reported probabilities sum to 1 to the last digit
-        probs = [torch.softmax(g.double(), dim=1) for g in geo_logits]
         scenes = torch.softmax(scene_logits.double(), dim=1) if scene_logits is not None else None
-        if n_crops > 1:
-            probs = [combine_crops(p, n_crops, tta_combine) for p in probs]
-            scenes = combine_crops(scenes, n_crops, tta_combine) if scenes is not None else None
+        if n_crops == 1:  # log_softmax stays finite where a softmax would underflow to 0
+            return [torch.log_softmax(g.double(), dim=1).cpu() for g in geo_logits], \
+                (scenes.cpu() if scenes is not None else None), emb
+        probs = [combine_crops(torch.softmax(g.double(), dim=1), n_crops, tta_combine) for g in geo_logits]
+        scenes = combine_crops(scenes, n_crops, tta_combine) if scenes is not None else None
         return [torch.log(p).cpu() for p in probs], (scenes.cpu() if scenes is not None else None), emb
 
     def head_log_probs(self, images: torch.Tensor, *, tta_combine: str = "max"
