@@ -47,6 +47,8 @@ def test_min_distance_matches_a_direct_loop():
     r = np.column_stack([rng.uniform(-90, 90, 70), rng.uniform(-180, 180, 70)])
     direct = [min(geocell.great_circle_km(a, b, c, d) for c, d in r) for a, b in q]
     np.testing.assert_allclose(min_distance_km(q[:, 0], q[:, 1], r[:, 0], r[:, 1], chunk=7), direct, atol=1e-6)
+    np.testing.assert_allclose(min_distance_km(q[:, 0], q[:, 1], r[:, 0], r[:, 1], chunk=7, ref_chunk=5),
+                               direct, atol=1e-6)
     assert np.isinf(min_distance_km([0.0], [0.0], [], [])).all()
 
 

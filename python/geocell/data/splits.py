@@ -17,17 +17,20 @@ from geocell._internal.geometry import unit_vectors
 from geocell.cells import EARTH_RADIUS_KM, cell_to_parent, latlng_to_cell
 
 
-def min_distance_km(lat, lng, ref_lat, ref_lng, chunk: int = 1024) -> np.ndarray:
+def min_distance_km(lat, lng, ref_lat, ref_lng, chunk: int = 1024, ref_chunk: int = 16384) -> np.ndarray:
     """For each (lat, lng), the great-circle distance in km to the nearest reference point
-    (inf when there are none). Exact, O(N x M) in chunks: meant for datasets up to ~10^5."""
+    (inf when there are none). Exact, O(N x M) in blocks of chunk x ref_chunk (128 MiB by
+    default), so memory stays bounded for millions of reference points."""
     q, r = unit_vectors(lat, lng), unit_vectors(ref_lat, ref_lng)
     out = np.full(len(q), np.inf)
     if len(r) == 0:
         return out
     for s in range(0, len(q), chunk):
         # the largest dot product is the nearest point; the chord gives an angle without acos' error
-        dots = q[s:s + chunk] @ r.T
-        chord = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * dots.max(axis=1)))
+        best = np.full(len(q[s:s + chunk]), -np.inf)
+        for t in range(0, len(r), ref_chunk):
+            np.maximum(best, (q[s:s + chunk] @ r[t:t + ref_chunk].T).max(axis=1), out=best)
+        chord = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * best))
         out[s:s + chunk] = 2.0 * EARTH_RADIUS_KM * np.arcsin(np.minimum(1.0, chord / 2.0))
     return out
 

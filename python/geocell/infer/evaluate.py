@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import geocell
+from geocell.data.splits import min_distance_km
 from geocell.infer.calibration import (
     Calibration,
     HybridFit,
@@ -276,6 +277,39 @@ def accuracy_rows(ev: Evaluation, finest_partition) -> dict[str, dict]:
     return rows
 
 
+# Distance from a test photo to its nearest training photo: well-covered places and remote ones
+# are helped differently by retrieval, and real test sets mix both.
+COVERAGE_BINS_KM = ((0.0, 25.0), (25.0, 100.0), (100.0, 300.0), (300.0, np.inf))
+
+
+def coverage_bin_label(lo: float, hi: float) -> str:
+    return f"nearest training photo <= {hi:g} km" if lo == 0 else \
+        (f"nearest training photo > {lo:g} km" if np.isinf(hi) else f"nearest training photo {lo:g}-{hi:g} km")
+
+
+def accuracy_by_coverage(ev: Evaluation, train_lat, train_lng, names=None) -> dict[str, dict[str, dict]]:
+    """{bin label: {prediction row: accuracy dict}} with the images binned by the distance to
+    their nearest training photo (COVERAGE_BINS_KM; the bin's bounds are (lo, hi])."""
+
+    near = min_distance_km(ev.true_latlng[:, 0], ev.true_latlng[:, 1], train_lat, train_lng)
+    errors = ev.errors_km()
+    names = [n for n in (names or errors) if n in errors]
+    out = {}
+    for lo, hi in COVERAGE_BINS_KM:
+        inside = (near > lo) & (near <= hi) if lo > 0 else near <= hi
+        out[coverage_bin_label(lo, hi)] = {n: accuracy_from_errors(errors[n][inside]) for n in names}
+    return out
+
+
+def format_coverage(by_bin: dict[str, dict[str, dict]]) -> str:
+    """One block per bin: its image count, then the accuracy rows."""
+    blocks = []
+    for label, rows in by_bin.items():
+        n = next(iter(rows.values()))["n"] if rows else 0
+        blocks.append(f"{label} ({n} image{'' if n == 1 else 's'}):" + ("\n" + format_table(rows) if n else ""))
+    return "\n".join(blocks)
+
+
 def baseline_errors_km(finest_partition, true_latlng) -> np.ndarray:
     top = int(np.argmax(np.asarray(finest_partition.counts)))
     pred = np.asarray(finest_partition.centroids, dtype=np.float64)[top]
@@ -441,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{os.path.basename(args.manifest)}: {len(ev.paths)} images{tta}"
           + (f", retrieval over {len(geo.retrieval)} photos" if geo.hybrid is not None else ""))
     print(format_table(rows))
+    if geo.retrieval is not None:  # the index holds the training locations
+        print("by the distance to the nearest indexed training photo:")
+        print(format_coverage(accuracy_by_coverage(ev, geo.retrieval.lat, geo.retrieval.lng,
+                                                   names=[HIERARCHY_ROW, HYBRID_ROW])))
     summary = ev.calibration_summary()
     if geo.calibration.calibrated:
         if geo.hybrid is not None:
