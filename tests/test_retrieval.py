@@ -151,7 +151,7 @@ def test_hybrid_is_a_distribution_and_its_regions_hold_what_they_should():
 
 
 def test_hybrid_best_guess_falls_back_to_the_top_cell():
-    from geocell.infer.evaluate import hybrid_mode
+    from geocell.infer.calibration import hybrid_mode
 
     # two overlapping cells: their mixture is densest between them, where the neighbours are
     centroids = unit_vectors(np.array([0.0, 0.0]), np.array([0.0, 3.0]))

@@ -502,3 +502,21 @@ def expected_calibration_error(confidence, correct, bins: int = 15) -> float:
         if sel.any():
             ece += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
     return float(ece)
+
+
+HYBRID_CELL_CANDIDATES = 1  # cell centroids among the hybrid's mode candidates: the top cell's
+
+
+def hybrid_mode(mixture: Mixture, log_q: np.ndarray, fine_unit: np.ndarray, kernels) -> tuple[float, float]:
+    """The hybrid's best guess: of the neighbours' locations and the top cell's centroid, the
+    one where the mixture's density is highest. The neighbours compete only when together they
+    hold at least the top cell's share of the mass: with a weight near 0 the hybrid answers what
+    the hierarchy answers."""
+    k = min(HYBRID_CELL_CANDIDATES, log_q.size)
+    top = np.argpartition(-log_q, k - 1)[:k]
+    candidates = fine_unit[top]
+    q_top = float(np.exp(np.max(log_q) - np.logaddexp.reduce(log_q)))
+    if kernels.weight >= (1.0 - kernels.weight) * q_top:
+        candidates = np.concatenate([candidates, kernels.means])
+    lat, lng = unit_to_latlng(candidates[mixture.mode(candidates)])
+    return float(lat[0]), float(lng[0])

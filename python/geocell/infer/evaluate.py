@@ -30,6 +30,7 @@ from geocell.infer.calibration import (
     _unit,
     combined_log_probs,
     expected_calibration_error,
+    hybrid_mode,
 )
 from geocell.infer.metrics import (
     BASELINE_ROW,
@@ -45,7 +46,8 @@ from geocell.infer.metrics import (
     great_circle_errors_km,
     partition_names,
 )
-from geocell.infer.predict import stream_files
+from geocell.infer.retrieval import normalise
+from geocell.loading.files import stream_files
 
 REGION_MASSES = (0.5, 0.9)  # the credible regions whose coverage an evaluation reports
 
@@ -182,26 +184,6 @@ class Evaluator:
             logits=logits, embeddings=embeddings)
 
 
-HYBRID_CELL_CANDIDATES = 1  # cell centroids among the hybrid's mode candidates: the top cell's
-
-
-def hybrid_mode(mixture: Mixture, log_q: np.ndarray, fine_unit: np.ndarray, kernels) -> tuple[float, float]:
-    """The hybrid's best guess: of the neighbours' locations and the top cell's centroid, the
-    one where the mixture's density is highest. The neighbours compete only when together they
-    hold at least the top cell's share of the mass: with a weight near 0 the hybrid answers what
-    the hierarchy answers."""
-    from geocell._internal.geometry import unit_to_latlng
-
-    k = min(HYBRID_CELL_CANDIDATES, log_q.size)
-    top = np.argpartition(-log_q, k - 1)[:k]
-    candidates = fine_unit[top]
-    q_top = float(np.exp(np.max(log_q) - np.logaddexp.reduce(log_q)))
-    if kernels.weight >= (1.0 - kernels.weight) * q_top:
-        candidates = np.concatenate([candidates, kernels.means])
-    lat, lng = unit_to_latlng(candidates[mixture.mode(candidates)])
-    return float(lat[0]), float(lng[0])
-
-
 @torch.no_grad()
 def evaluate_loader(model, loader, partitions, hierarchy, device, *, amp=None, names=None, channels_last=False,
                     calibration: Calibration | None = None, region_masses=(), keep_logits=False,
@@ -209,8 +191,6 @@ def evaluate_loader(model, loader, partitions, hierarchy, device, *, amp=None, n
     """One pass of ``model`` over a training-style loader (batches of images and targets).
     Under torch.distributed every rank evaluates its shard and every rank gets the whole result.
     With a ``retrieval`` index and a ``hybrid`` fit the table gains the hybrid's row."""
-    from geocell.infer.retrieval import normalise
-
     device = torch.device(device)
     hybrid = hybrid if retrieval is not None else None
     evaluator = Evaluator(partitions, hierarchy, names=names, calibration=calibration,

@@ -25,12 +25,13 @@ import torch
 
 import geocell
 from geocell._internal.geometry import unit_vectors
-from geocell.infer.calibration import Calibration, HybridFit, Mixture, combined_log_probs
+from geocell.infer.calibration import Calibration, HybridFit, Mixture, combined_log_probs, hybrid_mode
 from geocell.infer.regions import MAX_TOP_K, credible_region
+from geocell.infer.retrieval import RetrievalIndex, checkpoint_fingerprint, index_path_for, normalise
+from geocell.loading.files import TTA_MODES, make_transform, open_image, stream_files
 from geocell.loading.preprocess import Preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-TTA_MODES = ("none", "five")
 TTA_COMBINE = ("max", "mean")
 
 
@@ -126,64 +127,6 @@ def _to_pil(image):
     raise TypeError(f"cannot read an image from {type(image).__name__}")
 
 
-def _open_image(path):
-    from geocell.data.images import decode_rgb
-
-    return decode_rgb(path)
-
-
-def make_transform(preprocess, tta: str = "none"):
-    """PIL image -> the network's input: :class:`~geocell.loading.preprocess.Preprocess`'s
-    evaluation crop (tta="none", a (3, S, S) tensor) or its five crops (tta="five", (5, 3, S, S)),
-    normalized: the same steps as the evaluation loaders'."""
-    if tta not in TTA_MODES:
-        raise ValueError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
-    spec = preprocess if isinstance(preprocess, Preprocess) else Preprocess.from_dict(preprocess)
-    crop = spec.eval_crop if tta == "none" else spec.five_crops
-
-    def transform(pil_image):
-        chw = torch.from_numpy(np.asarray(pil_image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
-        return spec.normalize(crop(chw))
-
-    return transform
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Images by path; an unreadable file yields its error instead of failing the batch."""
-
-    def __init__(self, paths: Sequence[str], transform):
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.transform(_open_image(self.paths[i])), i, None
-        except Exception as exc:  # a corrupt/missing/unsupported file: report, don't abort
-            return None, i, f"{type(exc).__name__}: {exc}"
-
-
-def _collate(items):
-    good = [(x, i) for x, i, err in items if err is None]
-    failed = [(i, err) for _, i, err in items if err is not None]
-    images = torch.stack([x for x, _ in good]) if good else None
-    return images, [i for _, i in good], failed
-
-
-def stream_files(paths: Sequence[str], transform, *, batch_size: int = 16, num_workers: int = 2
-                 ) -> Iterator[tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]]:
-    """Batches (images, indices into paths, [(index, error), ...]) in the order of ``paths``."""
-    if len(paths) <= batch_size:
-        num_workers = 0  # one batch: starting worker processes would cost more than decoding
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate,
-        persistent_workers=False, pin_memory=torch.cuda.is_available())
-    yield from loader
-
-
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
     """Files as given; folders replaced by the image files under them (recursively, sorted)."""
     paths = []
@@ -264,7 +207,6 @@ class Geolocator:
         """Load a checkpoint safely (tensors and plain data only; nothing is executed). With
         ``retrieval``, the index ``index`` or else ``<checkpoint stem>.retrieval.npz`` when it
         exists; an index made by another checkpoint is refused (RetrievalError)."""
-        from geocell.infer.retrieval import RetrievalIndex, checkpoint_fingerprint, index_path_for
         from geocell.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(path, map_location="cpu")
@@ -331,8 +273,6 @@ class Geolocator:
         emb = None
         if self.hybrid is not None:
             geo_logits, scene_logits, feats = self.model.forward_with_features(x)
-            from geocell.infer.retrieval import normalise
-
             feats = normalise(feats.float().cpu().numpy())
             emb = normalise(feats.reshape(-1, n_crops, feats.shape[1]).mean(axis=1))
         else:
@@ -403,7 +343,6 @@ class Geolocator:
             region = mixture.region(mass)
             region_ids, covered, area = region.cells, region.covered, region.area_km2
             if kernels is not None:
-                from geocell.infer.evaluate import hybrid_mode
 
                 lat, lng = hybrid_mode(mixture, log_q, self._fine_unit(), kernels)
                 found = {"lat": lat, "lng": lng, "weight": kernels.weight,
@@ -443,7 +382,7 @@ class Geolocator:
             for j, item in enumerate(chunk):
                 if isinstance(item, (str, os.PathLike)):
                     names.append(os.fspath(item))
-                    tensors.append(transform(_open_image(item)))
+                    tensors.append(transform(open_image(item)))
                 else:
                     names.append(f"<image {start + j}>")
                     tensors.append(transform(_to_pil(item)))

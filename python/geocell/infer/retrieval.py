@@ -283,7 +283,7 @@ def embed_paths(model, preprocess, paths, *, device="cpu", batch_size: int = 64,
     """(unit embeddings (n_read, D) float32, indices of the paths read, [(path, error), ...])."""
     import torch
 
-    from geocell.infer.predict import make_transform, stream_files
+    from geocell.loading.files import make_transform, stream_files  # torch: only when embedding
 
     device = torch.device(device)
     model = model.to(device).eval()
@@ -406,7 +406,7 @@ def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, devi
     import torch
 
     from geocell.infer.calibration import RETRIEVAL_K, Calibration, combined_log_probs, fit_retrieval
-    from geocell.infer.predict import make_transform, stream_files
+    from geocell.loading.files import make_transform, stream_files
 
     cal = Calibration.from_dict(ckpt.get("calibration"), len(partitions))
     if not cal.calibrated:

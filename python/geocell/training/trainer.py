@@ -32,15 +32,16 @@ import geocell
 from geocell.data.manifest import read_manifest
 from geocell.data.splits import held_out_split, min_distance_km
 from geocell.infer.calibration import (
-    RETRIEVAL_K,
-    Calibration,
-    Mixture,
     _unit,
+    Calibration,
     combined_log_probs,
     fit_calibration,
     fit_retrieval,
+    hybrid_mode,
+    Mixture,
+    RETRIEVAL_K,
 )
-from geocell.infer.evaluate import REGION_MASSES, accuracy_rows, evaluate_loader, format_calibration, hybrid_mode
+from geocell.infer.evaluate import REGION_MASSES, accuracy_rows, evaluate_loader, format_calibration
 from geocell.infer.metrics import (
     BASELINE_ROW,
     HIERARCHY_ROW,
