@@ -25,10 +25,11 @@ import torch
 
 import geocell
 from geocell._internal.geometry import unit_vectors
+from geocell.data.images import decode_rgb
 from geocell.infer.calibration import Calibration, HybridFit, Mixture, combined_log_probs, hybrid_mode
 from geocell.infer.regions import MAX_TOP_K, credible_region
 from geocell.infer.retrieval import RetrievalIndex, checkpoint_fingerprint, index_path_for, normalise
-from geocell.loading.files import TTA_MODES, make_transform, open_image, stream_files
+from geocell.loading.files import TTA_MODES, make_transform, stream_files
 from geocell.loading.preprocess import Preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -343,7 +344,6 @@ class Geolocator:
             region = mixture.region(mass)
             region_ids, covered, area = region.cells, region.covered, region.area_km2
             if kernels is not None:
-
                 lat, lng = hybrid_mode(mixture, log_q, self._fine_unit(), kernels)
                 found = {"lat": lat, "lng": lng, "weight": kernels.weight,
                          "neighbours": [{"lat": float(a), "lng": float(b), "similarity": float(sim)}
@@ -382,7 +382,7 @@ class Geolocator:
             for j, item in enumerate(chunk):
                 if isinstance(item, (str, os.PathLike)):
                     names.append(os.fspath(item))
-                    tensors.append(transform(open_image(item)))
+                    tensors.append(transform(decode_rgb(item)))
                 else:
                     names.append(f"<image {start + j}>")
                     tensors.append(transform(_to_pil(item)))

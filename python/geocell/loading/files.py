@@ -17,11 +17,6 @@ from geocell.loading.preprocess import Preprocess
 TTA_MODES = ("none", "five")
 
 
-def open_image(path):
-    """An image file as 8-bit RGB (geocell.data.images' one decoder: pixel limit, 16-bit scaling)."""
-    return decode_rgb(path)
-
-
 def make_transform(preprocess, tta: str = "none"):
     """PIL image -> the network's input: :class:`~geocell.loading.preprocess.Preprocess`'s
     evaluation crop (tta="none", a (3, S, S) tensor) or its five crops (tta="five", (5, 3, S, S)),
@@ -50,7 +45,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(open_image(self.paths[i])), i, None
+            return self.transform(decode_rgb(self.paths[i])), i, None
         except Exception as exc:  # a corrupt/missing/unsupported file: report, don't abort
             return None, i, f"{type(exc).__name__}: {exc}"
 
