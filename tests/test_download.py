@@ -387,3 +387,16 @@ def test_msgpack_import_needs_metadata(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     assert data_main(["pack", "--from-msgpack", str(tmp_path / "m"), "-o", str(tmp_path / "o")]) == 2
     assert "--metadata" in capsys.readouterr().err
+
+
+def test_no_dataclasses_backport_shadows_the_standard_library():
+    """img2dataset declares the Python 3.6 `dataclasses` backport; installed, it replaces the
+    standard library's module wherever site-packages comes first on the path (make removes it)."""
+    import sysconfig
+
+    site = sysconfig.get_paths()["purelib"]
+    probe = "import dataclasses; print(dataclasses.__file__)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=site))
+    assert out.returncode == 0, out.stderr
+    assert os.path.dirname(out.stdout.strip()) == sysconfig.get_paths()["stdlib"], out.stdout
