@@ -34,14 +34,17 @@ def test_deterministic_with_splits(tmp_path):
     assert 0 < len(m) <= 60 and m.report == []
     assert m.scene_names == ["water", "coast", "land"]
     assert set(m.split.tolist()) <= {"test", "train", "val"} and (m.split == "train").any()
-    # the held-out rule: no val/test patch centre within one footprint of a training one
-    import geocell
-    from geocell.data.earth import FOOTPRINT_KM
+    # the held-out rules: no val/test patch centre within 5 km of a training one ("held-out"),
+    # within one footprint ("remote": no held-out patch overlaps a training patch)
+    from geocell.data.earth import FOOTPRINT_KM, build_recipe, built_with
+    from geocell.data.splits import min_distance_km
 
     tr, ho = m.split == "train", m.split != "train"
-    for i in np.flatnonzero(ho):
-        d = geocell.great_circle_km(np.full(tr.sum(), m.lat[i]), np.full(tr.sum(), m.lng[i]), m.lat[tr], m.lng[tr])
-        assert d.min() >= FOOTPRINT_KM
+    assert min_distance_km(m.lat[ho], m.lng[ho], m.lat[tr], m.lng[tr]).min() >= 5.0
+    assert built_with(a.parent) == build_recipe(60, 32, 3, "held-out") != build_recipe(60, 32, 3, "remote")
+    far = read_manifest(build_earth(tmp_path / "far", n=60, size=32, seed=3, progress=False, split_rule="remote"))
+    tr, ho = far.split == "train", far.split != "train"
+    assert ho.any() and min_distance_km(far.lat[ho], far.lng[ho], far.lat[tr], far.lng[tr]).min() >= FOOTPRINT_KM
     r = read_manifest(build_earth(tmp_path / "r", n=60, size=32, seed=3, progress=False, split_rule="random"))
     assert len(r) == 60 and (r.split == "train").sum() == 48 and (r.split == "val").sum() == 6
     with Image.open(m.paths[0]) as im:

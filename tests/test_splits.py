@@ -23,7 +23,8 @@ def location_sets(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(location_sets(), st.sampled_from([0.0, 50.0, 450.0, 3000.0]), st.integers(0, 3), st.integers(0, 5))
+@given(location_sets(), st.sampled_from([0.0, 5.0, 50.0, 450.0, 3000.0]),
+       st.one_of(st.integers(0, 3), st.lists(st.integers(0, 9), min_size=1, max_size=4)), st.integers(0, 5))
 def test_no_held_out_location_near_a_training_location(pts, buffer_km, level, seed):
     split = held_out_split(pts[:, 0], pts[:, 1], buffer_km=buffer_km, block_level=level, seed=seed,
                            fractions={"val": 0.2, "test": 0.2})
@@ -61,3 +62,27 @@ def test_fractions_and_determinism():
     assert 0.1 <= (a == "val").mean() < 0.15 and 0.1 <= (a == "test").mean() < 0.15
     with pytest.raises(ValueError, match="fractions"):
         held_out_split(lat, lng, fractions={"val": 0.6, "test": 0.5})
+
+
+def test_several_block_levels_share_each_split():
+    """Blocks of each level hold about an equal part of a split, coarse blocks are whole, and the
+    fine blocks make held-out places that lie close to training ones (the mix a real test set has)."""
+    from geocell.cells import cell_to_parent, latlng_to_cell
+
+    rng = np.random.default_rng(2)
+    centres = np.column_stack([rng.uniform(-50, 60, 300), rng.uniform(-180, 180, 300)])
+    pts = centres[rng.integers(0, 300, 20000)] + rng.normal(scale=0.3, size=(20000, 2))
+    lat, lng = np.clip(pts[:, 0], -89, 89), pts[:, 1]
+    split = held_out_split(lat, lng, fractions={"val": 0.2}, block_level=[9, 3], buffer_km=5.0, seed=1)
+    assert np.array_equal(split, held_out_split(lat, lng, fractions={"val": 0.2}, block_level=(3, 9),
+                                                buffer_km=5.0, seed=1))
+    val, train = split == "val", split == "train"
+    block = cell_to_parent(latlng_to_cell(lat, lng, 30), 3)
+    # level-3 blocks are drawn first and whole (none of their locations is train); the level-9
+    # blocks, the other half, sit inside level-3 blocks that keep training locations
+    whole = [b for b in np.unique(block[val]) if not train[block == b].any()]
+    assert 0.3 < np.isin(block[val], whole).mean() < 0.8
+    d = min_distance_km(lat[val], lng[val], lat[train], lng[train])
+    assert d.min() >= 5.0 and (d < 100).mean() > 0.2 and (d > 300).mean() > 0.2
+    with pytest.raises(ValueError, match="levels"):
+        held_out_split(lat, lng, block_level=[3, 31])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from geocell.data.earth import SPLIT_RULES
+
 
 def _from_exif(args) -> int:
     from geocell.data.exif import manifest_from_exif
@@ -163,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=20000, help="patches (default locations only)")
     p.add_argument("--size", type=int, default=128, help="patch size in pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the locations and the split (default 0)")
-    p.add_argument("--split", choices=("held-out", "random"), default="held-out",
-                   help="val/test: places never seen in training (default) or a random draw")
+    p.add_argument("--split", choices=SPLIT_RULES, default="held-out",
+                   help="val/test: places never seen in training, from 15 to 1,000 km away blocks (default), "
+                        "'remote' (1,000 km blocks, no patch overlapping a training one) or a random draw")
     p.add_argument("--locations", default=None, help="CSV with lat,lng[,split] columns")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -7,8 +7,8 @@ land-sea mask of the same package over the same footprint: water (< 10 % land), 
 (> 90 % land). It gives the training pipeline real, location-dependent imagery without a
 download.
 
-Its validation and test splits are places the model has not seen (whole S2 blocks, none
-within one patch width of a training location): see ``build_earth``'s ``split_rule``.
+Its validation and test splits are places the model has not seen (whole S2 blocks at four
+scales, none within 5 km of a training location): see ``build_earth``'s ``split_rule``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import csv
 import gzip
 import importlib.resources
 import io
+import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -185,22 +186,27 @@ def _sample_from(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
     return np.stack([lat, lng], axis=1)
 
 
-HELD_OUT_BLOCK_LEVEL = 3  # S2 level-3 blocks, about 1,000 km across
+# The held-out rules: (S2 block levels, buffer in km). "held-out" mixes places next to covered
+# ones with remote ones, as a real test set does: blocks of about 1,000 / 250 / 60 / 15 km, no
+# val/test location within 5 km of a training one. "remote" is the harshest: level-3 blocks and
+# no val/test patch overlapping a training patch (buffer = the footprint).
+HELD_OUT_RULES = {"held-out": ((3, 5, 7, 9), 5.0), "remote": ((3,), None)}
+SPLIT_RULES = ("held-out", "remote", "random")
 
 
-def _held_out_locations(n: int, rng: np.random.Generator, seed: int, footprint_km: float):
+def _held_out_locations(n: int, rng: np.random.Generator, seed: int, levels, buffer_km: float):
     """(latlng, split) of ``n`` patches whose val/test places the training split never sees.
 
     The split is drawn over the whole pool of 100,000 locations, not over the n sampled ones:
-    whole S2 level-3 blocks go to val and test (blocks drawn uniformly, so they spread over
-    the world), held-out locations within one footprint of any training-pool location are
+    whole S2 blocks of ``levels`` go to val and test (blocks drawn uniformly, so they spread over
+    the world), held-out locations within ``buffer_km`` of any training-pool location are
     dropped, and then each split is sampled from its own pool (train 80 %, val and test 10 % of
     ``n``). Training keeps its size, and the held-out images follow the photos' own density
-    within dozens of blocks instead of one or two dense ones. The guarantee is checked once
-    more on the sampled patches (jittered training locations, for n past the pool, could move)."""
+    within many blocks instead of one or two dense ones. The guarantee is checked once more on
+    the sampled patches (jittered training locations, for n past the pool, could move)."""
     pool = default_locations()
-    split = held_out_split(pool[:, 0], pool[:, 1], fractions=SPLIT_FRACTIONS, block_level=HELD_OUT_BLOCK_LEVEL,
-                           buffer_km=footprint_km, seed=seed)
+    split = held_out_split(pool[:, 0], pool[:, 1], fractions=SPLIT_FRACTIONS, block_level=levels,
+                           buffer_km=buffer_km, seed=seed)
     parts, names = [], []
     n_held = {name: int(round(frac * n)) for name, frac in SPLIT_FRACTIONS.items()}
     for name, count in [("train", n - sum(n_held.values())), *n_held.items()]:
@@ -214,7 +220,7 @@ def _held_out_locations(n: int, rng: np.random.Generator, seed: int, footprint_k
     latlng, split = np.concatenate(parts), np.array(names, dtype=object)
     train = split == "train"
     held = np.flatnonzero(~train)
-    near = min_distance_km(latlng[held, 0], latlng[held, 1], latlng[train, 0], latlng[train, 1]) < footprint_km
+    near = min_distance_km(latlng[held, 0], latlng[held, 1], latlng[train, 0], latlng[train, 1]) < buffer_km
     keep = np.ones(len(latlng), dtype=bool)
     keep[held[near]] = False
     return latlng[keep], split[keep].astype(str)
@@ -239,10 +245,12 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     (``path,lat,lng,scene,split``); returns the manifest path.
 
     ``split_rule``: "held-out" (default): val and test are places the model has not seen
-    (whole S2 level-3 blocks of the location pool, no val/test location within ``footprint_km``
-    of a training one: see ``_held_out_locations``; a few held-out locations may be dropped, so
-    the dataset can have slightly fewer than ``n`` images); "random": a random 80/10/10 draw,
-    whose val/test patches overlap training patches (it measures memorisation).
+    (whole S2 blocks of levels 3, 5, 7 and 9 of the location pool, no val/test location within
+    5 km of a training one: see ``HELD_OUT_RULES`` and ``_held_out_locations``; a few held-out
+    locations may be dropped, so the dataset can have slightly fewer than ``n`` images);
+    "remote": level-3 blocks only and no val/test location within ``footprint_km`` of a training
+    one (no held-out patch overlaps a training patch); "random": a random 80/10/10 draw, whose
+    val/test patches overlap training patches (it measures memorisation).
 
     ``locations``: a CSV path (lat/lng[/split] columns) or an (N, 2) array of lat, lng; the
     patches are then made at exactly those points (split from the file, else ``test``) and
@@ -252,14 +260,16 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    if split_rule not in ("held-out", "random"):
-        raise ValueError(f"split_rule must be 'held-out' or 'random', not {split_rule!r}")
+    if split_rule not in SPLIT_RULES:
+        raise ValueError(f"split_rule must be one of {', '.join(SPLIT_RULES)}, not {split_rule!r}")
     if locations is None:
         if split_rule == "random":
             latlng = _sample_locations(int(n), rng)
             split = _assign_splits(len(latlng), rng)
         else:
-            latlng, split = _held_out_locations(int(n), rng, seed, footprint_km)
+            levels, buffer_km = HELD_OUT_RULES[split_rule]
+            latlng, split = _held_out_locations(int(n), rng, seed, levels,
+                                                footprint_km if buffer_km is None else buffer_km)
     elif isinstance(locations, (str, os.PathLike)):
         latlng, split_list = read_locations(locations)
         split = np.array(split_list, dtype=str)
@@ -293,7 +303,29 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
 
     manifest = Manifest(paths=names, lat=latlng[:, 0], lng=latlng[:, 1], scene=scene,
                         scene_names=list(SCENE_NAMES), split=split, source=str(out_dir / "manifest.csv"))
-    return write_manifest(manifest, out_dir / "manifest.csv")
+    path = write_manifest(manifest, out_dir / "manifest.csv")
+    if locations is None:
+        (out_dir / BUILD_FILE).write_text(json.dumps(build_recipe(n, size, seed, split_rule, footprint_km)) + "\n")
+    return path
+
+
+BUILD_FILE = "build.json"
+
+
+def build_recipe(n: int, size: int, seed: int, split_rule: str, footprint_km: float = FOOTPRINT_KM) -> dict:
+    """What a default-locations build depends on, saved beside its manifest (``build.json``), so a
+    folder built by other settings (or by an older split rule) is rebuilt rather than reused."""
+    levels, buffer_km = HELD_OUT_RULES.get(split_rule, ((), None))
+    return {"n": int(n), "size": int(size), "seed": int(seed), "split_rule": split_rule,
+            "block_levels": list(levels), "buffer_km": buffer_km, "footprint_km": float(footprint_km)}
+
+
+def built_with(out_dir) -> dict | None:
+    """The recipe a folder was built with, or None (no build.json: built by hand or by an older geocell)."""
+    try:
+        return json.loads((Path(out_dir) / BUILD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class _NoBar:

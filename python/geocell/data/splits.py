@@ -11,6 +11,8 @@ training location. Dropped rows get the split name ``""`` (used by nothing).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from geocell._internal.geometry import unit_vectors
@@ -35,35 +37,42 @@ def min_distance_km(lat, lng, ref_lat, ref_lng, chunk: int = 1024, ref_chunk: in
     return out
 
 
-def held_out_split(lat, lng, *, fractions: dict | None = None, block_level: int = 3,
+def held_out_split(lat, lng, *, fractions: dict | None = None, block_level: int | Sequence[int] = 3,
                    buffer_km: float = 450.0, seed: int = 0) -> np.ndarray:
     """Split names ("train", "val", "test" or "" for dropped rows) for locations (lat, lng).
 
     Blocks are drawn at random (from ``seed``) into each held-out split until it holds about its
-    fraction of the locations; the rest is train; held-out rows within ``buffer_km`` of a train
-    row are dropped."""
+    fraction of the locations (with several levels, coarsest first, each level an equal part of
+    the fraction, finer blocks drawn among the locations still in train); the rest is train;
+    held-out rows within ``buffer_km`` of a train row are dropped."""
     fractions = {"val": 0.1, "test": 0.1} if fractions is None else dict(fractions)
     if sum(fractions.values()) >= 1 or any(f < 0 for f in fractions.values()):
         raise ValueError(f"held-out fractions must be >= 0 and sum to less than 1, got {fractions}")
     if buffer_km < 0:
         raise ValueError(f"buffer_km must be >= 0, got {buffer_km}")
+    levels = sorted({int(block_level)} if np.isscalar(block_level) else {int(v) for v in block_level})
+    if not levels or levels[0] < 0 or levels[-1] > 30:
+        raise ValueError(f"block levels must be S2 levels 0..30, got {block_level}")
     lat, lng = np.asarray(lat, dtype=np.float64), np.asarray(lng, dtype=np.float64)
     n = len(lat)
     split = np.full(n, "train", dtype=object)
     if n == 0:
         return split.astype(str)
-    blocks = cell_to_parent(latlng_to_cell(lat, lng, 30), block_level)
-    uniq, inverse, counts = np.unique(blocks, return_inverse=True, return_counts=True)
-    order = np.random.default_rng(seed).permutation(len(uniq))
-    block_split = np.full(len(uniq), "train", dtype=object)
-    cursor = 0
-    for name, frac in fractions.items():
-        target, held = frac * n, 0
-        while cursor < len(order) and held < target:
-            block_split[order[cursor]] = name
-            held += counts[order[cursor]]
-            cursor += 1
-    split[:] = block_split[inverse.reshape(-1)]
+    leaf = latlng_to_cell(lat, lng, 30)
+    rng = np.random.default_rng(seed)
+    for level in levels:
+        free = np.flatnonzero(split == "train")
+        uniq, inverse, counts = np.unique(cell_to_parent(leaf[free], level), return_inverse=True, return_counts=True)
+        order = rng.permutation(len(uniq))
+        block_split = np.full(len(uniq), "train", dtype=object)
+        cursor = 0
+        for name, frac in fractions.items():
+            target, held = frac * n / len(levels), 0
+            while cursor < len(order) and held < target:
+                block_split[order[cursor]] = name
+                held += counts[order[cursor]]
+                cursor += 1
+        split[free] = block_split[inverse.reshape(-1)]
     train = split == "train"
     held_out = np.flatnonzero(~train)
     if len(held_out) and buffer_km > 0:

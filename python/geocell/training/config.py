@@ -8,6 +8,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from geocell.data.earth import SPLIT_RULES
+
 # Partitionings of the 2018 paper, (tau_min, tau_max), tuned for MP-16's 4.7M training images.
 PAPER_TAUS = [[50, 5000], [50, 2000], [50, 1000]]
 PAPER_TRAIN_SIZE = 4_723_695
@@ -26,7 +28,9 @@ class TrainConfig:
     data_dir: str = "data/earth"  # where the Earth dataset is built when no manifest is given
     earth_n: int = 20000
     earth_size: int = 128
-    earth_split: str = "held-out"  # or "random" (val/test overlap training patches: memorisation)
+    # "held-out": places never seen, blocks of 15-1,000 km (geocell.data.earth.HELD_OUT_RULES);
+    # "remote": 1,000 km blocks, no overlap with a training patch; "random": memorisation
+    earth_split: str = "held-out"
     image_size: int = 64
     resize_size: int | None = None
     # Defaults chosen on the Earth dataset's held-out validation split (README: the recipe study).
@@ -161,8 +165,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help=f"Earth dataset folder used without --manifest (default {d.data_dir})")
     g.add_argument("--earth-n", type=int, help=f"images in the Earth dataset (default {d.earth_n})")
     g.add_argument("--earth-size", type=int, help=f"Earth image size in px (default {d.earth_size})")
-    g.add_argument("--earth-split", choices=("held-out", "random"),
-                   help="Earth val/test: 'held-out' places never seen in training (default) or 'random'")
+    g.add_argument("--earth-split", choices=SPLIT_RULES,
+                   help="Earth val/test: 'held-out' places never seen in training, in blocks of 15 to 1,000 km "
+                        "(default); 'remote': 1,000 km blocks, no patch overlapping a training one; 'random'")
     g.add_argument("--image-size", type=int, help=f"training crop size (default {d.image_size})")
     g.add_argument("--resize-size", type=int, help="evaluation resize (default image_size*256/224)")
     g.add_argument("--crop-scale", type=float, nargs=2, metavar=("LO", "HI"),
