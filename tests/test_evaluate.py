@@ -120,7 +120,7 @@ def test_cli_on_geoestimation_metadata(tmp_path):
         "--cdf", str(tmp_path / "cdf.png"), "--workers", "0"])
     assert rc == 0, err
     assert "3 images, tta five (mean)" in out
-    for row in ("coarse", "fine", HIERARCHY_ROW, BASELINE_ROW, "2500 km", "median km"):
+    for row in ("coarse", "fine", HIERARCHY_ROW, BASELINE_ROW, "2500 km", "median km", "country"):
         assert row in out
     assert "1 unreadable images skipped, 1 manifest rows left out" in out
     assert "broken.jpg" in err and "missing.jpg" in err

@@ -41,6 +41,7 @@ from geocell.infer.metrics import (
     _reduce_counts,
     accuracy_from_errors,
     autocast_context,
+    baseline_latlng,
     baseline_row,
     format_table,
     great_circle_errors_km,
@@ -250,10 +251,19 @@ def evaluate_paths(geo, paths, true_latlng, *, tta: str = "none", tta_combine: s
     return evaluator.finish(skipped)
 
 
-def accuracy_rows(ev: Evaluation, finest_partition) -> dict[str, dict]:
-    """{row name: accuracy dict} for each partitioning, the hierarchy and the baseline."""
+def accuracy_rows(ev: Evaluation, finest_partition, *, countries: bool = False) -> dict[str, dict]:
+    """{row name: accuracy dict} for each partitioning, the hierarchy and the baseline; with
+    ``countries``, each row also holds ``acc_country`` (geocell.infer.countries; a few seconds)."""
     rows = {name: accuracy_from_errors(err) for name, err in ev.errors_km().items()}
     rows[BASELINE_ROW] = baseline_row(finest_partition, ev.true_latlng)
+    if countries and len(ev.true_latlng):
+        from geocell.infer.countries import country_accuracy, latlng_to_country
+
+        true_country = latlng_to_country(ev.true_latlng[:, 0], ev.true_latlng[:, 1])
+        preds = dict(ev.pred_latlng)
+        preds[BASELINE_ROW] = baseline_latlng(finest_partition, len(ev.true_latlng))
+        for name, pred in preds.items():
+            rows[name]["acc_country"], rows[name]["n_country"] = country_accuracy(pred, ev.true_latlng, true_country)
     return rows
 
 
@@ -291,10 +301,8 @@ def format_coverage(by_bin: dict[str, dict[str, dict]]) -> str:
 
 
 def baseline_errors_km(finest_partition, true_latlng) -> np.ndarray:
-    top = int(np.argmax(np.asarray(finest_partition.counts)))
-    pred = np.asarray(finest_partition.centroids, dtype=np.float64)[top]
     true_latlng = np.asarray(true_latlng, dtype=np.float64).reshape(-1, 2)
-    return great_circle_errors_km(np.repeat(pred[None], len(true_latlng), axis=0), true_latlng)
+    return great_circle_errors_km(baseline_latlng(finest_partition, len(true_latlng)), true_latlng)
 
 
 def format_calibration(summary: dict) -> str:
@@ -450,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(ev.paths) == 0:
         print("geocell evaluate: no image could be read", file=sys.stderr)
         return 1
-    rows = accuracy_rows(ev, geo.fine)
+    rows = accuracy_rows(ev, geo.fine, countries=True)
     tta = "" if args.tta == "none" else f", tta {args.tta} ({args.tta_combine})"
     print(f"{os.path.basename(args.manifest)}: {len(ev.paths)} images{tta}"
           + (f", retrieval over {len(geo.retrieval)} photos" if geo.hybrid is not None else ""))

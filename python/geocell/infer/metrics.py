@@ -80,12 +80,15 @@ def format_table(rows: dict) -> str:
     """Plain-text table: one line per row name, accuracies in percent, median error in km."""
     names = list(rows)
     width = max([len("prediction")] + [len(n) for n in names])
-    head = f"{'prediction':<{width}}" + "".join(f"{str(t) + ' km':>9}" for t in THRESHOLDS_KM) + f"{'median km':>11}"
+    country = any("acc_country" in r for r in rows.values())
+    head = (f"{'prediction':<{width}}" + "".join(f"{str(t) + ' km':>9}" for t in THRESHOLDS_KM)
+            + f"{'median km':>11}" + (f"{'country':>9}" if country else ""))
     lines = [head, "-" * len(head)]
     for name in names:
         r = rows[name]
         accs = "".join(f"{100 * r[f'acc_{t}km']:>8.1f}%" for t in THRESHOLDS_KM)
-        lines.append(f"{name:<{width}}{accs}{r['median_km']:>11.0f}")
+        tail = f"{100 * r.get('acc_country', float('nan')):>8.1f}%" if country else ""
+        lines.append(f"{name:<{width}}{accs}{r['median_km']:>11.0f}{tail}")
     return "\n".join(lines)
 
 
@@ -108,9 +111,14 @@ def _reduce_counts(*counts: int) -> tuple:
     return tuple(int(v) for v in t.cpu())
 
 
+def baseline_latlng(finest_partition, n: int) -> np.ndarray:
+    """The baseline's prediction for n images: the finest partition's most frequent training
+    cell's centroid, always."""
+    top = int(np.argmax(np.asarray(finest_partition.counts)))
+    return np.repeat(np.asarray(finest_partition.centroids, dtype=np.float64)[top][None], n, axis=0)
+
+
 def baseline_row(finest_partition, true_latlng) -> dict:
     """Always predict the finest partition's most frequent training cell."""
     true_latlng = np.asarray(true_latlng, dtype=np.float64).reshape(-1, 2)
-    top = int(np.argmax(np.asarray(finest_partition.counts)))
-    pred = np.repeat(np.asarray(finest_partition.centroids, dtype=np.float64)[top][None], len(true_latlng), axis=0)
-    return accuracy_table(pred, true_latlng)
+    return accuracy_table(baseline_latlng(finest_partition, len(true_latlng)), true_latlng)

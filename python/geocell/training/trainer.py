@@ -373,7 +373,7 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
     split, loader = ("test", test_loader) if test_loader is not None else ("validation", val_loader)
     final = evaluate(loader, calibration=checkpoints.calibration, region_masses=REGION_MASSES,
                      retrieval=index, hybrid=hybrid)
-    rows = accuracy_rows(final, partitions[-1])
+    rows = accuracy_rows(final, partitions[-1], countries=True)
     summary = final.calibration_summary()
     ceiling = nearest_training_ceiling(train_set, final.true_latlng)
     log(info, f"\ngeolocation accuracy on the {split} split ({len(final.true_latlng)} images, best.pt)"
