@@ -4,7 +4,7 @@
     geocell data pack manifest.csv -o shards/ [--shorter-side 320] [--max-side N] [--workers 2]
     geocell data pack --from-msgpack DIR --metadata META.csv -o shards/
     geocell data download URLS.csv -o shards/ [--metadata META.csv] [--threads 4]
-    geocell data earth -o DIR [--n 20000] [--size 128] [--seed 0] [--locations FILE]
+    geocell data earth -o DIR [--n 18000] [--size 128] [--seed 0] [--locations FILE]
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("earth", help="the built-in Earth dataset (Blue Marble patches at MP-16 locations)")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--n", type=int, default=20000, help="patches (default locations only)")
+    p.add_argument("--n", type=int, default=18000, help="patches (default locations only)")
     p.add_argument("--size", type=int, default=128, help="patch size in pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the locations and the split (default 0)")
     p.add_argument("--split", choices=SPLIT_RULES, default="held-out",

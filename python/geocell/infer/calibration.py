@@ -56,6 +56,10 @@ class Calibration:
     fitted_on: str = ""           # what it was fitted on, for people reading the checkpoint
     metrics: dict = field(default_factory=dict)  # the fit's held-out figures
     retrieval: dict = field(default_factory=dict)  # the hybrid's fit (HybridFit.to_dict), if any
+    # Split-conformal regions: the sorted masses of the smallest regions that held each validation
+    # image's true location. The region reported as X % is the one of mass region_mass(X), which
+    # held the truth for X % of the validation images; empty: X itself.
+    region_scores: tuple = ()
 
     @classmethod
     def identity(cls, n_partitions: int) -> "Calibration":
@@ -65,6 +69,16 @@ class Calibration:
     def calibrated(self) -> bool:
         return self.kernel_km > 0
 
+    def region_mass(self, mass: float) -> float:
+        """The mixture mass whose region holds the truth for ``mass`` of the validation images:
+        the ceil((n + 1) * mass)-th smallest validation score (split conformal prediction; with
+        exchangeable images it holds for at least ``mass`` of new ones)."""
+        n = len(self.region_scores)
+        if n == 0:
+            return float(mass)
+        rank = math.ceil((n + 1) * float(mass))
+        return 1.0 if rank > n else float(min(1.0, max(self.region_scores[rank - 1], 1e-6)))
+
     def check(self, n_partitions: int) -> "Calibration":
         if len(self.weights) != n_partitions:
             raise ValueError(f"calibration has {len(self.weights)} weights for {n_partitions} partitionings")
@@ -72,6 +86,9 @@ class Calibration:
             raise ValueError(f"calibration weights must be finite, >= 0 and not all 0, got {self.weights}")
         if not (math.isfinite(self.kernel_km) and self.kernel_km >= 0):
             raise ValueError(f"calibration kernel_km must be finite and >= 0, got {self.kernel_km}")
+        scores = np.asarray(self.region_scores, dtype=np.float64)
+        if scores.size and not (np.all((scores >= 0) & (scores <= 1)) and np.all(np.diff(scores) >= 0)):
+            raise ValueError("calibration region_scores must be sorted masses in [0, 1]")
         return self
 
     def to_dict(self) -> dict:
@@ -80,19 +97,22 @@ class Calibration:
                "fitted_on": str(self.fitted_on), "metrics": {k: float(v) for k, v in self.metrics.items()}}
         if self.retrieval:
             out["retrieval"] = dict(self.retrieval)
+        if self.region_scores:
+            out["region_scores"] = [round(float(v), 5) for v in self.region_scores]
         return out
 
     @classmethod
     def from_dict(cls, d: dict | None, n_partitions: int) -> "Calibration":
         if not d:
             return cls.identity(n_partitions)
-        unknown = set(d) - {"weights", "kernel_km", "fitted_on", "metrics", "retrieval"}
+        unknown = set(d) - {"weights", "kernel_km", "fitted_on", "metrics", "retrieval", "region_scores"}
         if unknown:
             raise ValueError(f"calibration: unknown fields {sorted(unknown)}")
         return cls(weights=tuple(float(w) for w in d["weights"]), kernel_km=float(d.get("kernel_km", 0.0)),
                    fitted_on=str(d.get("fitted_on", "")),
                    metrics=dict(d.get("metrics", {})),
-                   retrieval=HybridFit.from_dict(d["retrieval"]).to_dict() if d.get("retrieval") else {}
+                   retrieval=HybridFit.from_dict(d["retrieval"]).to_dict() if d.get("retrieval") else {},
+                   region_scores=tuple(float(v) for v in d.get("region_scores", ()))
                    ).check(n_partitions)
 
 
@@ -217,9 +237,15 @@ class Mixture:
     def threshold(self, mass: float) -> float:
         return float(np.quantile(self.draw_density, 1.0 - mass))
 
+    def mass_at(self, latlng) -> float:
+        """The mass of the smallest highest-density region that holds (lat, lng): the share of
+        draws at least as dense as the location."""
+        return float(np.mean(self.draw_density >= self.density_at(_unit(latlng))[0]))
+
     def holds(self, latlng, mass: float) -> bool:
-        """Whether the region of ``mass`` holds the location (lat, lng)."""
-        return bool(self.density_at(_unit(latlng))[0] >= self.threshold(mass))
+        """Whether the region of ``mass`` holds the location (lat, lng) (the region of mass 1 is
+        the whole sphere)."""
+        return self.mass_at(latlng) <= mass
 
     def region_area_km2(self, mass: float) -> float:
         """Area of the region of ``mass``: E[1{p(Y) >= t} / p(Y)] over draws Y of the mixture

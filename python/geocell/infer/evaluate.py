@@ -69,6 +69,8 @@ class Evaluation:
     scene_total: int = 0
     region_holds: dict[float, np.ndarray] = field(default_factory=dict)  # mass -> truth inside?
     region_area_km2: dict[float, np.ndarray] = field(default_factory=dict)  # mass -> area
+    # per image, the mixture mass of the smallest region holding the truth (with region_masses)
+    truth_mass: np.ndarray = field(default_factory=lambda: np.zeros(0))
     logits: list[np.ndarray] | None = None  # per-partitioning logits, when kept (calibration)
     embeddings: np.ndarray | None = None    # unit trunk embeddings, when kept (fitting the hybrid)
 
@@ -115,6 +117,7 @@ class Evaluator:
         self._pred = {r: [] for r in rows}
         self._truth, self._best, self._prob, self._ids, self._logits, self._emb = [], [], [], [], [], []
         self._holds = {m: [] for m in self.region_masses}
+        self._truth_mass = []
         self._areas = {m: [] for m in self.region_masses}
         self.scene_hits = self.scene_total = 0
 
@@ -148,9 +151,12 @@ class Evaluator:
                               neighbours=kernels)
             if kernels is not None:
                 hybrid_pred.append(hybrid_mode(mixture, log_q[i].numpy(), self.fine_unit, kernels))
+            if self.region_masses:
+                self._truth_mass.append(mixture.mass_at(true[i]))
             for m in self.region_masses:
-                self._holds[m].append(mixture.holds(true[i], m))
-                self._areas[m].append(mixture.region_area_km2(m))
+                # the region reported as m: the mass the conformal fit maps m to (m when none)
+                self._holds[m].append(mixture.holds(true[i], self.calibration.region_mass(m)))
+                self._areas[m].append(mixture.region_area_km2(self.calibration.region_mass(m)))
         if self.hybrid is not None:
             self._pred[HYBRID_ROW].append(np.asarray(hybrid_pred, dtype=np.float64).reshape(-1, 2))
         if scene_logits is not None and scene_labels is not None:
@@ -159,9 +165,12 @@ class Evaluator:
             self.scene_hits += int((scene_logits.argmax(dim=1)[mask] == scene[mask]).sum())
             self.scene_total += int(mask.sum())
 
-    def finish(self, skipped=()) -> Evaluation:
+    def finish(self, skipped=(), *, gather: bool = True) -> Evaluation:
+        """The Evaluation of everything added; ``gather``: join the ranks' parts under
+        torch.distributed (False when every rank was fed the same, already gathered, images)."""
         def cat(chunks, shape):
-            return _gather_concat(np.concatenate(chunks) if chunks else np.zeros(shape))
+            joined = np.concatenate(chunks) if chunks else np.zeros(shape)
+            return _gather_concat(joined) if gather else joined
 
         true = cat(self._truth, (0, 2))
         best = cat(self._best, (0,)).astype(np.int64)
@@ -172,7 +181,8 @@ class Evaluator:
         if self.keep_logits:
             logits = [cat([b[p] for b in self._logits], (0, len(self.partitions[p])))
                       for p in range(len(self.partitions))]
-        scene_hits, scene_total = _reduce_counts(self.scene_hits, self.scene_total)
+        scene_hits, scene_total = (_reduce_counts(self.scene_hits, self.scene_total) if gather
+                                   else (self.scene_hits, self.scene_total))
         embeddings = cat(self._emb, (0, 0)) if self.keep_embeddings else None
         return Evaluation(
             names=self.names, paths=list(self._ids), true_latlng=true,
@@ -182,6 +192,7 @@ class Evaluator:
             skipped=list(skipped), scene_hits=scene_hits, scene_total=scene_total,
             region_holds={m: cat([np.asarray(v, dtype=bool)], (0,)) for m, v in self._holds.items()},
             region_area_km2={m: cat([np.asarray(v, dtype=np.float64)], (0,)) for m, v in self._areas.items()},
+            truth_mass=cat([np.asarray(self._truth_mass, dtype=np.float64)], (0,)),
             logits=logits, embeddings=embeddings)
 
 

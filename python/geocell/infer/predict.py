@@ -341,7 +341,7 @@ class Geolocator:
             log_q = np.log(np.maximum(hier, 1e-300))
             kernels = self.hybrid.kernels(*neighbours) if self.hybrid is not None and neighbours else None
             mixture = Mixture(log_q, self._fine_unit(), self.calibration.kernel_km, neighbours=kernels)
-            region = mixture.region(mass)
+            region = mixture.region(self.calibration.region_mass(mass))  # held `mass` of val images
             region_ids, covered, area = region.cells, region.covered, region.area_km2
             if kernels is not None:
                 lat, lng = hybrid_mode(mixture, log_q, self._fine_unit(), kernels)

@@ -32,22 +32,19 @@ import geocell
 from geocell.data.manifest import read_manifest
 from geocell.data.splits import held_out_split, min_distance_km
 from geocell.infer.calibration import (
-    _unit,
     Calibration,
     combined_log_probs,
     fit_calibration,
     fit_retrieval,
-    hybrid_mode,
-    Mixture,
     RETRIEVAL_K,
 )
-from geocell.infer.evaluate import REGION_MASSES, accuracy_rows, evaluate_loader, format_calibration
+from geocell.infer.evaluate import REGION_MASSES, Evaluator, accuracy_rows, evaluate_loader, format_calibration
 from geocell.infer.metrics import (
     BASELINE_ROW,
     HIERARCHY_ROW,
     HYBRID_ROW,
     _gather_concat,
-    accuracy_table,
+    accuracy_from_errors,
     format_table,
     partition_names,
 )
@@ -361,12 +358,16 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
     index = hybrid = None
     if index_loader is not None:
         index, hybrid = build_retrieval(info, checkpoints, index_loader, embed, val, partitions)
-        if hybrid is not None:
-            val_rows[HYBRID_ROW] = hybrid_rows_from(val, partitions, checkpoints.calibration, hybrid, index)
     if checkpoints.calibration is not None:
+        checkpoints.calibration, val_regions = fit_regions(val, partitions, checkpoints.calibration, hybrid, index)
+        if hybrid is not None:
+            val_rows[HYBRID_ROW] = accuracy_from_errors(val_regions.errors_km()[HYBRID_ROW])
         cal = checkpoints.calibration
         log(info, "calibration fitted on the validation split: weights "
-                  + ", ".join(f"{w:.2f}" for w in cal.weights) + f", kernel {cal.kernel_km:.0f} km")
+                  + ", ".join(f"{w:.2f}" for w in cal.weights) + f", kernel {cal.kernel_km:.0f} km; "
+                  + ", ".join(f"the {100 * m:g}% region is the mixture's {100 * cal.region_mass(m):.1f}% "
+                              f"(it held {100 * np.mean(val_regions.truth_mass <= m):.1f}% of validation images)"
+                              for m in REGION_MASSES))
         checkpoints.save("best.pt")
         checkpoints.save("last.pt", state)
         extras["calibration"] = cal.to_dict()
@@ -453,18 +454,16 @@ def build_retrieval(info, checkpoints, index_loader, embed, val, partitions):
     return index, hybrid
 
 
-def hybrid_rows_from(val, partitions, calibration, hybrid, index) -> dict:
-    """The hybrid's accuracy row on the validation split, from its kept logits and embeddings."""
-    log_q = combined_log_probs([torch.as_tensor(z) for z in val.logits], geocell.hierarchy(partitions),
-                               calibration).numpy()
-    fine_unit = _unit(partitions[-1].centroids)
-    sims, nb = index.neighbours(val.embeddings, hybrid.k)
-    pred = []
-    for i in range(len(log_q)):
-        kernels = hybrid.kernels(sims[i], nb[i])
-        mixture = Mixture(log_q[i], fine_unit, calibration.kernel_km, samples=1, neighbours=kernels)
-        pred.append(hybrid_mode(mixture, log_q[i], fine_unit, kernels))
-    return accuracy_table(np.asarray(pred).reshape(-1, 2), val.true_latlng)
+def fit_regions(val, partitions, calibration, hybrid, index):
+    """The validation split once more, from its kept logits (and embeddings): the hybrid's
+    predictions, and the mass of the smallest region that held each true location, from which the
+    calibration's conformal regions are fitted. (calibration with region_scores, Evaluation)."""
+    evaluator = Evaluator(partitions, geocell.hierarchy(partitions), calibration=calibration,
+                          region_masses=REGION_MASSES, hybrid=hybrid)
+    neighbours = index.neighbours(val.embeddings, hybrid.k) if hybrid is not None else None
+    evaluator.add([torch.as_tensor(z) for z in val.logits], val.true_latlng, neighbours=neighbours)
+    ev = evaluator.finish(gather=False)  # every rank holds the whole gathered validation split
+    return dataclasses.replace(calibration, region_scores=tuple(np.sort(ev.truth_mass).tolist())), ev
 
 
 def report_skipped(info, path: str, loaders: dict) -> None:
