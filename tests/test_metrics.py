@@ -113,3 +113,23 @@ def test_evaluate_rows():
     assert rows["hierarchy"]["acc_200km"] == 0.75
     # The baseline predicts fine cell 2 (count 9) at (0, 10) for everyone.
     assert rows["most frequent cell"]["median_km"] == pytest.approx(np.median([10, 9, 80, 10]) * KM_PER_DEG)
+
+
+def test_bootstrap_interval_by_hand():
+    from geocell.infer.metrics import bootstrap_interval
+
+    # one seed, two images (10 km and 1000 km off): a replicate's share within 25 km is 0, 1/2 or
+    # 1 with probabilities 1/4, 1/2, 1/4, so the 95 % interval is [0, 1] around the mean 1/2
+    r = bootstrap_interval([[10.0, 1000.0]], replicates=4000)
+    assert r["acc_25km"] == (0.5, 0.0, 1.0) and r["acc_2500km"] == (1.0, 1.0, 1.0)
+    assert r["median_km"] == (505.0, 10.0, 1000.0) and (r["seeds"], r["n"]) == (1, 2)
+    # two seeds that disagree on one image: the seeds are resampled too
+    assert bootstrap_interval([[10.0], [1000.0]], replicates=4000)["acc_25km"] == (0.5, 0.0, 1.0)
+    # seeds that agree on identical images: no spread at all
+    assert bootstrap_interval([[100.0] * 5] * 3)["acc_200km"] == (1.0, 1.0, 1.0)
+    # the pairing is kept: seed 2 always 10 km better than seed 1, so the mean over both seeds of
+    # any replicate is the mean of the two; 200 km holds for one of three images for both seeds
+    r = bootstrap_interval([[100.0, 300.0, 900.0], [90.0, 290.0, 890.0]], replicates=500)
+    assert r["acc_200km"][0] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="seeds, images"):
+        bootstrap_interval([])

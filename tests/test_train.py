@@ -207,3 +207,32 @@ def test_images_that_fail_are_listed_in_the_run_folder(earth, tmp_path, capsys):
         listed = {(r["split"], os.path.basename(r["image"])) for r in csv.DictReader(f)}
     assert listed == {("train", "broken.jpg"), ("train", "empty.jpg")}
     assert "2 images could not be used (train 2)" in capsys.readouterr().out
+
+
+def test_ablation_trains_each_variant_with_each_seed_and_reports_intervals(tmp_path, monkeypatch, capsys):
+    """The ablation's wiring, with train() replaced by a stand-in whose test errors are known:
+    every variant runs once per seed, classification only, and the table is the bootstrap
+    interval of exactly those errors."""
+    from geocell.infer.metrics import bootstrap_interval
+
+    calls = []
+
+    def fake_train(cfg, resume=None):
+        calls.append(cfg)
+        base = 100.0 * len(cfg.taus) + (50.0 if cfg.scene_head else 0.0)
+        errors = base + cfg.seed + np.arange(6.0) * 400.0
+        rows = {"fine": errors} if len(cfg.taus) == 1 else {"fine": errors + 1e4, "hierarchy": errors}
+        return {"errors_km": rows, "seconds": 1.0, "split": "test"}
+
+    monkeypatch.setattr(run, "train", fake_train)
+    out = tmp_path / "abl"
+    assert run.main(["--ablation", "--seeds", "2", "--seed", "5", "--manifest", "unused.csv", "-o", str(out)]) == 0
+    assert [(len(c.taus), c.scene_head, c.seed) for c in calls] == [
+        (1, False, 5), (1, False, 6), (3, False, 5), (3, False, 6), (3, True, 5), (3, True, 6)]
+    assert not any(c.retrieval for c in calls) and len({c.out for c in calls}) == 6
+    saved = json.load(open(out / "ablation.json"))
+    assert saved["seeds"] == [5, 6] and saved["split"] == "test"
+    want = bootstrap_interval([300.0 + s + np.arange(6.0) * 400.0 for s in (5, 6)], seed=5)
+    got = saved["rows"]["3 partitionings + hierarchy"]
+    assert all(got[k] == pytest.approx(list(want[k])) for k in ("acc_200km", "acc_750km", "median_km"))
+    assert "95 % bootstrap interval" in capsys.readouterr().out

@@ -71,6 +71,48 @@ def accuracy_from_errors(errors_km) -> dict:
     return row
 
 
+def bootstrap_interval(errors_by_seed, *, replicates: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean and percentile-bootstrap interval of each accuracy and of the median error over
+    training seeds and test images: ``errors_by_seed`` is (seeds, images), every seed's errors
+    on the same images in the same order. Each replicate draws seeds and images with replacement
+    (the same images for every drawn seed: the pairing is kept) and averages over the drawn
+    seeds. Returns {"acc_25km": (mean, low, high), ..., "median_km": (...), "seeds": S, "n": N}."""
+    e = np.asarray(errors_by_seed, dtype=np.float64)
+    if e.ndim != 2 or e.size == 0:
+        raise ValueError(f"errors_by_seed must be (seeds, images) with both > 0, got shape {e.shape}")
+    s, n = e.shape
+    rng = np.random.default_rng(seed)
+    stats = {f"acc_{t}km": lambda x, t=t: (x <= t).mean(axis=-1) for t in THRESHOLDS_KM}
+    stats["median_km"] = lambda x: np.median(x, axis=-1)
+    out = {name: [float(f(e).mean())] for name, f in stats.items()}
+    draws = {name: np.empty(replicates) for name in stats}
+    for b in range(replicates):
+        sample = e[rng.integers(0, s, s)][:, rng.integers(0, n, n)]
+        for name, f in stats.items():
+            draws[name][b] = f(sample).mean()
+    tail = (1.0 - level) / 2.0 * 100.0
+    for name in stats:
+        lo, hi = np.percentile(draws[name], [tail, 100.0 - tail])
+        out[name] = (out[name][0], float(lo), float(hi))
+    out["seeds"], out["n"] = s, n
+    return out
+
+
+def format_interval_table(rows: dict) -> str:
+    """Plain-text table of :func:`bootstrap_interval` rows: mean [low, high] per column."""
+    names = list(rows)
+    cols = [(f"acc_{t}km", f"{t} km") for t in (25, 200, 750, 2500)]
+    width = max([len("prediction")] + [len(n) for n in names])
+    head = f"{'prediction':<{width}}" + "".join(f"{c:>22}" for _, c in cols) + f"{'median km':>24}"
+    lines = [head, "-" * len(head)]
+    for name in names:
+        r = rows[name]
+        cells = "".join(f"{f'{100 * r[k][0]:.1f}% [{100 * r[k][1]:.1f}, {100 * r[k][2]:.1f}]':>22}" for k, _ in cols)
+        m = r["median_km"]
+        lines.append(f"{name:<{width}}{cells}{f'{m[0]:.0f} [{m[1]:.0f}, {m[2]:.0f}]':>24}")
+    return "\n".join(lines)
+
+
 def accuracy_table(pred_latlng, true_latlng) -> dict:
     """{"acc_1km": fraction within 1 km, ..., "acc_2500km": ..., "median_km": ..., "n": count}."""
     return accuracy_from_errors(great_circle_errors_km(pred_latlng, true_latlng))

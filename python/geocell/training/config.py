@@ -77,6 +77,7 @@ class TrainConfig:
     tensorboard: bool = True
     retrieval: bool = True  # at the end: index the training photos beside best.pt, fit the hybrid on val
     ablation: bool = False
+    seeds: int = 3  # --ablation: training seeds per variant (seed, seed + 1, ...)
 
 
 def scaled_taus(taus, n_train: int, scale="auto") -> list[list[int]]:
@@ -216,4 +217,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-retrieval", dest="retrieval", action="store_false", default=argparse.SUPPRESS,
                    help="no retrieval index of the training photos (best.retrieval.npz) and no hybrid")
     g.add_argument("--ablation", action="store_true", default=argparse.SUPPRESS,
-                   help="compare 1 partitioning / 3 + hierarchy / 3 + hierarchy + scene head")
+                   help="compare 1 partitioning / 3 + hierarchy / 3 + hierarchy + scene head, each over --seeds "
+                        "seeds, with 95%% bootstrap intervals on the test split")
+    g.add_argument("--seeds", type=int, help=f"--ablation: training seeds per variant (default {d.seeds})")

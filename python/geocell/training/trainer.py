@@ -45,6 +45,8 @@ from geocell.infer.metrics import (
     HYBRID_ROW,
     _gather_concat,
     accuracy_from_errors,
+    bootstrap_interval,
+    format_interval_table,
     format_table,
     partition_names,
 )
@@ -395,7 +397,8 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
     if info.is_main:
         with open(checkpoints.path("results.json"), "w") as f:
             json.dump({"split": split, "rows": rows, "val_rows": val_rows, **extras}, f, indent=1)
-    return {"rows": rows, "val_rows": val_rows, "extras": extras}
+    return {"rows": rows, "val_rows": val_rows, "extras": extras, "split": split,
+            "errors_km": final.errors_km()}
 
 
 @torch.no_grad()
@@ -512,29 +515,43 @@ ABLATION = (
 )
 
 
+def ablation_variant(cfg: TrainConfig, change: dict, out: str, seed: int) -> TrainConfig:
+    """One ablation run: the same data and budget, classification only (no retrieval)."""
+    variant = dataclasses.replace(cfg, ablation=False, out=out, seed=seed, retrieval=False,
+                                  scene_head=change["scene_head"])
+    if change.get("partitions_keep") == "finest":
+        if variant.partitions:
+            variant.partitions = variant.partitions[-1:]
+        else:
+            variant.taus = variant.taus[-1:]
+    return variant
+
+
 def run_ablation(cfg: TrainConfig) -> dict:
+    """Each variant trained with ``cfg.seeds`` seeds, evaluated once on the test split (its
+    hierarchy row; the finest partitioning's for one partitioning); mean and 95 % bootstrap
+    interval over test images and seeds (geocell.infer.metrics.bootstrap_interval)."""
     base_out = cfg.out or os.path.join("runs", "ablation-" + time.strftime("%Y%m%d-%H%M%S"))
-    table, seconds = {}, {}
-    result = None
+    seeds = [cfg.seed + k for k in range(max(1, cfg.seeds))]
+    table, seconds, split = {}, {}, None
     for i, (label, change) in enumerate(ABLATION):
-        variant = dataclasses.replace(cfg, ablation=False, out=os.path.join(base_out, f"variant{i + 1}"),
-                                      scene_head=change["scene_head"])
-        if change.get("partitions_keep") == "finest":
-            if variant.partitions:
-                variant.partitions = variant.partitions[-1:]
-            else:
-                variant.taus = variant.taus[-1:]
-        result = train(variant)
-        rows = result["val_rows"]  # the validation split: the test split is not for choosing
-        table[label] = rows.get(HIERARCHY_ROW) or rows[[k for k in rows if k != BASELINE_ROW][-1]]
-        seconds[label] = result["seconds"]
-    table[BASELINE_ROW] = result["val_rows"][BASELINE_ROW]
+        errors, seconds[label] = [], 0.0
+        for seed in seeds:
+            result = train(ablation_variant(cfg, change, os.path.join(base_out, f"variant{i + 1}", f"seed{seed}"), seed))
+            row = HIERARCHY_ROW if HIERARCHY_ROW in result["errors_km"] else \
+                [k for k in result["errors_km"] if k != HYBRID_ROW][-1]
+            errors.append(result["errors_km"][row])
+            seconds[label] += result["seconds"]
+            split = result["split"]
+        table[label] = bootstrap_interval(np.stack(errors), seed=cfg.seed)
     if engine.DistInfo(int(os.environ.get("RANK", "0"))).is_main:
-        print("\nablation (same data, same budget; held-out validation split, best.pt of each):")
-        print(format_table(table))
+        print(f"\nablation (same data, same budget, classification only; {split} split, best.pt of each; "
+              f"mean over seeds {', '.join(map(str, seeds))} [95 % bootstrap interval over images and seeds]):")
+        print(format_interval_table(table))
         print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+        os.makedirs(base_out, exist_ok=True)
         with open(os.path.join(base_out, "ablation.json"), "w") as f:
-            json.dump({"rows": table, "seconds": seconds}, f, indent=1)
+            json.dump({"split": split, "seeds": seeds, "rows": table, "seconds": seconds}, f, indent=1)
     return table
 
 
