@@ -185,3 +185,17 @@ def test_conformal_regions_repair_an_overconfident_mixture():
         before = np.mean([mixtures[i].holds(truth[i], mass) for i in new])
         after = np.mean([mixtures[i].holds(truth[i], fitted.region_mass(mass)) for i in new])
         assert before <= before_at_most and abs(after - mass) <= 0.04, (mass, before, after)
+
+
+def test_shared_weight_keeps_the_plain_products_top_cell():
+    rng = np.random.default_rng(4)
+    cent = np.stack([rng.uniform(-60, 60, 12), rng.uniform(-180, 180, 12)], 1)
+    h = np.stack([np.arange(12) // 4, np.arange(12) // 2, np.arange(12)], 1)  # 3, 6, 12 cells
+    logits = [torch.tensor(rng.normal(size=(300, c)) * 3) for c in (3, 6, 12)]
+    truth = cent[rng.integers(0, 12, 300)] + rng.normal(scale=2.0, size=(300, 2))
+    cal = fit_calibration(logits, h, cent, truth, tied=True)
+    assert len(set(cal.weights)) == 1 and cal.weights[0] > 0
+    plain = combined_log_probs(logits, h, Calibration.identity(3)).argmax(dim=1)
+    assert torch.equal(combined_log_probs(logits, h, cal).argmax(dim=1), plain)
+    free = fit_calibration(logits, h, cent, truth)
+    assert free.metrics["nll_after"] <= cal.metrics["nll_after"] + 1e-6  # more freedom, no worse fit

@@ -289,10 +289,12 @@ def mixture_log_density(log_q: torch.Tensor, centroids_unit, true_latlng, kernel
 
 
 def fit_calibration(logits, hierarchy, centroids, true_latlng, *, fitted_on: str = "",
-                    steps: int = 200) -> Calibration:
+                    steps: int = 200, tied: bool = False) -> Calibration:
     """Weights and kernel width maximising the mean log-likelihood of the true
     locations ``true_latlng`` (N, 2) of held-out images under the mixture, from their logits
-    [(N, C_p)] (float tensors or arrays). ``centroids``: (n_fine, 2) lat, lng of the fine cells."""
+    [(N, C_p)] (float tensors or arrays). ``centroids``: (n_fine, 2) lat, lng of the fine cells.
+    ``tied``: one weight shared by all partitionings (a temperature of the plain product, whose
+    most probable cell it keeps), instead of one each."""
     logits = [torch.as_tensor(np.asarray(z) if not isinstance(z, torch.Tensor) else z).double().cpu()
               for z in logits]
     n_parts = len(logits)
@@ -302,11 +304,14 @@ def fit_calibration(logits, hierarchy, centroids, true_latlng, *, fitted_on: str
     h = torch.as_tensor(np.asarray(hierarchy), dtype=torch.int64)
     log_probs = [torch.log_softmax(z, dim=1) for z in logits]
     # log-parameters keep the weights and the width positive
-    log_w = torch.zeros(n_parts, dtype=torch.float64, requires_grad=True)
+    log_w = torch.zeros(1 if tied else n_parts, dtype=torch.float64, requires_grad=True)
     log_k = torch.tensor(math.log(KERNEL_START_KM), dtype=torch.float64, requires_grad=True)
 
+    def weights():
+        return torch.exp(log_w).expand(n_parts)
+
     def nll():
-        log_q = torch.log_softmax(hierarchical_log_probs(log_probs, h, torch.exp(log_w)), dim=1)
+        log_q = torch.log_softmax(hierarchical_log_probs(log_probs, h, weights()), dim=1)
         return -mixture_log_density(log_q, cu, true_latlng, torch.exp(log_k)).mean()
 
     optimizer = torch.optim.LBFGS([log_w, log_k], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
@@ -323,7 +328,7 @@ def fit_calibration(logits, hierarchy, centroids, true_latlng, *, fitted_on: str
     if not math.isfinite(after) or after > before:  # never worse than the uncalibrated start
         raise FloatingPointError(f"calibration fit diverged (mean NLL {before:.3f} -> {after:.3f})")
     kernel_km = float(torch.exp(log_k).detach())
-    return Calibration(weights=tuple(float(v) for v in torch.exp(log_w).detach()), kernel_km=kernel_km,
+    return Calibration(weights=tuple(float(v) for v in weights().detach()), kernel_km=kernel_km,
                        fitted_on=fitted_on,
                        metrics={"nll_before": before, "nll_after": after}).check(n_parts)
 

@@ -45,6 +45,7 @@ from geocell.infer.metrics import (
     HYBRID_ROW,
     _gather_concat,
     accuracy_from_errors,
+    accuracy_table,
     bootstrap_interval,
     format_interval_table,
     format_table,
@@ -351,12 +352,7 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
     val = evaluate(val_loader, keep_logits=True, keep_embeddings=index_loader is not None)
     val_rows = accuracy_rows(val, partitions[-1])
     extras = {}
-    try:
-        checkpoints.calibration = fit_calibration(
-            val.logits, geocell.hierarchy(partitions), partitions[-1].centroids, val.true_latlng,
-            fitted_on=f"validation split, {len(val.true_latlng)} images")
-    except (ValueError, FloatingPointError) as exc:
-        log(info, f"no calibration: {exc}")
+    checkpoints.calibration = choose_calibration(info, val, partitions)
     index = hybrid = None
     if index_loader is not None:
         index, hybrid = build_retrieval(info, checkpoints, index_loader, embed, val, partitions)
@@ -423,6 +419,31 @@ def embed_loader(model, loader, *, device, amp, channels_last):
     dim = getattr(model, "feature_dim", 0)
     return (_gather_concat(np.concatenate(emb) if emb else np.zeros((0, dim), np.float16)),
             _gather_concat(np.concatenate(latlng) if latlng else np.zeros((0, 2))))
+
+
+def choose_calibration(info, val, partitions):
+    """The calibration fitted on the validation split: one weight per partitioning, or one shared
+    by all (which keeps the plain product's top cell), whichever gives the better hierarchy on
+    the validation split (select_score). None when neither fit succeeds."""
+    hierarchy = geocell.hierarchy(partitions)
+    fits, scores = {}, {}
+    for kind in ("per partitioning", "shared") if len(partitions) > 1 else ("per partitioning",):
+        try:
+            cal = fit_calibration(val.logits, hierarchy, partitions[-1].centroids, val.true_latlng,
+                                  tied=kind == "shared", fitted_on=f"validation split, {len(val.true_latlng)} images")
+        except (ValueError, FloatingPointError) as exc:
+            log(info, f"no calibration with {kind} weights: {exc}")
+            continue
+        top = combined_log_probs([torch.as_tensor(z) for z in val.logits], hierarchy, cal).argmax(dim=1).numpy()
+        fits[kind] = cal
+        scores[kind] = select_score({HIERARCHY_ROW: accuracy_table(partitions[-1].centroids[top], val.true_latlng)})
+    if not fits:
+        return None
+    kind = max(scores, key=scores.get)
+    log(info, "calibration weights on the validation split: " + ", ".join(
+        f"{k} {', '.join(f'{w:.2f}' for w in fits[k].weights)} (hierarchy score {100 * v:.1f})"
+        for k, v in scores.items()) + f"; {kind} chosen")
+    return fits[kind]
 
 
 def build_retrieval(info, checkpoints, index_loader, embed, val, partitions):
@@ -544,14 +565,14 @@ def run_ablation(cfg: TrainConfig) -> dict:
             seconds[label] += result["seconds"]
             split = result["split"]
         table[label] = bootstrap_interval(np.stack(errors), seed=cfg.seed)
-    if engine.DistInfo(int(os.environ.get("RANK", "0"))).is_main:
-        print(f"\nablation (same data, same budget, classification only; {split} split, best.pt of each; "
-              f"mean over seeds {', '.join(map(str, seeds))} [95 % bootstrap interval over images and seeds]):")
-        print(format_interval_table(table))
-        print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
-        os.makedirs(base_out, exist_ok=True)
-        with open(os.path.join(base_out, "ablation.json"), "w") as f:
-            json.dump({"split": split, "seeds": seeds, "rows": table, "seconds": seconds}, f, indent=1)
+        if engine.DistInfo(int(os.environ.get("RANK", "0"))).is_main:  # the table so far, after each variant
+            print(f"\nablation (same data, same budget, classification only; {split} split, best.pt of each; "
+                  f"mean over seeds {', '.join(map(str, seeds))} [95 % bootstrap interval over images and seeds]):")
+            print(format_interval_table(table))
+            print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+            os.makedirs(base_out, exist_ok=True)
+            with open(os.path.join(base_out, "ablation.json"), "w") as f:
+                json.dump({"split": split, "seeds": seeds, "rows": table, "seconds": seconds}, f, indent=1)
     return table
 
 
