@@ -299,3 +299,26 @@ def test_incompatible_version_gives_a_clear_error(tiny, tmp_path):
 
 def test_geolocator_is_exposed_lazily():
     assert geocell.Geolocator is Geolocator
+
+
+def test_huge_logits_keep_finite_log_probabilities(tiny, monkeypatch):
+    """Logits of a very confident head (|z| ~ 1e4) underflow a softmax to exact zeros; the
+    log-probabilities the combination works with stay finite and keep the same top cell."""
+    ckpt, images, _ = tiny
+    geo = Geolocator.from_checkpoint(ckpt, device="cpu")
+    forward = geo.model.forward
+
+    def confident(x):
+        geo_logits, scene_logits = forward(x)
+        return [g * 1e4 for g in geo_logits], scene_logits
+
+    monkeypatch.setattr(geo.model, "forward", confident)
+    x = torch.stack([geo.transform()(Image.open(p).convert("RGB")) for p in images])
+    log_probs, _ = geo.head_log_probs(x)
+    assert all(torch.isfinite(lp).all() for lp in log_probs)
+    assert any((torch.exp(lp) == 0).any() for lp in log_probs)  # the softmax did underflow
+    with torch.no_grad():
+        plain = [g.argmax(dim=1) for g in confident(x)[0]]
+    assert all(torch.equal(lp.argmax(dim=1), p) for lp, p in zip(log_probs, plain))
+    record = geo.predict(images[0], top_k=3)
+    assert np.isfinite(record.hierarchical_top1.probability) and 0 < record.hierarchical_top1.probability <= 1
