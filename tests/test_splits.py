@@ -51,6 +51,13 @@ def test_min_distance_matches_a_direct_loop():
     np.testing.assert_allclose(min_distance_km(q[:, 0], q[:, 1], r[:, 0], r[:, 1], chunk=7, ref_chunk=5),
                                direct, atol=1e-6)
     assert np.isinf(min_distance_km([0.0], [0.0], [], [])).all()
+    from geocell._internal.geometry import unit_vectors
+    from geocell.data.splits import nearest_km
+
+    idx, km = nearest_km(unit_vectors(q[:, 0], q[:, 1]), unit_vectors(r[:, 0], r[:, 1]), chunk=7, ref_chunk=5)
+    direct_idx = [int(np.argmin([geocell.great_circle_km(a, b, c, d) for c, d in r])) for a, b in q]
+    assert idx.tolist() == direct_idx
+    np.testing.assert_allclose(km, direct, atol=1e-6)
 
 
 def test_fractions_and_determinism():

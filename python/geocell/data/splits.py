@@ -19,22 +19,33 @@ from geocell._internal.geometry import unit_vectors
 from geocell.cells import EARTH_RADIUS_KM, cell_to_parent, latlng_to_cell
 
 
-def min_distance_km(lat, lng, ref_lat, ref_lng, chunk: int = 1024, ref_chunk: int = 16384) -> np.ndarray:
-    """For each (lat, lng), the great-circle distance in km to the nearest reference point
-    (inf when there are none). Exact, O(N x M) in blocks of chunk x ref_chunk (128 MiB by
-    default), so memory stays bounded for millions of reference points."""
-    q, r = unit_vectors(lat, lng), unit_vectors(ref_lat, ref_lng)
-    out = np.full(len(q), np.inf)
-    if len(r) == 0:
-        return out
+def nearest_km(query_unit, ref_unit, chunk: int = 1024, ref_chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """For each query unit vector (N, 3), (index of the nearest reference unit vector (M, 3),
+    its great-circle distance in km); M must be > 0. Exact, O(N x M) in blocks of
+    chunk x ref_chunk (128 MiB by default), so memory stays bounded for millions of points."""
+    q, r = np.asarray(query_unit, dtype=np.float64), np.asarray(ref_unit, dtype=np.float64)
+    idx = np.zeros(len(q), dtype=np.int64)
+    best = np.full(len(q), -np.inf)
     for s in range(0, len(q), chunk):
         # the largest dot product is the nearest point; the chord gives an angle without acos' error
-        best = np.full(len(q[s:s + chunk]), -np.inf)
         for t in range(0, len(r), ref_chunk):
-            np.maximum(best, (q[s:s + chunk] @ r[t:t + ref_chunk].T).max(axis=1), out=best)
-        chord = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * best))
-        out[s:s + chunk] = 2.0 * EARTH_RADIUS_KM * np.arcsin(np.minimum(1.0, chord / 2.0))
-    return out
+            dots = q[s:s + chunk] @ r[t:t + ref_chunk].T
+            arg = dots.argmax(axis=1)
+            top = dots[np.arange(len(arg)), arg]
+            better = top > best[s:s + chunk]
+            idx[s:s + chunk][better] = arg[better] + t
+            best[s:s + chunk][better] = top[better]
+    chord = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * best))
+    return idx, 2.0 * EARTH_RADIUS_KM * np.arcsin(np.minimum(1.0, chord / 2.0))
+
+
+def min_distance_km(lat, lng, ref_lat, ref_lng, chunk: int = 1024, ref_chunk: int = 16384) -> np.ndarray:
+    """For each (lat, lng), the great-circle distance in km to the nearest reference point
+    (inf when there are none); see :func:`nearest_km`."""
+    q, r = unit_vectors(lat, lng), unit_vectors(ref_lat, ref_lng)
+    if len(r) == 0:
+        return np.full(len(q), np.inf)
+    return nearest_km(q, r, chunk, ref_chunk)[1]
 
 
 def held_out_split(lat, lng, *, fractions: dict | None = None, block_level: int | Sequence[int] = 3,

