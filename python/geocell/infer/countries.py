@@ -44,7 +44,7 @@ def _places() -> tuple[np.ndarray, np.ndarray]:
 
 def latlng_to_country(lat, lng) -> np.ndarray:
     """ISO 3166 alpha-2 code of the country at each (lat, lng); "" at sea (see the module's rule)."""
-    from geocell.data.earth import land_fraction
+    from geocell.data.terrain import land_fraction
 
     lat = np.asarray(lat, dtype=np.float64).reshape(-1)
     lng = np.asarray(lng, dtype=np.float64).reshape(-1)

@@ -28,6 +28,7 @@ class TrainConfig:
     data_dir: str = "data/earth"  # where the Earth dataset is built when no manifest is given
     earth_n: int = 18000  # 14,400 train + 1,800 val + 1,800 test: four epochs fit in the 10-minute budget
     earth_size: int = 128
+    earth_scenes: int = 3600  # the scene dataset built beside it (scenes.csv), for the scene helper
     # "held-out": places never seen, blocks of 15-1,000 km (geocell.data.earth.HELD_OUT_RULES);
     # "remote": 1,000 km blocks, no overlap with a training patch; "random": memorisation
     earth_split: str = "held-out"
@@ -50,6 +51,15 @@ class TrainConfig:
     pretrained: str = "none"
     scene_head: bool = True
     scene_weight: float = 1.0
+    # The method's helper network: trained on a scene dataset (--scene-manifest, default the Earth
+    # dataset's scenes.csv), it labels the GPS images, whose own scene labels are withheld; the
+    # scene head then learns the propagated labels (geocell.training.scenes).
+    scene_helper: bool = True
+    scene_manifest: str | None = None
+    helper_arch: str = "shufflenet_v2_x0_5"
+    helper_epochs: int = 3
+    helper_lr: float = 0.05
+    helper_image_size: int = 64
     smoothing_km: float = 500.0  # haversine label smoothing temperature; 0 = one-hot targets
     # optimisation
     epochs: int = 4
@@ -78,6 +88,7 @@ class TrainConfig:
     retrieval: bool = True  # at the end: index the training photos beside best.pt, fit the hybrid on val
     ablation: bool = False
     seeds: int = 3  # --ablation: training seeds per variant (seed, seed + 1, ...)
+    ablation_variants: list | None = None  # --ablation: which variants (1-based); None = all
 
 
 def scaled_taus(taus, n_train: int, scale="auto") -> list[list[int]]:
@@ -166,6 +177,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help=f"Earth dataset folder used without --manifest (default {d.data_dir})")
     g.add_argument("--earth-n", type=int, help=f"images in the Earth dataset (default {d.earth_n})")
     g.add_argument("--earth-size", type=int, help=f"Earth image size in px (default {d.earth_size})")
+    g.add_argument("--earth-scenes", type=int,
+                   help=f"images of the Earth scene dataset, for the scene helper (default {d.earth_scenes})")
     g.add_argument("--earth-split", choices=SPLIT_RULES,
                    help="Earth val/test: 'held-out' places never seen in training, in blocks of 15 to 1,000 km "
                         "(default); 'remote': 1,000 km blocks, no patch overlapping a training one; 'random'")
@@ -188,6 +201,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", help="none | imagenet | PATH to weights (default none)")
     g.add_argument("--scene-head", type=_bool, help="train the scene head (default true when scene labels exist)")
     g.add_argument("--scene-weight", type=float, help=f"weight of the scene loss (default {d.scene_weight})")
+    g.add_argument("--scene-helper", type=_bool,
+                   help="train the scene helper on --scene-manifest (default: the Earth dataset's scenes.csv) and "
+                        "train the scene head on the labels it propagates, not on the manifest's own (default true)")
+    g.add_argument("--scene-manifest", help="scene-labelled images for the scene helper (plain manifest; a 'val' "
+                                            "split, if any, measures the helper)")
+    g.add_argument("--helper-arch", help=f"scene helper network (default {d.helper_arch})")
+    g.add_argument("--helper-epochs", type=int, help=f"scene helper epochs (default {d.helper_epochs})")
+    g.add_argument("--helper-lr", type=float, help=f"scene helper SGD learning rate (default {d.helper_lr:g})")
+    g.add_argument("--helper-image-size", type=int, help=f"scene helper input size (default {d.helper_image_size})")
     g.add_argument("--smoothing-km", type=float,
                    help=f"haversine label smoothing temperature in km; 0 = one-hot targets (default {d.smoothing_km:g})")
     g = parser.add_argument_group("optimisation")
@@ -217,6 +239,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-retrieval", dest="retrieval", action="store_false", default=argparse.SUPPRESS,
                    help="no retrieval index of the training photos (best.retrieval.npz) and no hybrid")
     g.add_argument("--ablation", action="store_true", default=argparse.SUPPRESS,
-                   help="compare 1 partitioning / 3 + hierarchy / 3 + hierarchy + scene head, each over --seeds "
-                        "seeds, with 95%% bootstrap intervals on the test split")
+                   help="compare 1 partitioning / 3 + hierarchy / 3 + hierarchy + scene head on true labels / the "
+                        "same on the helper's labels, each over --seeds seeds, with 95%% bootstrap intervals on "
+                        "the test split")
+    g.add_argument("--ablation-variants", type=int, nargs="+", metavar="K",
+                   help="--ablation: only these variants (1-4, in the order above; default all)")
     g.add_argument("--seeds", type=int, help=f"--ablation: training seeds per variant (default {d.seeds})")

@@ -12,7 +12,7 @@ trains on that manifest.
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
 import time
 
@@ -24,7 +24,7 @@ from geocell.loading.preprocess import Preprocess
 from geocell.training import engine
 from geocell.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from geocell.training.losses import MultitaskLoss
-from geocell.training.model import GeoModel, PretrainedWeightsError
+from geocell.training.model import ARCHS, GeoModel, PretrainedWeightsError
 from geocell.training.state import TrainState
 
 
@@ -34,12 +34,12 @@ def _labels(manifest):
     return LabelTable.from_manifest(manifest, [])  # no partitionings: scene targets only
 
 
-def _loader(manifest, args, train, device):
+def _loader(manifest, train: bool, *, image_size: int, batch_size: int, backend: str, workers: int, device,
+            seed: int = 0):
     from geocell.loading.base import make_loader
 
-    return make_loader(manifest, _labels(manifest), train=train, batch_size=args.batch_size,
-                       image_size=args.image_size, backend=args.backend, device=device,
-                       num_workers=args.workers, seed=args.seed)
+    return make_loader(manifest, _labels(manifest), train=train, batch_size=batch_size, image_size=image_size,
+                       backend=backend, device=device, num_workers=workers, seed=seed)
 
 
 @torch.no_grad()
@@ -54,60 +54,140 @@ def scene_probabilities(model, loader, n_rows: int, device, amp_dtype=None) -> n
     return out
 
 
+def scene_accuracy(probs: np.ndarray, truth: np.ndarray) -> tuple:
+    """(share of rows whose argmax is the true scene, rows counted): rows that were read and
+    have a true label."""
+    ok = ~np.isnan(probs).any(axis=1) & (np.asarray(truth) >= 0)
+    if not ok.any():
+        return float("nan"), 0
+    return float((probs[ok].argmax(axis=1) == np.asarray(truth)[ok]).mean()), int(ok.sum())
+
+
+@dataclasses.dataclass
+class HelperOptions:
+    """How the scene helper trains and reads images (``geocell scenes train`` flags, and the main
+    job's --helper-* settings)."""
+
+    arch: str = "resnet18"
+    epochs: int = 5
+    # 0.05 (the geo network's rate, made for a batch of several heads) diverged on a three-class
+    # scene set from random init: loss above ln 3 after an epoch, one class predicted everywhere.
+    lr: float = 0.01
+    warmup_epochs: float = 0.3
+    image_size: int = 96
+    batch_size: int = 64
+    backend: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    pretrained: str = "none"
+    progress: bool = True
+
+
+def train_helper(train_set, val_set, names: list, options: HelperOptions, device, log=print):
+    """The scene-only network trained on ``train_set``'s scene labels (SGD, cosine schedule after
+    a warm-up); after each epoch its accuracy on ``val_set`` (if any rows) is logged. Returns
+    (model, validation accuracy or NaN). Raises ValueError when the data gives no batch."""
+    engine.seed_everything(options.seed)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    model = GeoModel(options.arch, [], len(names), pretrained=options.pretrained).to(device)
+    loader_args = dict(image_size=options.image_size, batch_size=options.batch_size, backend=options.backend,
+                       workers=options.workers, device=device, seed=options.seed)
+    train_loader = _loader(train_set, True, **loader_args)
+    steps = len(train_loader)
+    if steps == 0:
+        raise ValueError(f"{len(train_set)} scene images give no batch of {options.batch_size}")
+    criterion = MultitaskLoss(scene_weight=1.0)
+    optimizer = engine.build_optimizer(model, options.lr, 0.9, 1e-4)
+    scheduler = engine.build_scheduler(optimizer, engine.LRSchedule("cosine", steps, options.epochs,
+                                                                    warmup_epochs=options.warmup_epochs))
+    state = TrainState(optimizer, scheduler)
+    epoch_options = engine.EpochOptions(steps=steps, amp_dtype=amp_dtype, log_every=0, show_progress=options.progress)
+    info = engine.DistInfo(device=device)
+    val_loader = _loader(val_set, False, **loader_args) if val_set is not None and len(val_set) else None
+    accuracy = float("nan")
+    for epoch in range(options.epochs):
+        train_loader.set_epoch(epoch)
+        state.epoch, state.step_in_epoch = epoch, 0
+        t0 = time.perf_counter()
+        means, _ = engine.train_one_epoch(model, criterion, train_loader, state, info, epoch_options)
+        msg = (f"scene helper epoch {epoch + 1}/{options.epochs}: loss {means.get('loss', float('nan')):.3f} "
+               f"({time.perf_counter() - t0:.0f} s)")
+        if val_loader is not None:
+            probs = scene_probabilities(model, val_loader, len(val_set), device, amp_dtype)
+            accuracy, counted = scene_accuracy(probs, val_set.scene)
+            msg += f", validation scene accuracy {100 * accuracy:.1f}% ({counted} images)"
+        log(msg)
+    return model, accuracy
+
+
+def label_images(model, manifest, options: HelperOptions, device) -> np.ndarray:
+    """(N, S) scene probabilities of every image of ``manifest`` (NaN rows: unreadable images)."""
+    loader = _loader(manifest, False, image_size=options.image_size, batch_size=options.batch_size,
+                     backend=options.backend, workers=options.workers, device=device)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    return scene_probabilities(model, loader, len(manifest), device, amp_dtype)
+
+
+def apply_labels(manifest, probs: np.ndarray, names: list, replace: np.ndarray):
+    """``manifest`` with the argmax of ``probs`` as its scene where ``replace`` (and the image was
+    read), the probabilities as its scene_prob columns."""
+    predicted = np.where(np.isnan(probs).any(axis=1), -1, np.nan_to_num(probs, nan=-1.0).argmax(axis=1))
+    out = manifest.subset(np.arange(len(manifest)))
+    out.scene = np.where(replace, predicted, manifest.scene).astype(np.int64)
+    out.scene_names = list(names)
+    out.scene_probs = probs
+    return out, predicted
+
+
+HELPER = HelperOptions()
+VAL_SPLITS = ("val", "valid", "validation")
+
+
+def _options(args) -> HelperOptions:
+    return HelperOptions(arch=getattr(args, "arch", "resnet18"), epochs=getattr(args, "epochs", 0),
+                         lr=getattr(args, "lr", 0.0), image_size=args.image_size, batch_size=args.batch_size,
+                         backend=args.backend, workers=args.workers, seed=args.seed,
+                         pretrained=getattr(args, "pretrained", "none"), progress=not args.no_progress)
+
+
 def cmd_train(args) -> int:
     from geocell.data.manifest import read_manifest
 
-    engine.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = engine.pick_device(args.device)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     full = read_manifest(args.manifest, image_root=args.image_root)
     labelled = full.subset(full.scene >= 0)
     if len(labelled) == 0 or not full.scene_names:
         print(f"geocell scenes train: {args.manifest} has no scene-labelled rows", file=sys.stderr)
         return 2
+    in_val = np.isin(labelled.split, VAL_SPLITS) if labelled.split is not None else np.zeros(len(labelled), bool)
     if args.val_manifest:
         train_set, val_set = labelled, read_manifest(args.val_manifest, image_root=args.image_root)
+    elif in_val.any() and not in_val.all():  # the manifest's own validation split
+        train_set, val_set = labelled.subset(~in_val), labelled.subset(in_val)
     else:
         order = np.random.default_rng(args.seed).permutation(len(labelled))
         n_val = max(1, int(round(args.val_fraction * len(labelled)))) if len(labelled) > 1 else 0
         val_set, train_set = labelled.subset(np.sort(order[:n_val])), labelled.subset(np.sort(order[n_val:]))
     names = list(full.scene_names)
+    options = _options(args)
     try:
-        model = GeoModel(args.arch, [], len(names), pretrained=args.pretrained).to(device)
+        model, _ = train_helper(train_set, val_set, names, options, device, log=lambda m: print(m, flush=True))
     except PretrainedWeightsError as exc:
         print(f"geocell scenes train: {exc}", file=sys.stderr)
         return 2
-    train_loader = _loader(train_set, args, True, device)
-    steps = len(train_loader)
-    if steps == 0:
-        print(f"geocell scenes train: {len(train_set)} images give no batch of {args.batch_size}", file=sys.stderr)
+    except ValueError as exc:
+        print(f"geocell scenes train: {exc}", file=sys.stderr)
         return 2
-    criterion = MultitaskLoss(scene_weight=1.0)
-    optimizer = engine.build_optimizer(model, args.lr, 0.9, 1e-4)
-    scheduler = engine.build_scheduler(optimizer, engine.LRSchedule("cosine", steps, args.epochs, warmup_epochs=0.3))
-    state = TrainState(optimizer, scheduler)
-    options = engine.EpochOptions(steps=steps, amp_dtype=amp_dtype, log_every=0, show_progress=not args.no_progress)
-    info = engine.DistInfo(device=device)
-    val_loader = _loader(val_set, args, False, device) if len(val_set) else None
-    for epoch in range(args.epochs):
-        train_loader.set_epoch(epoch)
-        state.epoch, state.step_in_epoch = epoch, 0
-        t0 = time.perf_counter()
-        means, _ = engine.train_one_epoch(model, criterion, train_loader, state, info, options)
-        msg = f"epoch {epoch + 1}/{args.epochs}: loss {means.get('loss', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)"
-        if val_loader is not None:
-            probs = scene_probabilities(model, val_loader, len(val_set), device, amp_dtype)
-            ok = ~np.isnan(probs).any(axis=1) & (val_set.scene >= 0)
-            acc = float((probs[ok].argmax(axis=1) == val_set.scene[ok]).mean()) if ok.any() else float("nan")
-            msg += f", validation scene accuracy {100 * acc:.1f}% ({int(ok.sum())} images)"
-        print(msg, flush=True)
-    save_checkpoint(args.output, arch=args.arch, model=model.state_dict(), num_classes=[],
-                    scene_names=names, partitions=[],
-                    preprocess=Preprocess(args.image_size).to_dict())
+    save_helper(args.output, model, names, options)
     print(f"wrote {args.output}")
     return 0
+
+
+def save_helper(path, model, names: list, options: HelperOptions) -> None:
+    save_checkpoint(path, arch=options.arch, model=model.state_dict(), num_classes=[], scene_names=list(names),
+                    partitions=[], preprocess=Preprocess(options.image_size).to_dict())
 
 
 def cmd_label(args) -> int:
@@ -134,15 +214,10 @@ def cmd_label(args) -> int:
               f"checkpoint's {names}", file=sys.stderr)
         return 2
     args.image_size = args.image_size or int(ckpt["preprocess"]["image_size"])
-    loader = _loader(manifest, args, False, device)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    probs = scene_probabilities(model, loader, len(manifest), device, amp_dtype)
-    predicted = np.where(np.isnan(probs).any(axis=1), -1, np.nan_to_num(probs, nan=-1.0).argmax(axis=1))
+    probs = label_images(model, manifest, _options(args), device)
     unlabelled = manifest.scene < 0
     replace = np.ones(len(manifest), bool) if args.overwrite else unlabelled
-    manifest.scene = np.where(replace, predicted, manifest.scene).astype(np.int64)
-    manifest.scene_names = names
-    manifest.scene_probs = probs
+    manifest, predicted = apply_labels(manifest, probs, names, replace)
     write_manifest(manifest, args.output)
     failed = int(np.isnan(probs).any(axis=1).sum())
     print(f"labelled {int((replace & (predicted >= 0)).sum())} of {len(manifest)} images "
@@ -157,17 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the scene-only network on scene-labelled images")
     t.add_argument("--manifest", required=True, help="manifest with a scene column (rows without one are ignored)")
-    t.add_argument("--val-manifest", help="validation manifest (default: a random 10%% of the labelled rows)")
+    t.add_argument("--val-manifest", help="validation manifest (default: the manifest's 'val' split, else a random "
+                                          "--val-fraction of the labelled rows)")
     t.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the labelled rows held out for validation (default 0.1)")
-    t.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50", "resnet101"],
-                   help="network (default resnet18)")
+    t.add_argument("--arch", default=HELPER.arch, choices=ARCHS, help=f"network (default {HELPER.arch})")
     t.add_argument("--pretrained", default="none", help="none | imagenet | PATH")
-    t.add_argument("--epochs", type=int, default=5, help="default 5")
-    # 0.05 (the geo network's rate, made for a batch of several heads) diverged on a three-class
-    # scene set from random init: loss above ln 3 after an epoch, one class predicted everywhere.
-    t.add_argument("--lr", type=float, default=0.01,
-                   help="SGD learning rate, cosine schedule after a 0.3-epoch warm-up (default 0.01)")
+    t.add_argument("--epochs", type=int, default=HELPER.epochs, help=f"default {HELPER.epochs}")
+    t.add_argument("--lr", type=float, default=HELPER.lr,
+                   help=f"SGD learning rate, cosine schedule after a {HELPER.warmup_epochs:g}-epoch warm-up "
+                        f"(default {HELPER.lr:g})")
     t.add_argument("--seed", type=int, default=0, help="validation draw, initialisation and augmentation")
     t.add_argument("-o", "--output", required=True, help="checkpoint to write (scene.pt)")
     la = sub.add_parser("label", help="label a GPS manifest's images with scene probabilities")
@@ -178,10 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     la.set_defaults(seed=0)
     for p in (t, la):
         p.add_argument("--image-root")
-        p.add_argument("--image-size", type=int, default=None if p is la else 96,
-                       help="input size (label: default the checkpoint's)")
-        p.add_argument("--batch-size", type=int, default=64, help="default 64")
-        p.add_argument("--workers", type=int, default=2, help="loader processes (default 2)")
+        p.add_argument("--image-size", type=int, default=None if p is la else HELPER.image_size,
+                       help=f"input size (default {HELPER.image_size}; label: the checkpoint's)")
+        p.add_argument("--batch-size", type=int, default=HELPER.batch_size, help=f"default {HELPER.batch_size}")
+        p.add_argument("--workers", type=int, default=HELPER.workers,
+                       help=f"loader processes (default {HELPER.workers})")
         p.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"],
                        help="image loader (default auto: DALI when installed)")
         p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

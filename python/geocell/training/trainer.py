@@ -90,7 +90,7 @@ def load_data(cfg: TrainConfig, info):
 
         manifest_path = os.path.join(cfg.data_dir, "manifest.csv")
         found = built_with(cfg.data_dir) if os.path.isfile(manifest_path) else None
-        wanted = build_recipe(cfg.earth_n, cfg.earth_size, 0, cfg.earth_split)
+        wanted = build_recipe(cfg.earth_n, cfg.earth_size, 0, cfg.earth_split, n_scenes=cfg.earth_scenes)
         if found != wanted:
             if info.is_main:
                 if os.path.isfile(manifest_path):
@@ -100,7 +100,7 @@ def load_data(cfg: TrainConfig, info):
                       f"{cfg.earth_split} split) in {cfg.data_dir}", flush=True)
                 t0 = time.perf_counter()
                 manifest_path = str(build_earth(os.path.abspath(cfg.data_dir), n=cfg.earth_n, size=cfg.earth_size, seed=0,
-                                                split_rule=cfg.earth_split,
+                                                split_rule=cfg.earth_split, n_scenes=cfg.earth_scenes,
                                                 progress=cfg.progress))
                 print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
             engine.barrier(info)
@@ -135,6 +135,77 @@ def load_data(cfg: TrainConfig, info):
     if len(train) == 0 or len(val) == 0:
         raise SystemExit(f"{manifest_path}: needs training and validation rows (got {len(train)} and {len(val)})")
     return train, val, test
+
+
+def scene_dataset(cfg: TrainConfig) -> str | None:
+    """The scene-labelled images the helper learns from: --scene-manifest, else the Earth
+    dataset's scenes.csv when training on the Earth dataset."""
+    if cfg.scene_manifest:
+        return cfg.scene_manifest
+    if cfg.manifest is None:
+        from geocell.data.earth import scene_dataset_path
+
+        path = scene_dataset_path(cfg.data_dir)
+        return str(path) if path is not None else None
+    return None
+
+
+def propagate_scenes(cfg: TrainConfig, info, run_dir: str, splits: dict, resume: bool) -> dict:
+    """The helper network: trained on the scene dataset, it labels every GPS image (the
+    ``splits`` manifests, train first), whose own scene labels are withheld. Writes
+    ``scene_helper.pt`` and ``scene_labels.csv`` (one row per GPS image: its split, the label and
+    the ``scene_prob_<name>`` columns) in the run folder and returns {split: propagated labels}
+    plus a summary under "summary". A resumed run reads its scene_labels.csv back."""
+    from geocell.data.manifest import Manifest, write_manifest
+    from geocell.training import scenes
+
+    labels_path = os.path.join(run_dir, "scene_labels.csv")
+    summary = {}
+    if info.is_main and not (resume and os.path.isfile(labels_path)):
+        t0 = time.perf_counter()
+        scene_set = read_manifest(scene_dataset(cfg), image_root=None)
+        labelled = scene_set.subset(scene_set.scene >= 0)
+        is_val = np.isin(labelled.split, VAL_SPLITS) if labelled.split is not None else np.zeros(len(labelled), bool)
+        options = scenes.HelperOptions(arch=cfg.helper_arch, epochs=cfg.helper_epochs, lr=cfg.helper_lr,
+                                       image_size=cfg.helper_image_size, batch_size=cfg.batch_size,
+                                       backend=cfg.backend, workers=cfg.workers, seed=cfg.seed, progress=cfg.progress)
+        names = list(scene_set.scene_names)
+        log(info, f"scene helper ({cfg.helper_arch}): {int((~is_val).sum())} training / {int(is_val.sum())} "
+                  f"validation images of {scene_dataset(cfg)}, scenes {', '.join(names)}")
+        model, accuracy = scenes.train_helper(labelled.subset(~is_val), labelled.subset(is_val), names, options,
+                                              info.device, log=lambda m: log(info, m))
+        scenes.save_helper(os.path.join(run_dir, "scene_helper.pt"), model, names, options)
+        probs = {name: scenes.label_images(model, m, options, info.device) for name, m in splits.items()}
+        rows = {name: scenes.apply_labels(m, probs[name], names, np.ones(len(m), bool))[0] for name, m in splits.items()}
+        everything = Manifest(paths=[p for m in rows.values() for p in m.paths],
+                              lat=np.concatenate([m.lat for m in rows.values()]),
+                              lng=np.concatenate([m.lng for m in rows.values()]),
+                              scene=np.concatenate([m.scene for m in rows.values()]), scene_names=names,
+                              split=np.concatenate([np.full(len(m), name) for name, m in rows.items()]),
+                              scene_probs=np.concatenate([probs[name] for name in rows]))
+        write_manifest(everything, labels_path)
+        # agreement with the withheld labels, where the GPS dataset has them in the same scenes
+        truth = {name: m.scene for name, m in splits.items() if list(m.scene_names) == names}
+        agreement = {name: scenes.scene_accuracy(probs[name], t) for name, t in truth.items()}
+        summary = {"helper_val_accuracy": accuracy, "agreement": {k: v[0] for k, v in agreement.items()},
+                   "shares": {n: float((everything.scene == k).mean()) for k, n in enumerate(names)},
+                   "seconds": time.perf_counter() - t0}
+        log(info, f"scene helper: {100 * accuracy:.1f}% right on its own validation scenes; propagated labels agree "
+                  "with the withheld true ones for " + ", ".join(f"{100 * a:.1f}% of {n} ({c} images)"
+                                                            for n, (a, c) in agreement.items())
+                  + "; labels: " + ", ".join(f"{n} {100 * v:.1f}%" for n, v in summary["shares"].items())
+                  + f" ({summary['seconds']:.0f} s; {labels_path})")
+    engine.barrier(info)
+    written = read_manifest(labels_path, check_files=False)
+    if len(written) != sum(len(m) for m in splits.values()):
+        raise SystemExit(f"{labels_path} has {len(written)} rows, not one per GPS image: delete it to label again")
+    out, start = {}, 0
+    for name, m in splits.items():
+        out[name] = written.scene[start:start + len(m)]
+        start += len(m)
+    out["names"] = list(written.scene_names)
+    out["summary"] = summary
+    return out
 
 
 def build_partitions(cfg: TrainConfig, train, info):
@@ -223,6 +294,17 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
 
     # Data and partitionings (a resumed run keeps the partitionings it started with).
     train_set, val_set, test_set = load_data(cfg, info)
+    helper = None
+    if cfg.scene_helper and cfg.scene_head and cfg.scene_weight != 0 and scene_dataset(cfg):
+        if info.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+        gps = {"train": train_set, "val": val_set, **({"test": test_set} if test_set is not None else {})}
+        helper = propagate_scenes(cfg, info, run_dir, gps, resume is not None)
+        # the scene head learns the propagated labels; val/test keep the true ones it is measured by
+        train_set.scene, train_set.scene_names = helper["train"], helper["names"]
+        for held in (val_set, test_set):
+            if held is not None and list(held.scene_names) != helper["names"]:
+                held.scene = np.full(len(held), -1)  # its labels are other scenes: nothing to measure by
     if resume is not None:
         partitions = [partition_from_dict(d) for d in resume["partitions"]]
     else:
@@ -327,6 +409,7 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
                                          seed=cfg.seed) if cfg.retrieval else None
         result.update(finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader,
                              test_loader, state, index_loader=index_loader,
+                             scene_helper=helper["summary"] if helper else None,
                              embed=functools.partial(embed_loader, model, device=info.device, amp=amp_dtype,
                                                      channels_last=channels_last)))
     logger.close()
@@ -342,7 +425,7 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
 
 
 def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader, test_loader, state,
-           *, index_loader=None, embed=None) -> dict:
+           *, index_loader=None, embed=None, scene_helper=None) -> dict:
     """After the last epoch: the best weights back, calibration fitted on the validation split,
     the training photos indexed for retrieval and the hybrid fitted on the validation split too,
     then the test split evaluated once (the validation split when there is none)."""
@@ -351,7 +434,7 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
     model.load_state_dict(best["model"])
     val = evaluate(val_loader, keep_logits=True, keep_embeddings=index_loader is not None)
     val_rows = accuracy_rows(val, partitions[-1])
-    extras = {}
+    extras = {"scene_helper": scene_helper} if scene_helper else {}
     checkpoints.calibration = choose_calibration(info, val, partitions)
     index = hybrid = None
     if index_loader is not None:
@@ -532,14 +615,16 @@ def resume_path(path: str) -> str:
 ABLATION = (
     ("1 partitioning", dict(partitions_keep="finest", scene_head=False)),
     ("3 partitionings + hierarchy", dict(scene_head=False)),
-    ("3 partitionings + hierarchy + scenes", dict(scene_head=True)),
+    ("3 + hierarchy + scenes (true labels)", dict(scene_head=True, scene_helper=False)),
+    ("3 + hierarchy + scenes (helper labels)", dict(scene_head=True, scene_helper=True)),
 )
 
 
 def ablation_variant(cfg: TrainConfig, change: dict, out: str, seed: int) -> TrainConfig:
     """One ablation run: the same data and budget, classification only (no retrieval)."""
     variant = dataclasses.replace(cfg, ablation=False, out=out, seed=seed, retrieval=False,
-                                  scene_head=change["scene_head"])
+                                  scene_head=change["scene_head"],
+                                  scene_helper=change.get("scene_helper", False))
     if change.get("partitions_keep") == "finest":
         if variant.partitions:
             variant.partitions = variant.partitions[-1:]
@@ -555,7 +640,10 @@ def run_ablation(cfg: TrainConfig) -> dict:
     base_out = cfg.out or os.path.join("runs", "ablation-" + time.strftime("%Y%m%d-%H%M%S"))
     seeds = [cfg.seed + k for k in range(max(1, cfg.seeds))]
     table, seconds, split = {}, {}, None
+    chosen = cfg.ablation_variants or list(range(1, len(ABLATION) + 1))
     for i, (label, change) in enumerate(ABLATION):
+        if i + 1 not in chosen:
+            continue
         errors, seconds[label] = [], 0.0
         for seed in seeds:
             result = train(ablation_variant(cfg, change, os.path.join(base_out, f"variant{i + 1}", f"seed{seed}"), seed))
