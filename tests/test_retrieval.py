@@ -283,6 +283,17 @@ def test_index_build_cli_and_evaluate_rows(trained, tmp_path):
     built = RetrievalIndex.load(out, fingerprint=checkpoint_fingerprint(load_checkpoint(run / "best.pt")))
     trainer_index = RetrievalIndex.load(run / "best.retrieval.npz")
     assert len(built) == len(trainer_index) and built.fit["kind"] in ("uniform", "softmax", "gated")
+    # its own credible regions: one conformal score per validation image, under this fit
+    from geocell.data.manifest import read_manifest
+    from geocell.infer.predict import Geolocator
+
+    scores = built.fit["region_scores"]
+    assert len(scores) == int((read_manifest(manifest).split == "val").sum()) and scores == sorted(scores)
+    assert Geolocator.from_checkpoint(run / "best.pt", device="cpu", index=out).calibration.region_scores == \
+        tuple(scores)
+    own = load_checkpoint(run / "best.pt")["calibration"]["region_scores"]
+    assert tuple(Geolocator.from_checkpoint(run / "best.pt", device="cpu").calibration.region_scores) == \
+        tuple(own)
     # the same photos, the same weights: the same embeddings (up to float16 and the loaders' order)
     order_a, order_b = np.lexsort((built.lng, built.lat)), np.lexsort((trainer_index.lng, trainer_index.lat))
     np.testing.assert_allclose(built.embeddings[order_a].astype(np.float32),

@@ -391,7 +391,10 @@ class HybridFit:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HybridFit":
-        unknown = set(d) - {"kind", "weight", "gate", "temperature", "kernel_km", "k", "fitted_on", "metrics"}
+        # region_scores: the conformal scores of a fit made apart from the checkpoint (geocell index
+        # build --fit-split), which belong to the calibration and are read by Geolocator
+        unknown = set(d) - {"kind", "weight", "gate", "temperature", "kernel_km", "k", "fitted_on", "metrics",
+                            "region_scores"}
         if unknown:
             raise ValueError(f"retrieval: unknown fields {sorted(unknown)}")
         return cls(kind=str(d["kind"]), weight=float(d.get("weight", 0.0)),
@@ -551,3 +554,18 @@ def hybrid_mode(mixture: Mixture, log_q: np.ndarray, fine_unit: np.ndarray, kern
         candidates = np.concatenate([candidates, kernels.means])
     lat, lng = unit_to_latlng(candidates[mixture.mode(candidates)])
     return float(lat[0]), float(lng[0])
+
+
+def truth_masses(log_q: np.ndarray, fine_centroids: np.ndarray, kernel_km: float, true_latlng: np.ndarray,
+                 hybrid: HybridFit | None = None, neighbours=None, samples: int = 4000) -> np.ndarray:
+    """The mass of the smallest highest-density region that holds each true location, under the
+    cells' mixture (with ``hybrid``: joined by the retrieved ``neighbours``, (similarities,
+    locations)); sorted, they are a Calibration's ``region_scores``. The same draws as
+    ``geocell.infer.evaluate.Evaluator`` (seed = row)."""
+    fine_unit = _unit(fine_centroids)
+    out = np.empty(len(true_latlng))
+    for i in range(len(true_latlng)):
+        kernels = hybrid.kernels(neighbours[0][i], neighbours[1][i]) if hybrid is not None else None
+        out[i] = Mixture(log_q[i], fine_unit, kernel_km, samples=samples, seed=i,
+                         neighbours=kernels).mass_at(true_latlng[i])
+    return out

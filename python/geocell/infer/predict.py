@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -202,6 +203,9 @@ class Geolocator:
                                   "(geocell index build --fit-split val)")
             else:
                 self.retrieval, self.hybrid = retrieval, HybridFit.from_dict(fit)
+                if fit.get("region_scores"):  # a fit of its own (index build --fit-split): its regions too
+                    self.calibration = dataclasses.replace(self.calibration,
+                                                           region_scores=tuple(fit["region_scores"]))
 
     @classmethod
     def from_checkpoint(cls, path, device=None, *, index=None, retrieval: bool = True) -> "Geolocator":

@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FloatingPointError) as exc:
             print(f"geocell index: cannot fit the hybrid: {exc}", file=sys.stderr)
             return 1
-        print(f"hybrid fitted on {args.fit_split}: {describe_fit(index.fit)}")
+        print(f"hybrid fitted on {args.fit_split}: {describe_fit(index.fit)}; its credible regions refitted on "
+              f"the same {len(index.fit['region_scores'])} images")
     index.save(args.output)
     print(f"wrote {args.output}: {len(index)} photos, {index.dim}-d {args.dtype} embeddings "
           f"(searched {'exactly' if len(index) * index.dim * 4 <= FLAT_BUDGET_BYTES else 'by IVF-PQ'})"
@@ -405,7 +406,7 @@ def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, devi
     """The hybrid fitted on held-out rows of a manifest (their logits and neighbours in ``index``)."""
     import torch
 
-    from geocell.infer.calibration import RETRIEVAL_K, Calibration, combined_log_probs, fit_retrieval
+    from geocell.infer.calibration import RETRIEVAL_K, Calibration, combined_log_probs, fit_retrieval, truth_masses
     from geocell.loading.files import make_transform, stream_files
 
     cal = Calibration.from_dict(ckpt.get("calibration"), len(partitions))
@@ -424,10 +425,15 @@ def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, devi
             true.append(np.stack([manifest.lat[indices], manifest.lng[indices]], axis=1))
     if not log_q:
         raise ValueError("no held-out image could be read")
+    log_q, true = np.concatenate(log_q), np.concatenate(true)
     sims, nb = index.neighbours(np.concatenate(emb), RETRIEVAL_K)
-    fit = fit_retrieval(np.concatenate(log_q), partitions[-1].centroids, cal.kernel_km, sims, nb,
-                        np.concatenate(true), fitted_on=f"{name}, {sum(map(len, true))} images")
-    return fit.to_dict()
+    fit = fit_retrieval(log_q, partitions[-1].centroids, cal.kernel_km, sims, nb, true,
+                        fitted_on=f"{name}, {len(true)} images")
+    # the conformal regions refitted with this hybrid on the same rows: the checkpoint's scores
+    # were made with its own fit (or none) and would not keep the regions' promise with this one
+    scores = truth_masses(log_q, partitions[-1].centroids, cal.kernel_km, true, fit,
+                          (sims[:, :fit.k], nb[:, :fit.k]))
+    return {**fit.to_dict(), "region_scores": [round(float(v), 5) for v in np.sort(scores)]}
 
 
 def describe_fit(fit: dict) -> str:
