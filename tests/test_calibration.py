@@ -199,3 +199,25 @@ def test_shared_weight_keeps_the_plain_products_top_cell():
     assert torch.equal(combined_log_probs(logits, h, cal).argmax(dim=1), plain)
     free = fit_calibration(logits, h, cent, truth)
     assert free.metrics["nll_after"] <= cal.metrics["nll_after"] + 1e-6  # more freedom, no worse fit
+
+
+def test_best_guess_by_mass_within_a_radius():
+    # The top cell A holds 0.4; three cells around B hold 0.6 together. The densest candidate is
+    # A's centroid; the candidate with the most mass within 750 km is the neighbour next to B,
+    # the best point for "within 750 km". Neighbours with no weight are only candidates.
+    from geocell.infer.calibration import NeighbourKernels, choose_point_radius, hybrid_points
+
+    cells = np.array([[0.0, 0.0], [40.0, 40.0], [40.5, 40.0], [40.0, 40.6]])
+    log_q = np.log([0.4, 0.2, 0.2, 0.2])
+    unit = unit_vectors(cells[:, 0], cells[:, 1])
+    mixture = Mixture(log_q, unit, 100.0, samples=4000, seed=0)
+    kernels = NeighbourKernels(weight=0.0, q=np.array([0.5, 0.5]),
+                               means=unit_vectors(np.array([40.2, -30.0]), np.array([40.2, 100.0])), kernel_km=25.0)
+    densest, within = hybrid_points(mixture, log_q, unit, kernels, (0.0, 750.0))
+    assert densest == pytest.approx((0.0, 0.0), abs=1e-6)
+    assert within == pytest.approx((40.2, 40.2), abs=1e-6)
+    # the rule is chosen by mean accuracy over the five radii: here the second set of guesses
+    true = np.array([[40.1, 40.1], [40.3, 40.0]])
+    radius, scores = choose_point_radius({0.0: np.array([[0.0, 0.0], [0.0, 0.0]]), 750.0: true + 0.001}, true)
+    assert radius == 750.0 and scores[750.0] == pytest.approx(1.0) and scores[0.0] == pytest.approx(0.0)
+    assert choose_point_radius({0.0: true, 25.0: true}, true)[0] == 0.0  # a tie: the smaller radius

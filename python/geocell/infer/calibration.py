@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from geocell._internal.geometry import unit_to_latlng, unit_vectors
 from geocell.cells import EARTH_RADIUS_KM
-from geocell.infer.metrics import hierarchical_log_probs
+from geocell.infer.metrics import accuracy_table, hierarchical_log_probs, mean_accuracy
 
 MAX_GRID_LEVEL = 12  # the finest cells a region is drawn with (about 2 km)
 KERNEL_START_KM = 300.0  # where the fit of the kernel width starts (it is fitted on a log scale)
@@ -373,6 +373,7 @@ class HybridFit:
     k: int = RETRIEVAL_K
     fitted_on: str = ""
     metrics: dict = field(default_factory=dict)
+    point_radius_km: float = 0.0  # the best guess's rule (hybrid_points), chosen on the validation split
 
     def check(self) -> "HybridFit":
         if self.kind not in HYBRID_KINDS:
@@ -382,26 +383,30 @@ class HybridFit:
             raise ValueError(f"retrieval: parameters must be finite numbers, got {self.to_dict()}")
         if not 0.0 <= self.weight <= 1.0 or self.temperature <= 0 or self.kernel_km <= 0 or self.k < 1:
             raise ValueError("retrieval: needs 0 <= weight <= 1, temperature > 0, kernel_km > 0, k >= 1")
+        if not (math.isfinite(self.point_radius_km) and 0.0 <= self.point_radius_km <= 20000.0):
+            raise ValueError(f"retrieval: point_radius_km must be in [0, 20000], got {self.point_radius_km}")
         return self
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "weight": float(self.weight), "gate": [float(v) for v in self.gate],
                 "temperature": float(self.temperature), "kernel_km": float(self.kernel_km), "k": int(self.k),
-                "fitted_on": str(self.fitted_on), "metrics": {k: float(v) for k, v in self.metrics.items()}}
+                "fitted_on": str(self.fitted_on), "metrics": {k: float(v) for k, v in self.metrics.items()},
+                "point_radius_km": float(self.point_radius_km)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "HybridFit":
         # region_scores: the conformal scores of a fit made apart from the checkpoint (geocell index
         # build --fit-split), which belong to the calibration and are read by Geolocator
         unknown = set(d) - {"kind", "weight", "gate", "temperature", "kernel_km", "k", "fitted_on", "metrics",
-                            "region_scores"}
+                            "region_scores", "point_radius_km"}
         if unknown:
             raise ValueError(f"retrieval: unknown fields {sorted(unknown)}")
         return cls(kind=str(d["kind"]), weight=float(d.get("weight", 0.0)),
                    gate=tuple(float(v) for v in d.get("gate", (0.0, 0.0))),
                    temperature=float(d.get("temperature", 1.0)), kernel_km=float(d["kernel_km"]),
                    k=int(d.get("k", RETRIEVAL_K)), fitted_on=str(d.get("fitted_on", "")),
-                   metrics=dict(d.get("metrics", {}))).check()
+                   metrics=dict(d.get("metrics", {})),
+                   point_radius_km=float(d.get("point_radius_km", 0.0))).check()
 
     def mix(self, sims) -> tuple[np.ndarray, np.ndarray]:
         """Cosine similarities (B, k), most similar first -> (lambda (B,), neighbour weights (B, k))."""
@@ -539,33 +544,69 @@ def expected_calibration_error(confidence, correct, bins: int = 15) -> float:
 
 
 HYBRID_CELL_CANDIDATES = 1  # cell centroids among the hybrid's mode candidates: the top cell's
+# The best guess's radius r, chosen on the validation split (HybridFit.point_radius_km): 0 = the
+# mixture's densest candidate; r > 0 = the candidate with the most mass within r km, the best
+# point for "within r km" under the predictive distribution.
+POINT_RADII_KM = (0.0, 25.0, 100.0, 200.0, 750.0)
 
 
-def hybrid_mode(mixture: Mixture, log_q: np.ndarray, fine_unit: np.ndarray, kernels) -> tuple[float, float]:
-    """The hybrid's best guess: of the neighbours' locations and the top cell's centroid, the
-    one where the mixture's density is highest. The neighbours compete only when together they
-    hold at least the top cell's share of the mass: with a weight near 0 the hybrid answers what
-    the hierarchy answers."""
+def hybrid_points(mixture: Mixture, log_q: np.ndarray, fine_unit: np.ndarray, kernels,
+                  radii_km=(0.0,)) -> list[tuple[float, float]]:
+    """The hybrid's best guess for each radius in ``radii_km``, among the top cell's centroid and
+    the neighbours' locations. Radius 0: the candidate where the mixture's density is highest,
+    the neighbours competing only when together they hold at least the top cell's share of the
+    mass (with a weight near 0 the hybrid answers what the hierarchy answers). Radius r > 0: the
+    candidate with the largest share of the mixture's draws within r km."""
     k = min(HYBRID_CELL_CANDIDATES, log_q.size)
     top = np.argpartition(-log_q, k - 1)[:k]
-    candidates = fine_unit[top]
-    q_top = float(np.exp(np.max(log_q) - np.logaddexp.reduce(log_q)))
-    if kernels.weight >= (1.0 - kernels.weight) * q_top:
-        candidates = np.concatenate([candidates, kernels.means])
-    lat, lng = unit_to_latlng(candidates[mixture.mode(candidates)])
-    return float(lat[0]), float(lng[0])
+    cells = fine_unit[top]
+    everyone = np.concatenate([cells, kernels.means])
+    out = []
+    for r in radii_km:
+        if r <= 0:
+            q_top = float(np.exp(np.max(log_q) - np.logaddexp.reduce(log_q)))
+            candidates = everyone if kernels.weight >= (1.0 - kernels.weight) * q_top else cells
+            best = candidates[mixture.mode(candidates)]
+        else:
+            near = (everyone @ mixture.draws.T) >= math.cos(r / EARTH_RADIUS_KM)
+            best = everyone[int(near.mean(axis=1).argmax())]
+        lat, lng = unit_to_latlng(best[None])
+        out.append((float(lat[0]), float(lng[0])))
+    return out
 
 
-def truth_masses(log_q: np.ndarray, fine_centroids: np.ndarray, kernel_km: float, true_latlng: np.ndarray,
-                 hybrid: HybridFit | None = None, neighbours=None, samples: int = 4000) -> np.ndarray:
-    """The mass of the smallest highest-density region that holds each true location, under the
-    cells' mixture (with ``hybrid``: joined by the retrieved ``neighbours``, (similarities,
-    locations)); sorted, they are a Calibration's ``region_scores``. The same draws as
-    ``geocell.infer.evaluate.Evaluator`` (seed = row)."""
+def hybrid_mode(mixture: Mixture, log_q: np.ndarray, fine_unit: np.ndarray, kernels,
+                radius_km: float = 0.0) -> tuple[float, float]:
+    """The hybrid's best guess (see :func:`hybrid_points`) for the fit's radius."""
+    return hybrid_points(mixture, log_q, fine_unit, kernels, (radius_km,))[0]
+
+
+def validation_draws(log_q: np.ndarray, fine_centroids: np.ndarray, kernel_km: float, true_latlng: np.ndarray,
+                     hybrid: HybridFit | None = None, neighbours=None, radii_km=(), samples: int = 4000):
+    """What the validation images say of each image's mixture (with ``hybrid``: joined by the
+    retrieved ``neighbours``, (similarities, locations)): (the mass of the smallest
+    highest-density region that holds each true location, sorted they are a Calibration's
+    ``region_scores``; {radius: the hybrid's best guesses (N, 2) by that rule} for ``radii_km``).
+    The same draws as ``geocell.infer.evaluate.Evaluator`` (seed = row)."""
     fine_unit = _unit(fine_centroids)
-    out = np.empty(len(true_latlng))
+    masses = np.empty(len(true_latlng))
+    points = {float(r): np.empty((len(true_latlng), 2)) for r in (radii_km if hybrid is not None else ())}
     for i in range(len(true_latlng)):
         kernels = hybrid.kernels(neighbours[0][i], neighbours[1][i]) if hybrid is not None else None
-        out[i] = Mixture(log_q[i], fine_unit, kernel_km, samples=samples, seed=i,
-                         neighbours=kernels).mass_at(true_latlng[i])
-    return out
+        mixture = Mixture(log_q[i], fine_unit, kernel_km, samples=samples, seed=i, neighbours=kernels)
+        masses[i] = mixture.mass_at(true_latlng[i])
+        if points:
+            for r, point in zip(points, hybrid_points(mixture, log_q[i], fine_unit, kernels, tuple(points))):
+                points[r][i] = point
+    return masses, points
+
+
+def choose_point_radius(points: dict, true_latlng: np.ndarray) -> tuple[float, dict]:
+    """(the radius whose best guesses have the highest mean accuracy over the five radii, the
+    scores by radius); ties go to the smaller radius."""
+    scores = {r: mean_accuracy(accuracy_table(p, true_latlng)) for r, p in points.items()}
+    return max(scores, key=lambda r: (scores[r], -r)), scores
+
+
+def describe_point_rule(radius_km: float) -> str:
+    return "densest point" if radius_km <= 0 else f"most mass within {radius_km:g} km"

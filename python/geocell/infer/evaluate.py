@@ -144,13 +144,15 @@ class Evaluator:
         if self.hybrid is not None and neighbours is None:
             raise ValueError("a hybrid evaluation needs each batch's neighbours")
         hybrid_pred = []
+        # draws: for the regions, and for a best guess by mass within a radius
+        draws = self.region_masses or (self.hybrid is not None and self.hybrid.point_radius_km > 0)
         for i in range(len(true) if (self.region_masses or self.hybrid) else 0):
             kernels = self.hybrid.kernels(neighbours[0][i], neighbours[1][i]) if self.hybrid else None
             mixture = Mixture(log_q[i].numpy(), self.fine_unit, self.calibration.kernel_km,
-                              samples=self.mixture_samples if self.region_masses else 1, seed=i,
-                              neighbours=kernels)
+                              samples=self.mixture_samples if draws else 1, seed=i, neighbours=kernels)
             if kernels is not None:
-                hybrid_pred.append(hybrid_mode(mixture, log_q[i].numpy(), self.fine_unit, kernels))
+                hybrid_pred.append(hybrid_mode(mixture, log_q[i].numpy(), self.fine_unit, kernels,
+                                               self.hybrid.point_radius_km))
             if self.region_masses:
                 self._truth_mass.append(mixture.mass_at(true[i]))
             for m in self.region_masses:

@@ -118,6 +118,11 @@ def accuracy_table(pred_latlng, true_latlng) -> dict:
     return accuracy_from_errors(great_circle_errors_km(pred_latlng, true_latlng))
 
 
+def mean_accuracy(row: dict) -> float:
+    """The selection score of a row of accuracy_table: its mean accuracy over the five radii."""
+    return float(np.mean([row[f"acc_{t}km"] for t in THRESHOLDS_KM]))
+
+
 def format_table(rows: dict) -> str:
     """Plain-text table: one line per row name, accuracies in percent, median error in km."""
     names = list(rows)

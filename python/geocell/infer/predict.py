@@ -348,7 +348,7 @@ class Geolocator:
             region = mixture.region(self.calibration.region_mass(mass))  # held `mass` of val images
             region_ids, covered, area = region.cells, region.covered, region.area_km2
             if kernels is not None:
-                lat, lng = hybrid_mode(mixture, log_q, self._fine_unit(), kernels)
+                lat, lng = hybrid_mode(mixture, log_q, self._fine_unit(), kernels, self.hybrid.point_radius_km)
                 found = {"lat": lat, "lng": lng, "weight": kernels.weight,
                          "neighbours": [{"lat": float(a), "lng": float(b), "similarity": float(sim)}
                                         for sim, (a, b) in zip(neighbours[0], neighbours[1])]}

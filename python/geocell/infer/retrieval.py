@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import tempfile
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -406,7 +407,8 @@ def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, devi
     """The hybrid fitted on held-out rows of a manifest (their logits and neighbours in ``index``)."""
     import torch
 
-    from geocell.infer.calibration import RETRIEVAL_K, Calibration, combined_log_probs, fit_retrieval, truth_masses
+    from geocell.infer.calibration import (POINT_RADII_KM, RETRIEVAL_K, Calibration, choose_point_radius,
+                                           combined_log_probs, fit_retrieval, validation_draws)
     from geocell.loading.files import make_transform, stream_files
 
     cal = Calibration.from_dict(ckpt.get("calibration"), len(partitions))
@@ -429,21 +431,26 @@ def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, devi
     sims, nb = index.neighbours(np.concatenate(emb), RETRIEVAL_K)
     fit = fit_retrieval(log_q, partitions[-1].centroids, cal.kernel_km, sims, nb, true,
                         fitted_on=f"{name}, {len(true)} images")
-    # the conformal regions refitted with this hybrid on the same rows: the checkpoint's scores
-    # were made with its own fit (or none) and would not keep the regions' promise with this one
-    scores = truth_masses(log_q, partitions[-1].centroids, cal.kernel_km, true, fit,
-                          (sims[:, :fit.k], nb[:, :fit.k]))
-    return {**fit.to_dict(), "region_scores": [round(float(v), 5) for v in np.sort(scores)]}
+    # the best guess's rule chosen and the conformal regions refitted on the same rows: the
+    # checkpoint's were made with its own fit (or none) and would not keep the regions' promise
+    masses, points = validation_draws(log_q, partitions[-1].centroids, cal.kernel_km, true, fit,
+                                      (sims[:, :fit.k], nb[:, :fit.k]), POINT_RADII_KM)
+    radius, _ = choose_point_radius(points, true)
+    fit = dataclasses.replace(fit, point_radius_km=float(radius))
+    return {**fit.to_dict(), "region_scores": [round(float(v), 5) for v in np.sort(masses)]}
 
 
-def describe_fit(fit: dict) -> str:
+def describe_fit(fit: dict, best_guess: bool = True) -> str:
     m = fit.get("metrics", {})
     kind = fit["kind"]
     share = (f"weight {fit['weight']:.3f}" if kind != "gated"
              else f"weight sigmoid({fit['gate'][0]:.2f} + {fit['gate'][1]:.2f} x top similarity)")
     study = ", ".join(f"{k[7:]} {v:.3f}" for k, v in m.items() if k.startswith("nll_cv_"))
+    from geocell.infer.calibration import describe_point_rule
+
     return (f"{kind} ({share}, neighbour kernel {fit['kernel_km']:.1f} km, temperature {fit['temperature']:.3g}); "
-            f"held-out NLL cells alone {m.get('nll_cells', float('nan')):.3f}, two-fold: {study}")
+            f"held-out NLL cells alone {m.get('nll_cells', float('nan')):.3f}, two-fold: {study}"
+            + (f"; best guess: {describe_point_rule(fit.get('point_radius_km', 0.0))}" if best_guess else ""))
 
 
 if __name__ == "__main__":

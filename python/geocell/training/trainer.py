@@ -32,7 +32,11 @@ import geocell
 from geocell.data.manifest import read_manifest
 from geocell.data.splits import held_out_split, min_distance_km
 from geocell.infer.calibration import (
+    POINT_RADII_KM,
     Calibration,
+    choose_point_radius,
+    describe_point_rule,
+    validation_draws,
     combined_log_probs,
     fit_calibration,
     fit_retrieval,
@@ -49,6 +53,8 @@ from geocell.infer.metrics import (
     bootstrap_interval,
     format_interval_table,
     format_table,
+    great_circle_errors_km,
+    mean_accuracy,
     partition_names,
 )
 from geocell.infer.retrieval import RetrievalIndex, index_path_for, model_fingerprint, normalise
@@ -269,8 +275,7 @@ class RunCheckpoints:
 
 def select_score(rows: dict) -> float:
     """Model selection score: mean accuracy over the five radii of the final prediction row."""
-    row = rows.get(HIERARCHY_ROW) or next(v for k, v in rows.items() if k != BASELINE_ROW)
-    return float(np.mean([v for k, v in row.items() if k.startswith("acc_")]))
+    return mean_accuracy(rows.get(HIERARCHY_ROW) or next(v for k, v in rows.items() if k != BASELINE_ROW))
 
 
 def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
@@ -440,14 +445,15 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
     if index_loader is not None:
         index, hybrid = build_retrieval(info, checkpoints, index_loader, embed, val, partitions)
     if checkpoints.calibration is not None:
-        checkpoints.calibration, val_regions = fit_regions(val, partitions, checkpoints.calibration, hybrid, index)
+        checkpoints.calibration, truth_mass, hybrid_errors, hybrid = fit_regions(
+            info, val, partitions, checkpoints.calibration, hybrid, index)
         if hybrid is not None:
-            val_rows[HYBRID_ROW] = accuracy_from_errors(val_regions.errors_km()[HYBRID_ROW])
+            val_rows[HYBRID_ROW] = accuracy_from_errors(hybrid_errors)
         cal = checkpoints.calibration
         log(info, "calibration fitted on the validation split: weights "
                   + ", ".join(f"{w:.2f}" for w in cal.weights) + f", kernel {cal.kernel_km:.0f} km; "
                   + ", ".join(f"the {100 * m:g}% region is the mixture's {100 * cal.region_mass(m):.1f}% "
-                              f"(it held {100 * np.mean(val_regions.truth_mass <= m):.1f}% of validation images)"
+                              f"(it held {100 * np.mean(truth_mass <= m):.1f}% of validation images)"
                               for m in REGION_MASSES))
         checkpoints.save("best.pt")
         checkpoints.save("last.pt", state)
@@ -556,21 +562,31 @@ def build_retrieval(info, checkpoints, index_loader, embed, val, partitions):
         return index, None
     from geocell.infer.retrieval import describe_fit
 
-    log(info, f"hybrid fitted on the validation split: {describe_fit(hybrid.to_dict())}")
+    log(info, f"hybrid fitted on the validation split: {describe_fit(hybrid.to_dict(), best_guess=False)}")
     checkpoints.calibration = dataclasses.replace(cal, retrieval=hybrid.to_dict())
     return index, hybrid
 
 
-def fit_regions(val, partitions, calibration, hybrid, index):
-    """The validation split once more, from its kept logits (and embeddings): the hybrid's
-    predictions, and the mass of the smallest region that held each true location, from which the
-    calibration's conformal regions are fitted. (calibration with region_scores, Evaluation)."""
-    evaluator = Evaluator(partitions, geocell.hierarchy(partitions), calibration=calibration,
-                          region_masses=REGION_MASSES, hybrid=hybrid)
+def fit_regions(info, val, partitions, calibration, hybrid, index):
+    """The validation split once more, from its kept logits (and embeddings): the mass of the
+    smallest region that held each true location, from which the calibration's conformal regions
+    are fitted, and the hybrid's best guesses by each rule (POINT_RADII_KM), of which the one with
+    the best mean accuracy is kept. (calibration with region_scores and the hybrid, the truth
+    masses, the validation hybrid row's errors or None, hybrid)."""
+    log_q = combined_log_probs([torch.as_tensor(z) for z in val.logits], geocell.hierarchy(partitions),
+                               calibration).numpy()
     neighbours = index.neighbours(val.embeddings, hybrid.k) if hybrid is not None else None
-    evaluator.add([torch.as_tensor(z) for z in val.logits], val.true_latlng, neighbours=neighbours)
-    ev = evaluator.finish(gather=False)  # every rank holds the whole gathered validation split
-    return dataclasses.replace(calibration, region_scores=tuple(np.sort(ev.truth_mass).tolist())), ev
+    masses, points = validation_draws(log_q, partitions[-1].centroids, calibration.kernel_km, val.true_latlng,
+                                      hybrid, neighbours, POINT_RADII_KM)
+    errors = None
+    if hybrid is not None:
+        radius, scores = choose_point_radius(points, val.true_latlng)
+        log(info, "the hybrid's best guess on the validation split (mean accuracy over the radii): " + ", ".join(
+            f"{describe_point_rule(r)} {100 * v:.1f}" for r, v in scores.items()) + f"; {describe_point_rule(radius)} chosen")
+        hybrid = dataclasses.replace(hybrid, point_radius_km=float(radius))
+        calibration = dataclasses.replace(calibration, retrieval=hybrid.to_dict())
+        errors = great_circle_errors_km(points[radius], val.true_latlng)
+    return dataclasses.replace(calibration, region_scores=tuple(np.sort(masses).tolist())), masses, errors, hybrid
 
 
 def report_skipped(info, path: str, loaders: dict) -> None:
@@ -609,7 +625,7 @@ def resume_path(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ablation: the same data and budget, three model variants
+# Ablation: the same data and budget, four model variants
 
 
 ABLATION = (
