@@ -8,7 +8,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from geocell.data.earth import SPLIT_RULES
+from geocell.data.earth import DEFAULT_N, DEFAULT_N_SCENES, SPLIT_RULES
 
 # Partitionings of the 2018 paper, (tau_min, tau_max), tuned for MP-16's 4.7M training images.
 PAPER_TAUS = [[50, 5000], [50, 2000], [50, 1000]]
@@ -26,9 +26,9 @@ class TrainConfig:
     holdout_block_level: int = 3  # held-out: val/test are whole S2 blocks of this level (~1,000 km)
     holdout_buffer_km: float = 25.0  # held-out: no val/test photo this close to a training photo
     data_dir: str = "data/earth"  # where the Earth dataset is built when no manifest is given
-    earth_n: int = 18000  # 14,400 train + 1,800 val + 1,800 test: four epochs fit in the 10-minute budget
+    earth_n: int = DEFAULT_N  # 14,400 train + 1,800 val + 1,800 test: four epochs fit in the 10-minute budget
     earth_size: int = 128
-    earth_scenes: int = 3600  # the scene dataset built beside it (scenes.csv), for the scene helper
+    earth_scenes: int = DEFAULT_N_SCENES  # the scene dataset built beside it (scenes.csv), for the scene helper
     # "held-out": places never seen, blocks of 15-1,000 km (geocell.data.earth.HELD_OUT_RULES);
     # "remote": 1,000 km blocks, no overlap with a training patch; "random": memorisation
     earth_split: str = "held-out"
