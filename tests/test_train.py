@@ -70,6 +70,12 @@ def test_scene_helper_labels_the_gps_images_the_scene_head_learns(tmp_path, caps
     summary = json.load(open(out / "results.json"))["scene_helper"]
     assert 0 <= summary["helper_val_accuracy"] <= 1 and set(summary["agreement"]) == {"train", "val", "test"}
     assert load_checkpoint(out / "best.pt")["scene_names"] == SCENE_NAMES
+    # any manifest with --scene-manifest (here the same two files, named explicitly)
+    assert run.main(["--manifest", str(data / "manifest.csv"), "--scene-manifest", str(data / "scenes.csv"),
+                     "--helper-epochs", "1", "--helper-image-size", "32", "--stop-after-steps", "1",
+                     "-o", str(tmp_path / "own"), *TINY]) == 0
+    assert len(read_manifest(tmp_path / "own" / "scene_labels.csv", check_files=False)) == len(gps)
+    assert (tmp_path / "own" / "scene_helper.pt").is_file()
     # a resumed run reads the labels back instead of training the helper again
     written = (out / "scene_labels.csv").read_bytes()
     assert run.main([*earth_args, "-o", str(tmp_path / "cut"), "--stop-after-steps", "2", *TINY]) == 0
