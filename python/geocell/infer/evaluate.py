@@ -47,7 +47,7 @@ from geocell.infer.metrics import (
     great_circle_errors_km,
     partition_names,
 )
-from geocell.infer.retrieval import normalise
+from geocell.infer.retrieval import forward_with_embeddings
 from geocell.loading.files import stream_files
 
 REGION_MASSES = (0.5, 0.9)  # the credible regions whose coverage an evaluation reports
@@ -221,8 +221,7 @@ def evaluate_loader(model, loader, partitions, hierarchy, device, *, amp=None, n
         emb = neighbours = None
         with autocast_context(device, amp):
             if features:
-                geo_logits, scene_logits, feats = net.forward_with_features(images)
-                emb = normalise(feats.float().cpu().numpy())
+                geo_logits, scene_logits, emb = forward_with_embeddings(net, images)
             else:
                 geo_logits, scene_logits = model(images)
         if evaluator.hybrid is not None:

@@ -29,7 +29,8 @@ from geocell._internal.geometry import unit_vectors
 from geocell.data.images import decode_rgb
 from geocell.infer.calibration import Calibration, HybridFit, Mixture, combined_log_probs, hybrid_mode
 from geocell.infer.regions import MAX_TOP_K, credible_region
-from geocell.infer.retrieval import RetrievalIndex, checkpoint_fingerprint, index_path_for, normalise
+from geocell.infer.retrieval import (RetrievalIndex, checkpoint_fingerprint, forward_with_embeddings, index_path_for,
+                                     normalise)
 from geocell.loading.files import TTA_MODES, make_transform, stream_files
 from geocell.loading.preprocess import Preprocess
 
@@ -277,9 +278,8 @@ class Geolocator:
             x = x.contiguous(memory_format=torch.channels_last)
         emb = None
         if self.hybrid is not None:
-            geo_logits, scene_logits, feats = self.model.forward_with_features(x)
-            feats = normalise(feats.float().cpu().numpy())
-            emb = normalise(feats.reshape(-1, n_crops, feats.shape[1]).mean(axis=1))
+            geo_logits, scene_logits, crops = forward_with_embeddings(self.model, x)
+            emb = normalise(crops.reshape(-1, n_crops, crops.shape[1]).mean(axis=1))  # the crops' mean direction
         else:
             geo_logits, scene_logits = self.model(x)
         # float64 so that reported probabilities sum to 1 to the last digit

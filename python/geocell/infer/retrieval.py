@@ -279,6 +279,14 @@ def normalise(features) -> np.ndarray:
     return f / np.maximum(norm, 1e-12)
 
 
+def forward_with_embeddings(net, images):
+    """(geo logits, scene logits or None, retrieval embeddings (B, D) float32): a photo's
+    embedding is its pooled trunk features L2-normalised, the one definition used to index the
+    training photos and to query with new ones."""
+    geo, scene, feats = net.forward_with_features(images)
+    return geo, scene, normalise(feats.float().cpu().numpy())
+
+
 def embed_paths(model, preprocess, paths, *, device="cpu", batch_size: int = 64, num_workers: int = 2,
                 progress: bool = False):
     """(unit embeddings (n_read, D) float32, indices of the paths read, [(path, error), ...])."""
@@ -299,8 +307,7 @@ def embed_paths(model, preprocess, paths, *, device="cpu", batch_size: int = 64,
                                                     num_workers=num_workers):
             skipped += [(paths[i], err) for i, err in failed]
             if images is not None:
-                _, _, feats = model.forward_with_features(images.to(device))
-                chunks.append(normalise(feats.float().cpu().numpy()))
+                chunks.append(forward_with_embeddings(model, images.to(device))[2])
                 read += list(indices)
             if bar is not None:
                 bar.update(len(indices) + len(failed))
@@ -421,9 +428,9 @@ def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, devi
                                                      batch_size=batch_size, num_workers=num_workers):
             if images is None:
                 continue
-            geo, _, feats = model.forward_with_features(images.to(device))
+            geo, _, embeddings = forward_with_embeddings(model, images.to(device))
             log_q.append(combined_log_probs([g.float().cpu() for g in geo], hierarchy, cal).numpy())
-            emb.append(normalise(feats.float().cpu().numpy()))
+            emb.append(embeddings)
             true.append(np.stack([manifest.lat[indices], manifest.lng[indices]], axis=1))
     if not log_q:
         raise ValueError("no held-out image could be read")

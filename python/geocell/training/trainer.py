@@ -57,7 +57,7 @@ from geocell.infer.metrics import (
     mean_accuracy,
     partition_names,
 )
-from geocell.infer.retrieval import RetrievalIndex, index_path_for, model_fingerprint, normalise
+from geocell.infer.retrieval import RetrievalIndex, forward_with_embeddings, index_path_for, model_fingerprint
 from geocell.loading.base import make_loader
 from geocell.loading.labels import LabelTable
 from geocell.loading.preprocess import Preprocess
@@ -500,8 +500,8 @@ def embed_loader(model, loader, *, device, amp, channels_last):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp):
-            _, _, feats = model.forward_with_features(images)
-        emb.append(normalise(feats.float().cpu().numpy()).astype(np.float16))
+            _, _, embeddings = forward_with_embeddings(model, images)
+        emb.append(embeddings.astype(np.float16))
         latlng.append(targets["latlng"].cpu().numpy().astype(np.float64))
     if was_training:
         model.train()
