@@ -228,22 +228,19 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     else:
         latlng = np.asarray(locations, dtype=np.float64).reshape(-1, 2)
         split = np.full(len(latlng), "test")
-    count = len(latlng)
-    names = _image_names(img_dir, count)
-    scene = scene_labels(latlng[:, 0], latlng[:, 1], footprint_km)
-    scene_set = None
+    n_gps = len(latlng)
+    names = _image_names(img_dir, n_gps)
+    scene_split = None
     if unused is not None and n_scenes > 0:
+        # the scene dataset's patches: labelled and rendered with the GPS ones, split off below
         scene_latlng = _sample_from(unused if len(unused) else latlng[split == "train"], int(n_scenes), rng)
         scene_split = np.where(np.arange(len(scene_latlng)) < round(0.1 * len(scene_latlng)), "val", "train")
         scene_split = scene_split[rng.permutation(len(scene_split))]
         (out_dir / SCENE_IMAGES).mkdir(exist_ok=True)
-        scene_set = Manifest(paths=_image_names(out_dir / SCENE_IMAGES, len(scene_latlng)),
-                             lat=scene_latlng[:, 0], lng=scene_latlng[:, 1],
-                             scene=scene_labels(scene_latlng[:, 0], scene_latlng[:, 1], footprint_km),
-                             scene_names=list(SCENE_NAMES), split=scene_split)
-        count += len(scene_set)
-        names = names + scene_set.paths
-        latlng = np.concatenate([latlng, scene_latlng])  # rendered together; split off below
+        names = names + _image_names(out_dir / SCENE_IMAGES, len(scene_latlng))
+        latlng = np.concatenate([latlng, scene_latlng])
+    count = len(latlng)
+    scene = scene_labels(latlng[:, 0], latlng[:, 1], footprint_km)  # the rasters are read once
 
     chunk = 500
     tasks = [(names[s:s + chunk], latlng[s:s + chunk, 0], latlng[s:s + chunk, 1], int(size),
@@ -264,12 +261,13 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
                 bar.update(done)
     bar.close()
 
-    n_gps = len(scene)
-    manifest = Manifest(paths=names[:n_gps], lat=latlng[:n_gps, 0], lng=latlng[:n_gps, 1], scene=scene,
+    manifest = Manifest(paths=names[:n_gps], lat=latlng[:n_gps, 0], lng=latlng[:n_gps, 1], scene=scene[:n_gps],
                         scene_names=list(SCENE_NAMES), split=split, source=str(out_dir / "manifest.csv"))
     path = write_manifest(manifest, out_dir / "manifest.csv")
-    if scene_set is not None:
-        write_manifest(scene_set, out_dir / SCENES_FILE)
+    if scene_split is not None:
+        write_manifest(Manifest(paths=names[n_gps:], lat=latlng[n_gps:, 0], lng=latlng[n_gps:, 1],
+                                scene=scene[n_gps:], scene_names=list(SCENE_NAMES), split=scene_split),
+                       out_dir / SCENES_FILE)
     elif (out_dir / SCENES_FILE).exists():
         (out_dir / SCENES_FILE).unlink()  # a scene set of an earlier build would not match this one
     if locations is None:

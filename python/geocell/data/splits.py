@@ -19,6 +19,17 @@ from geocell._internal.geometry import unit_vectors
 from geocell.cells import EARTH_RADIUS_KM, cell_to_parent, latlng_to_cell
 
 
+# The names a manifest's split column may give its validation rows.
+VAL_SPLITS = ("val", "valid", "validation")
+
+
+def validation_rows(manifest) -> np.ndarray:
+    """(N,) bool: the manifest's rows in a validation split (none without a split column)."""
+    if manifest.split is None:
+        return np.zeros(len(manifest), dtype=bool)
+    return np.isin(manifest.split, VAL_SPLITS)
+
+
 def nearest_km(query_unit, ref_unit, chunk: int = 1024, ref_chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """For each query unit vector (N, 3), (index of the nearest reference unit vector (M, 3),
     its great-circle distance in km); M must be > 0. Exact, O(N x M) in blocks of

@@ -25,13 +25,13 @@ How the neighbours join the cells' distribution: :mod:`geocell.infer.calibration
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import sys
 import tempfile
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -448,13 +448,13 @@ def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, devi
 
 
 def describe_fit(fit: dict, best_guess: bool = True) -> str:
+    from geocell.infer.calibration import describe_point_rule
+
     m = fit.get("metrics", {})
     kind = fit["kind"]
     share = (f"weight {fit['weight']:.3f}" if kind != "gated"
              else f"weight sigmoid({fit['gate'][0]:.2f} + {fit['gate'][1]:.2f} x top similarity)")
     study = ", ".join(f"{k[7:]} {v:.3f}" for k, v in m.items() if k.startswith("nll_cv_"))
-    from geocell.infer.calibration import describe_point_rule
-
     return (f"{kind} ({share}, neighbour kernel {fit['kernel_km']:.1f} km, temperature {fit['temperature']:.3g}); "
             f"held-out NLL cells alone {m.get('nll_cells', float('nan')):.3f}, two-fold: {study}"
             + (f"; best guess: {describe_point_rule(fit.get('point_radius_km', 0.0))}" if best_guess else ""))

@@ -140,18 +140,19 @@ def apply_labels(manifest, probs: np.ndarray, names: list, replace: np.ndarray):
 
 
 HELPER = HelperOptions()
-VAL_SPLITS = ("val", "valid", "validation")
 
 
 def _options(args) -> HelperOptions:
-    return HelperOptions(arch=getattr(args, "arch", "resnet18"), epochs=getattr(args, "epochs", 0),
-                         lr=getattr(args, "lr", 0.0), image_size=args.image_size, batch_size=args.batch_size,
+    """The options of either command (``label`` has no training flags: the defaults stand in)."""
+    return HelperOptions(arch=getattr(args, "arch", HELPER.arch), epochs=getattr(args, "epochs", HELPER.epochs),
+                         lr=getattr(args, "lr", HELPER.lr), image_size=args.image_size, batch_size=args.batch_size,
                          backend=args.backend, workers=args.workers, seed=args.seed,
-                         pretrained=getattr(args, "pretrained", "none"), progress=not args.no_progress)
+                         pretrained=getattr(args, "pretrained", HELPER.pretrained), progress=not args.no_progress)
 
 
 def cmd_train(args) -> int:
     from geocell.data.manifest import read_manifest
+    from geocell.data.splits import validation_rows
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,7 +162,7 @@ def cmd_train(args) -> int:
     if len(labelled) == 0 or not full.scene_names:
         print(f"geocell scenes train: {args.manifest} has no scene-labelled rows", file=sys.stderr)
         return 2
-    in_val = np.isin(labelled.split, VAL_SPLITS) if labelled.split is not None else np.zeros(len(labelled), bool)
+    in_val = validation_rows(labelled)
     if args.val_manifest:
         train_set, val_set = labelled, read_manifest(args.val_manifest, image_root=args.image_root)
     elif in_val.any() and not in_val.all():  # the manifest's own validation split
@@ -174,10 +175,7 @@ def cmd_train(args) -> int:
     options = _options(args)
     try:
         model, _ = train_helper(train_set, val_set, names, options, device, log=lambda m: print(m, flush=True))
-    except PretrainedWeightsError as exc:
-        print(f"geocell scenes train: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
+    except (PretrainedWeightsError, ValueError) as exc:  # weights that do not fit; no full batch
         print(f"geocell scenes train: {exc}", file=sys.stderr)
         return 2
     save_helper(args.output, model, names, options)

@@ -30,7 +30,7 @@ import torch
 
 import geocell
 from geocell.data.manifest import read_manifest
-from geocell.data.splits import held_out_split, min_distance_km
+from geocell.data.splits import held_out_split, min_distance_km, validation_rows
 from geocell.infer.calibration import (
     POINT_RADII_KM,
     Calibration,
@@ -68,7 +68,6 @@ from geocell.training.losses import MultitaskLoss
 from geocell.training.model import GeoModel, PretrainedWeightsError
 from geocell.training.state import TrainState, gather_rng
 
-VAL_SPLITS = ("val", "valid", "validation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,9 +116,9 @@ def load_data(cfg: TrainConfig, info):
     if cfg.val_manifest:
         val = read_manifest(cfg.val_manifest, image_root=cfg.image_root)
         train = full.subset(full.split == "train") if full.split is not None and (full.split == "train").any() else full
-    elif full.split is not None and np.isin(full.split, VAL_SPLITS).any():
+    elif validation_rows(full).any():
         train = full.subset(full.split == "train")
-        val = full.subset(np.isin(full.split, VAL_SPLITS))
+        val = full.subset(validation_rows(full))
         test = full.subset(full.split == "test") if (full.split == "test").any() else None
     elif cfg.holdout == "random":
         # the old draw: val/test photos near training photos (measures memorisation)
@@ -169,15 +168,16 @@ def propagate_scenes(cfg: TrainConfig, info, run_dir: str, splits: dict, resume:
     summary = {}
     if info.is_main and not (resume and os.path.isfile(labels_path)):
         t0 = time.perf_counter()
-        scene_set = read_manifest(scene_dataset(cfg), image_root=None)
+        source = scene_dataset(cfg)
+        scene_set = read_manifest(source, image_root=None)
         labelled = scene_set.subset(scene_set.scene >= 0)
-        is_val = np.isin(labelled.split, VAL_SPLITS) if labelled.split is not None else np.zeros(len(labelled), bool)
+        is_val = validation_rows(labelled)
         options = scenes.HelperOptions(arch=cfg.helper_arch, epochs=cfg.helper_epochs, lr=cfg.helper_lr,
                                        image_size=cfg.helper_image_size, batch_size=cfg.batch_size,
                                        backend=cfg.backend, workers=cfg.workers, seed=cfg.seed, progress=cfg.progress)
         names = list(scene_set.scene_names)
         log(info, f"scene helper ({cfg.helper_arch}): {int((~is_val).sum())} training / {int(is_val.sum())} "
-                  f"validation images of {scene_dataset(cfg)}, scenes {', '.join(names)}")
+                  f"validation images of {source}, scenes {', '.join(names)}")
         model, accuracy = scenes.train_helper(labelled.subset(~is_val), labelled.subset(is_val), names, options,
                                               info.device, log=lambda m: log(info, m))
         scenes.save_helper(os.path.join(run_dir, "scene_helper.pt"), model, names, options)
