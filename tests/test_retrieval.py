@@ -197,6 +197,12 @@ def test_fit_retrieval_uses_neighbours_only_where_they_help():
     assert fit.mix(sims)[0].max() < 0.05
     with pytest.raises(ValueError, match="unknown kind"):
         HybridFit(kind="nearest").check()
+    # the best guess's radius: an older fit without one is the densest point; a bad one is refused
+    old = {k: v for k, v in fit.to_dict().items() if k != "point_radius_km"}
+    assert HybridFit.from_dict(old).point_radius_km == 0.0
+    for bad in (-1.0, float("nan"), 1e9):
+        with pytest.raises(ValueError, match="point_radius_km"):
+            HybridFit.from_dict({**old, "point_radius_km": bad})
 
 
 # ----------------------------------------------------------------------------- the trained pipeline

@@ -85,6 +85,21 @@ def test_scene_helper_labels_the_gps_images_the_scene_head_learns(tmp_path, caps
     assert (tmp_path / "cut" / "scene_labels.csv").read_bytes() == written
 
 
+def test_a_resumed_run_refuses_scene_labels_that_do_not_match_its_images(earth, tmp_path):
+    # scene_labels.csv with a row missing (edited, or from another dataset): named, not misaligned
+    from geocell.data.manifest import read_manifest
+    from geocell.training.engine import DistInfo
+
+    gps = read_manifest(earth)
+    splits = {name: gps.subset(gps.split == name) for name in ("train", "val", "test")}
+    lines = ["path,lat,lng,scene,split"] + [f"{p},{a},{b},water,train" for p, a, b in
+                                            zip(gps.paths[:-1], gps.lat[:-1], gps.lng[:-1])]
+    (tmp_path / "scene_labels.csv").write_text("\n".join(lines) + "\n")
+    cfg = run.resolve({"manifest": earth})
+    with pytest.raises(SystemExit, match=f"has {len(gps) - 1} rows, not one per GPS image"):
+        run.propagate_scenes(cfg, DistInfo(), str(tmp_path), splits, resume=True)
+
+
 @pytest.mark.parametrize("backend,workers", [("torch", "2"), ("dali", "2")])
 def test_resume_matches_an_uninterrupted_run(earth, tmp_path, backend, workers):
     if backend == "dali":
