@@ -85,6 +85,25 @@ def test_scene_helper_labels_the_gps_images_the_scene_head_learns(tmp_path, caps
     assert (tmp_path / "cut" / "scene_labels.csv").read_bytes() == written
 
 
+def test_gps_labels_of_other_scenes_are_not_scored_against_the_helpers(tmp_path, capsys):
+    # A GPS manifest labelled indoor/natural/urban, a helper trained on the Earth scenes: no
+    # agreement is claimed and the scene head is not scored against labels of another scene list.
+    from geocell.data.earth import build_earth
+    from geocell.data.manifest import read_manifest, write_manifest
+
+    gps = read_manifest(build_earth(tmp_path / "earth", n=200, size=32, seed=0, progress=False, workers=1,
+                                    n_scenes=96))
+    gps.scene, gps.scene_names = np.arange(len(gps)) % 3, ["indoor", "natural", "urban"]
+    write_manifest(gps, tmp_path / "gps.csv")
+    out = tmp_path / "run"
+    assert run.main(["--manifest", str(tmp_path / "gps.csv"), "--scene-manifest", str(tmp_path / "earth" / "scenes.csv"),
+                     "--helper-epochs", "1", "--helper-image-size", "32", "--epochs", "1", "--no-retrieval",
+                     "-o", str(out), *TINY]) == 0
+    results = json.load(open(out / "results.json"))
+    assert results["scene_helper"]["agreement"] == {} and results["scene_acc"] is None
+    assert load_checkpoint(out / "best.pt")["scene_names"] == SCENE_NAMES
+
+
 def test_a_resumed_run_refuses_scene_labels_that_do_not_match_its_images(earth, tmp_path):
     # scene_labels.csv with a row missing (edited, or from another dataset): named, not misaligned
     from geocell.data.manifest import read_manifest
