@@ -316,3 +316,22 @@ def test_ablation_trains_each_variant_with_each_seed_and_reports_intervals(tmp_p
     assert [(c.scene_head, c.scene_helper) for c in calls] == [(True, True)]
     assert list(json.load(open(tmp_path / "abl4" / "ablation.json"))["rows"]) == [
         "3 + hierarchy + scenes (helper labels)"]
+
+
+def test_training_autocast_follows_the_hardware(monkeypatch):
+    """auto: bf16 on a GPU and on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX, read here
+    from /proc/cpuinfo's flags), full precision elsewhere; an explicit choice always wins."""
+    from geocell._internal import torch_util
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert torch_util.training_autocast_dtype(cpu, "none") is None
+    assert torch_util.training_autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert torch_util.training_autocast_dtype(cpu, "fp16") is torch.float16
+    assert torch_util.training_autocast_dtype(cuda, "auto") is torch.bfloat16
+    assert torch_util.training_autocast_dtype(cuda, "none") is None
+    if os.path.exists("/proc/cpuinfo"):
+        flags = {f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()}
+        assert torch_util.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_tile"})
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(torch_util, "cpu_has_native_bf16", lambda native=native: native)
+        assert torch_util.training_autocast_dtype(cpu, "auto") is expected

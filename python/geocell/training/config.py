@@ -26,7 +26,7 @@ class TrainConfig:
     holdout_block_level: int = 3  # held-out: val/test are whole S2 blocks of this level (~1,000 km)
     holdout_buffer_km: float = 25.0  # held-out: no val/test photo this close to a training photo
     data_dir: str = "data/earth"  # where the Earth dataset is built when no manifest is given
-    earth_n: int = DEFAULT_N  # 14,400 train + 1,800 val + 1,800 test: four epochs fit in the 10-minute budget
+    earth_n: int = DEFAULT_N  # 14,400 train + 1,800 val + 1,800 test: five epochs fit in the 10-minute budget
     earth_size: int = 128
     earth_scenes: int = DEFAULT_N_SCENES  # the scene dataset built beside it (scenes.csv), for the scene helper
     # "held-out": places never seen, blocks of 15-1,000 km (geocell.data.earth.HELD_OUT_RULES);
@@ -62,7 +62,7 @@ class TrainConfig:
     helper_image_size: int = 64
     smoothing_km: float = 500.0  # haversine label smoothing temperature; 0 = one-hot targets
     # optimisation
-    epochs: int = 4
+    epochs: int = 5
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
@@ -71,7 +71,7 @@ class TrainConfig:
     milestones: list | None = None  # epochs; default: 2/3 and 8/9 of the run
     gamma: float = 0.5
     warmup_epochs: float = 0.5
-    amp: str = "auto"  # auto (bf16 on GPU), bf16, fp16, none
+    amp: str = "auto"  # training steps: auto (bf16 on a GPU or a CPU with native bf16), bf16, fp16, none
     channels_last: str = "auto"
     compile: bool = False
     # run
@@ -222,7 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--milestones", type=int, nargs="+", help="MultiStepLR epochs (default 2/3 and 8/9 of the run)")
     g.add_argument("--gamma", type=float, help=f"MultiStepLR factor (default {d.gamma})")
     g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up (default {d.warmup_epochs})")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], help="autocast (default: bf16 on GPU)")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], help="autocast of the training steps (default: bf16 on a GPU or on a CPU with native bf16, else none)")
     g.add_argument("--channels-last", choices=["auto", "true", "false"])
     g.add_argument("--compile", action="store_true", default=argparse.SUPPRESS, help="torch.compile the model")
     g = parser.add_argument_group("run")

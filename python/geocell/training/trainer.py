@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import geocell
+from geocell._internal.torch_util import training_autocast_dtype
 from geocell.data.manifest import read_manifest
 from geocell.data.splits import held_out_split, min_distance_km, validation_rows
 from geocell.infer.calibration import (
@@ -291,8 +292,10 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None,
-                 "auto": torch.bfloat16 if on_gpu else None}[cfg.amp]
+    amp_dtype = training_autocast_dtype(info.device, cfg.amp)
+    # Evaluation and the index run in float32 on the CPU, as geocell evaluate and Geolocator do,
+    # so the run's tables are the ones those commands reproduce.
+    eval_amp_dtype = amp_dtype if on_gpu else None
     channels_last = on_gpu if cfg.channels_last == "auto" else str(cfg.channels_last).lower() == "true"
     run_dir = cfg.out or (os.path.dirname(os.path.abspath(resume_path(cfg.resume))) if cfg.resume
                           else os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
@@ -355,7 +358,7 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
                                   channels_last=channels_last, stop_after_steps=cfg.stop_after_steps,
                                   log_every=cfg.log_every, show_progress=cfg.progress)
     evaluate = functools.partial(evaluate_loader, ddp_model, partitions=partitions, hierarchy=hierarchy,
-                                 device=info.device, amp=amp_dtype, names=names, channels_last=channels_last)
+                                 device=info.device, amp=eval_amp_dtype, names=names, channels_last=channels_last)
 
     logger = engine.MetricLogger(run_dir, info.is_main, cfg.tensorboard)
     checkpoints = RunCheckpoints(run_dir, info, cfg, model, partitions, names, hierarchy, scene_names)
@@ -415,7 +418,7 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
         result.update(finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader,
                              test_loader, state, index_loader=index_loader,
                              scene_helper=helper["summary"] if helper else None,
-                             embed=functools.partial(embed_loader, model, device=info.device, amp=amp_dtype,
+                             embed=functools.partial(embed_loader, model, device=info.device, amp=eval_amp_dtype,
                                                      channels_last=channels_last)))
     logger.close()
     report_skipped(info, checkpoints.path("skipped_images.csv"),
