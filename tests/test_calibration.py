@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from geocell._internal.geometry import unit_vectors  # noqa: E402
 from geocell.cells import EARTH_RADIUS_KM, great_circle_km  # noqa: E402
 from geocell.infer.calibration import (  # noqa: E402
-    Calibration, Mixture, combined_log_probs, expected_calibration_error, fit_calibration)
+    Calibration, Mixture, combined_log_probs, expected_calibration_error, fit_calibration, region_groups)
 
 R = EARTH_RADIUS_KM
 
@@ -167,6 +167,58 @@ def test_conformal_region_mass_by_hand():
     assert Calibration.from_dict(cal.to_dict(), 1) == cal
     with pytest.raises(ValueError, match="region_scores"):
         Calibration.from_dict(dict(cal.to_dict(), region_scores=[0.5, 0.2]), 1)
+
+
+def test_conformal_groups_by_hand():
+    """Each image's region comes from the scores of its similarity group (an edge belongs to the
+    group above it); without a similarity, or in an older fit without groups, from all scores."""
+    low, high = tuple(np.arange(1, 11) / 10), tuple(np.arange(1, 11) / 100)
+    cal = Calibration(weights=(1.0,), kernel_km=100.0, region_scores=tuple(sorted(low + high)),
+                      region_edges=(0.5,), region_group_scores=(low, high))
+    assert cal.region_mass(0.5, 0.2) == pytest.approx(0.6)    # group 0, ceil(11 * 0.5) = 6th
+    assert cal.region_mass(0.5, 0.5) == pytest.approx(0.06)   # the edge: group 1
+    assert cal.region_mass(0.5, 0.99) == pytest.approx(0.06)
+    assert cal.region_mass(0.5) == pytest.approx(sorted(low + high)[10])  # all 20: ceil(10.5) = 11th
+    assert Calibration.from_dict(cal.to_dict(), 1) == cal
+    old = {k: v for k, v in cal.to_dict().items() if k not in ("region_edges", "region_group_scores")}
+    assert Calibration.from_dict(old, 1).region_mass(0.5, 0.2) == cal.region_mass(0.5)
+    with pytest.raises(ValueError, match="edges"):
+        Calibration.from_dict(dict(cal.to_dict(), region_edges=[]), 1)
+    with pytest.raises(ValueError, match="region_group_scores"):
+        Calibration.from_dict(dict(cal.to_dict(), region_group_scores=[[0.5, 0.2], [0.1]]), 1)
+
+
+def test_region_groups_split_at_the_similarity_quantiles():
+    rng = np.random.default_rng(0)
+    sims, masses = rng.uniform(0, 1, 400), rng.uniform(0, 1, 400)
+    fit = region_groups(masses, sims, groups=2)
+    assert fit["region_edges"] == (pytest.approx(np.median(sims)),)
+    below = sims < fit["region_edges"][0]
+    assert fit["region_group_scores"] == (tuple(np.sort(masses[below])), tuple(np.sort(masses[~below])))
+    assert fit["region_scores"] == tuple(np.sort(masses))
+    few = region_groups(masses[:150], sims[:150], groups=2)   # under 100 images a group: one group
+    assert few["region_group_scores"] == () and few["region_edges"] == ()
+    assert region_groups(masses, None)["region_group_scores"] == ()
+
+
+def test_conformal_groups_hold_when_the_test_set_is_farther_than_validation():
+    """Images near training photos (similar, small truth masses) and far ones (truth masses
+    spread over [0, 1]); validation is half and half, the test set 10 % near. Fitted over all
+    validation images, the 90 % region holds for 0.1 + 0.9 * 0.8 = 82 % of the test set; fitted
+    per similarity group, for about 90 %."""
+    rng = np.random.default_rng(1)
+
+    def images(n_near, n_far):
+        sims = np.concatenate([rng.uniform(0.9, 1.0, n_near), rng.uniform(0.5, 0.9, n_far)])
+        return sims, np.concatenate([rng.uniform(0, 0.6, n_near), rng.uniform(0, 1, n_far)])
+
+    val_sims, val_masses = images(2000, 2000)
+    test_sims, test_masses = images(400, 3600)
+    grouped = Calibration(weights=(1.0,), kernel_km=100.0, **region_groups(val_masses, val_sims))
+    pooled = dataclasses.replace(grouped, region_edges=(), region_group_scores=())
+    for cal, expected, tolerance in ((pooled, 0.82, 0.02), (grouped, 0.90, 0.02)):
+        held = np.mean([m <= cal.region_mass(0.9, s) for s, m in zip(test_sims, test_masses)])
+        assert abs(held - expected) <= tolerance, (cal.region_edges, held)
 
 
 def test_conformal_regions_repair_an_overconfident_mixture():

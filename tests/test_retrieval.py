@@ -295,8 +295,9 @@ def test_index_build_cli_and_evaluate_rows(trained, tmp_path):
 
     scores = built.fit["region_scores"]
     assert len(scores) == int((read_manifest(manifest).split == "val").sum()) and scores == sorted(scores)
-    assert Geolocator.from_checkpoint(run / "best.pt", device="cpu", index=out).calibration.region_scores == \
-        tuple(scores)
+    with_index = Geolocator.from_checkpoint(run / "best.pt", device="cpu", index=out).calibration
+    assert with_index.region_scores == tuple(scores)
+    assert with_index.region_group_scores == tuple(tuple(g) for g in built.fit.get("region_group_scores", ()))
     own = load_checkpoint(run / "best.pt")["calibration"]["region_scores"]
     assert tuple(Geolocator.from_checkpoint(run / "best.pt", device="cpu").calibration.region_scores) == \
         tuple(own)

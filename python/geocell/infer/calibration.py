@@ -23,7 +23,10 @@ on held-out validation images by maximising the likelihood of their true locatio
 
 The credible region of mass X is the highest-density region of the mixture: where its density
 exceeds the level that leaves mass X above it. It is drawn as S2 cells of one level, chosen from
-the kernel width.
+the kernel width. Which mixture mass is reported as "X %" is fitted by split conformal
+prediction on the validation images; with retrieval, separately for the images whose nearest
+training photo looks alike and for the rest (:func:`region_groups`), so that the promise holds
+whatever share of a test set lies near places the model has seen.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from geocell._internal.geometry import unit_to_latlng, unit_vectors
 from geocell.cells import EARTH_RADIUS_KM
 from geocell.infer.metrics import accuracy_table, hierarchical_log_probs, mean_accuracy
 
+REGION_GROUPS = 2           # conformal groups by the top neighbour's similarity (split at validation quantiles)
+MIN_GROUP_IMAGES = 100      # fewer validation images per group: one group for all
 MAX_GRID_LEVEL = 12  # the finest cells a region is drawn with (about 2 km)
 KERNEL_START_KM = 300.0  # where the fit of the kernel width starts (it is fitted on a log scale)
 MIXTURE_TOP = 64     # the most probable fine cells that make up the mixture (the rest is renormalised away)
@@ -60,6 +65,11 @@ class Calibration:
     # image's true location. The region reported as X % is the one of mass region_mass(X), which
     # held the truth for X % of the validation images; empty: X itself.
     region_scores: tuple = ()
+    # With retrieval (Mondrian conformal): the validation images grouped by their top neighbour's
+    # similarity, ``region_edges`` between the groups, each group's sorted scores; an image's
+    # region is fitted on the images of its own group. Empty: region_scores for every image.
+    region_edges: tuple = ()
+    region_group_scores: tuple = ()
 
     @classmethod
     def identity(cls, n_partitions: int) -> "Calibration":
@@ -69,15 +79,19 @@ class Calibration:
     def calibrated(self) -> bool:
         return self.kernel_km > 0
 
-    def region_mass(self, mass: float) -> float:
-        """The mixture mass whose region holds the truth for ``mass`` of the validation images:
-        the ceil((n + 1) * mass)-th smallest validation score (split conformal prediction; with
-        exchangeable images it holds for at least ``mass`` of new ones)."""
-        n = len(self.region_scores)
+    def region_mass(self, mass: float, top_similarity: float | None = None) -> float:
+        """The mixture mass whose region holds the truth for ``mass`` of the validation images
+        (of the group of ``top_similarity``, the image's most similar training photo, when the
+        fit has groups): the ceil((n + 1) * mass)-th smallest of their n scores (split conformal
+        prediction; with exchangeable images it holds for at least ``mass`` of new ones)."""
+        scores = self.region_scores
+        if self.region_group_scores and top_similarity is not None:
+            scores = self.region_group_scores[int(region_group(self.region_edges, top_similarity))]
+        n = len(scores)
         if n == 0:
             return float(mass)
         rank = math.ceil((n + 1) * float(mass))
-        return 1.0 if rank > n else float(min(1.0, max(self.region_scores[rank - 1], 1e-6)))
+        return 1.0 if rank > n else float(min(1.0, max(scores[rank - 1], 1e-6)))
 
     def check(self, n_partitions: int) -> "Calibration":
         if len(self.weights) != n_partitions:
@@ -89,6 +103,7 @@ class Calibration:
         scores = np.asarray(self.region_scores, dtype=np.float64)
         if scores.size and not (np.all((scores >= 0) & (scores <= 1)) and np.all(np.diff(scores) >= 0)):
             raise ValueError("calibration region_scores must be sorted masses in [0, 1]")
+        check_region_groups(self.region_edges, self.region_group_scores)
         return self
 
     def to_dict(self) -> dict:
@@ -99,21 +114,71 @@ class Calibration:
             out["retrieval"] = dict(self.retrieval)
         if self.region_scores:
             out["region_scores"] = [round(float(v), 5) for v in self.region_scores]
+        if self.region_group_scores:
+            out["region_edges"] = [float(v) for v in self.region_edges]
+            out["region_group_scores"] = [[round(float(v), 5) for v in g] for g in self.region_group_scores]
         return out
 
     @classmethod
     def from_dict(cls, d: dict | None, n_partitions: int) -> "Calibration":
         if not d:
             return cls.identity(n_partitions)
-        unknown = set(d) - {"weights", "kernel_km", "fitted_on", "metrics", "retrieval", "region_scores"}
+        unknown = set(d) - {"weights", "kernel_km", "fitted_on", "metrics", "retrieval", "region_scores",
+                            "region_edges", "region_group_scores"}
         if unknown:
             raise ValueError(f"calibration: unknown fields {sorted(unknown)}")
         return cls(weights=tuple(float(w) for w in d["weights"]), kernel_km=float(d.get("kernel_km", 0.0)),
                    fitted_on=str(d.get("fitted_on", "")),
                    metrics=dict(d.get("metrics", {})),
                    retrieval=HybridFit.from_dict(d["retrieval"]).to_dict() if d.get("retrieval") else {},
-                   region_scores=tuple(float(v) for v in d.get("region_scores", ()))
-                   ).check(n_partitions)
+                   region_scores=tuple(float(v) for v in d.get("region_scores", ())),
+                   **region_groups_from_dict(d)).check(n_partitions)
+
+
+def region_group(edges, top_similarity):
+    """The conformal group of each top similarity (array or scalar): the number of edges at or
+    below it, so group 0 holds the least similar images."""
+    return np.searchsorted(np.asarray(edges, dtype=np.float64), top_similarity, side="right")
+
+
+def region_groups(masses: np.ndarray, top_similarity: np.ndarray, groups: int = REGION_GROUPS) -> dict:
+    """The conformal fit of validation images' truth ``masses``: all sorted (``region_scores``)
+    and, with ``top_similarity`` (their most similar training photo's), per group of equal size
+    cut at its quantiles (``region_edges``, ``region_group_scores``). Why groups: a test set far
+    from the training photos needs larger regions than one near them; fitted over all validation
+    images at once, the X % region over-covers near images and under-covers far ones, and the
+    share that holds moves with the test set's mix. Fewer than MIN_GROUP_IMAGES per group: one."""
+    masses = np.asarray(masses, dtype=np.float64)
+    out = {"region_scores": tuple(np.sort(masses).tolist()), "region_edges": (), "region_group_scores": ()}
+    if top_similarity is None or groups < 2 or len(masses) < groups * MIN_GROUP_IMAGES:
+        return out
+    top_similarity = np.asarray(top_similarity, dtype=np.float64)
+    edges = np.quantile(top_similarity, np.arange(1, groups) / groups)
+    member = region_group(edges, top_similarity)
+    if np.bincount(member, minlength=groups).min() < MIN_GROUP_IMAGES:  # ties at an edge
+        return out
+    out["region_edges"] = tuple(float(e) for e in edges)
+    out["region_group_scores"] = tuple(tuple(np.sort(masses[member == g]).tolist()) for g in range(groups))
+    return out
+
+
+def check_region_groups(edges, group_scores) -> None:
+    if not group_scores and not edges:
+        return
+    e = np.asarray(edges, dtype=np.float64)
+    if len(group_scores) != len(e) + 1 or not np.all(np.isfinite(e)) or np.any(np.diff(e) < 0):
+        raise ValueError(f"calibration: {len(group_scores)} region groups need {len(group_scores) - 1} "
+                         f"sorted finite edges, got {list(edges)}")
+    for g in group_scores:
+        scores = np.asarray(g, dtype=np.float64)
+        if scores.size == 0 or not (np.all((scores >= 0) & (scores <= 1)) and np.all(np.diff(scores) >= 0)):
+            raise ValueError("calibration region_group_scores must be non-empty sorted masses in [0, 1]")
+
+
+def region_groups_from_dict(d: dict) -> dict:
+    """``region_edges`` and ``region_group_scores`` of a stored fit (absent in older ones)."""
+    return {"region_edges": tuple(float(v) for v in d.get("region_edges", ())),
+            "region_group_scores": tuple(tuple(float(v) for v in g) for g in d.get("region_group_scores", ()))}
 
 
 # ----------------------------------------------------------------------------- the combination
@@ -395,10 +460,10 @@ class HybridFit:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HybridFit":
-        # region_scores: the conformal scores of a fit made apart from the checkpoint (geocell index
-        # build --fit-split), which belong to the calibration and are read by Geolocator
+        # region_scores (and its groups): the conformal fit made apart from the checkpoint (geocell
+        # index build --fit-split), which belongs to the calibration and is read by Geolocator
         unknown = set(d) - {"kind", "weight", "gate", "temperature", "kernel_km", "k", "fitted_on", "metrics",
-                            "region_scores", "point_radius_km"}
+                            "region_scores", "region_edges", "region_group_scores", "point_radius_km"}
         if unknown:
             raise ValueError(f"retrieval: unknown fields {sorted(unknown)}")
         return cls(kind=str(d["kind"]), weight=float(d.get("weight", 0.0)),

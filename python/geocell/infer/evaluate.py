@@ -155,10 +155,12 @@ class Evaluator:
                                                self.hybrid.point_radius_km))
             if self.region_masses:
                 self._truth_mass.append(mixture.mass_at(true[i]))
+            top_similarity = float(neighbours[0][i][0]) if neighbours is not None else None
             for m in self.region_masses:
                 # the region reported as m: the mass the conformal fit maps m to (m when none)
-                self._holds[m].append(mixture.holds(true[i], self.calibration.region_mass(m)))
-                self._areas[m].append(mixture.region_area_km2(self.calibration.region_mass(m)))
+                fitted = self.calibration.region_mass(m, top_similarity)
+                self._holds[m].append(mixture.holds(true[i], fitted))
+                self._areas[m].append(mixture.region_area_km2(fitted))
         if self.hybrid is not None:
             self._pred[HYBRID_ROW].append(np.asarray(hybrid_pred, dtype=np.float64).reshape(-1, 2))
         if scene_logits is not None and scene_labels is not None:

@@ -27,7 +27,8 @@ import torch
 import geocell
 from geocell._internal.geometry import unit_vectors
 from geocell.data.images import decode_rgb
-from geocell.infer.calibration import Calibration, HybridFit, Mixture, combined_log_probs, hybrid_mode
+from geocell.infer.calibration import (Calibration, HybridFit, Mixture, combined_log_probs, hybrid_mode,
+                                       region_groups_from_dict)
 from geocell.infer.regions import MAX_TOP_K, credible_region
 from geocell.infer.retrieval import (RetrievalIndex, checkpoint_fingerprint, forward_with_embeddings, index_path_for,
                                      normalise)
@@ -206,7 +207,8 @@ class Geolocator:
                 self.retrieval, self.hybrid = retrieval, HybridFit.from_dict(fit)
                 if fit.get("region_scores"):  # a fit of its own (index build --fit-split): its regions too
                     self.calibration = dataclasses.replace(self.calibration,
-                                                           region_scores=tuple(fit["region_scores"]))
+                                                           region_scores=tuple(fit["region_scores"]),
+                                                           **region_groups_from_dict(fit))
 
     @classmethod
     def from_checkpoint(cls, path, device=None, *, index=None, retrieval: bool = True) -> "Geolocator":
@@ -345,7 +347,9 @@ class Geolocator:
             log_q = np.log(np.maximum(hier, 1e-300))
             kernels = self.hybrid.kernels(*neighbours) if self.hybrid is not None and neighbours else None
             mixture = Mixture(log_q, self._fine_unit(), self.calibration.kernel_km, neighbours=kernels)
-            region = mixture.region(self.calibration.region_mass(mass))  # held `mass` of val images
+            top_similarity = float(neighbours[0][0]) if kernels is not None else None
+            # held `mass` of the validation images (of its similarity group, with retrieval)
+            region = mixture.region(self.calibration.region_mass(mass, top_similarity))
             region_ids, covered, area = region.cells, region.covered, region.area_km2
             if kernels is not None:
                 lat, lng = hybrid_mode(mixture, log_q, self._fine_unit(), kernels, self.hybrid.point_radius_km)

@@ -415,7 +415,7 @@ def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, devi
     import torch
 
     from geocell.infer.calibration import (POINT_RADII_KM, RETRIEVAL_K, Calibration, choose_point_radius,
-                                           combined_log_probs, fit_retrieval, validation_draws)
+                                           combined_log_probs, fit_retrieval, region_groups, validation_draws)
     from geocell.loading.files import make_transform, stream_files
 
     cal = Calibration.from_dict(ckpt.get("calibration"), len(partitions))
@@ -444,7 +444,8 @@ def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, devi
                                       (sims[:, :fit.k], nb[:, :fit.k]), POINT_RADII_KM)
     radius, _ = choose_point_radius(points, true)
     fit = dataclasses.replace(fit, point_radius_km=float(radius))
-    return {**fit.to_dict(), "region_scores": [round(float(v), 5) for v in np.sort(masses)]}
+    regions = dataclasses.replace(cal, **region_groups(masses, sims[:, 0])).to_dict()
+    return {**fit.to_dict(), **{k: v for k, v in regions.items() if k.startswith("region_")}}
 
 
 def describe_fit(fit: dict, best_guess: bool = True) -> str:

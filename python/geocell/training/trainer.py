@@ -41,6 +41,7 @@ from geocell.infer.calibration import (
     combined_log_probs,
     fit_calibration,
     fit_retrieval,
+    region_groups,
     RETRIEVAL_K,
 )
 from geocell.infer.evaluate import REGION_MASSES, Evaluator, accuracy_rows, evaluate_loader, format_calibration
@@ -458,6 +459,12 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
                   + ", ".join(f"the {100 * m:g}% region is the mixture's {100 * cal.region_mass(m):.1f}% "
                               f"(it held {100 * np.mean(truth_mass <= m):.1f}% of validation images)"
                               for m in REGION_MASSES))
+        if cal.region_group_scores:
+            edges = cal.region_edges
+            log(info, "  by the top neighbour's similarity (conformal groups): " + "; ".join(
+                f"{'below ' + format(edges[0], '.3f') if g == 0 else 'from ' + format(edges[g - 1], '.3f')}: "
+                + ", ".join(f"{100 * m:g}% -> {100 * cal.region_mass(m, (edges[g - 1] if g else -np.inf)):.1f}%"
+                            for m in REGION_MASSES) for g in range(len(edges) + 1)))
         checkpoints.save("best.pt")
         checkpoints.save("last.pt", state)
         extras["calibration"] = cal.to_dict()
@@ -589,7 +596,8 @@ def fit_regions(info, val, partitions, calibration, hybrid, index):
         hybrid = dataclasses.replace(hybrid, point_radius_km=float(radius))
         calibration = dataclasses.replace(calibration, retrieval=hybrid.to_dict())
         errors = great_circle_errors_km(points[radius], val.true_latlng)
-    return dataclasses.replace(calibration, region_scores=tuple(np.sort(masses).tolist())), masses, errors, hybrid
+    top_similarity = neighbours[0][:, 0] if neighbours is not None else None
+    return dataclasses.replace(calibration, **region_groups(masses, top_similarity)), masses, errors, hybrid
 
 
 def report_skipped(info, path: str, loaders: dict) -> None:
