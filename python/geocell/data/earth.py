@@ -37,7 +37,7 @@ from geocell.data.manifest import _find, _LAT_COLUMNS, _LNG_COLUMNS, _parse_coor
 
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train
 # The default build (geocell data earth, and the main job): 14,400 train + 1,800 val + 1,800 test
-# patches, four epochs of which fit the 10-minute budget, and a scene dataset of a fifth of that.
+# patches, five epochs of which fit the 10-minute budget, and a scene dataset of a fifth of that.
 DEFAULT_N, DEFAULT_N_SCENES = 18000, 3600
 JPEG_QUALITY = 90
 
