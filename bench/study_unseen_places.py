@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from geocell.data.earth import build_earth, default_locations
+from geocell.data.earth import _unused, build_earth, default_locations
 from geocell.data.manifest import read_manifest
 from geocell.data.splits import min_distance_km
 from geocell.infer import evaluate
@@ -27,16 +27,14 @@ from geocell.infer import evaluate
 
 def unused_locations(data_dir: str) -> np.ndarray:
     """The pool's locations that no image of the GPS or the scene dataset of ``data_dir`` uses."""
-    taken = set()
+    used = []
     for name in ("manifest.csv", "scenes.csv"):
         try:
             m = read_manifest(f"{data_dir}/{name}")
         except FileNotFoundError:
             continue
-        taken |= set(zip(np.round(m.lat, 6).tolist(), np.round(m.lng, 6).tolist()))
-    pool = default_locations()
-    keep = [(round(a, 6), round(b, 6)) not in taken for a, b in pool.tolist()]
-    return pool[np.asarray(keep, dtype=bool)]
+        used.append(np.stack([m.lat, m.lng], axis=1))
+    return _unused(default_locations(), np.concatenate(used))
 
 
 def main(argv: list[str]) -> int:

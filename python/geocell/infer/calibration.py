@@ -100,8 +100,7 @@ class Calibration:
             raise ValueError(f"calibration weights must be finite, >= 0 and not all 0, got {self.weights}")
         if not (math.isfinite(self.kernel_km) and self.kernel_km >= 0):
             raise ValueError(f"calibration kernel_km must be finite and >= 0, got {self.kernel_km}")
-        scores = np.asarray(self.region_scores, dtype=np.float64)
-        if scores.size and not (np.all((scores >= 0) & (scores <= 1)) and np.all(np.diff(scores) >= 0)):
+        if self.region_scores and not _sorted_masses(self.region_scores):
             raise ValueError("calibration region_scores must be sorted masses in [0, 1]")
         check_region_groups(self.region_edges, self.region_group_scores)
         return self
@@ -169,10 +168,14 @@ def check_region_groups(edges, group_scores) -> None:
     if len(group_scores) != len(e) + 1 or not np.all(np.isfinite(e)) or np.any(np.diff(e) < 0):
         raise ValueError(f"calibration: {len(group_scores)} region groups need {len(group_scores) - 1} "
                          f"sorted finite edges, got {list(edges)}")
-    for g in group_scores:
-        scores = np.asarray(g, dtype=np.float64)
-        if scores.size == 0 or not (np.all((scores >= 0) & (scores <= 1)) and np.all(np.diff(scores) >= 0)):
-            raise ValueError("calibration region_group_scores must be non-empty sorted masses in [0, 1]")
+    if not all(len(g) and _sorted_masses(g) for g in group_scores):
+        raise ValueError("calibration region_group_scores must be non-empty sorted masses in [0, 1]")
+
+
+def _sorted_masses(scores) -> bool:
+    """Whether conformal scores are masses in [0, 1], sorted ascending."""
+    s = np.asarray(scores, dtype=np.float64)
+    return bool(np.all((s >= 0) & (s <= 1)) and np.all(np.diff(s) >= 0))
 
 
 def region_groups_from_dict(d: dict) -> dict:

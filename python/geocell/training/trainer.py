@@ -460,11 +460,12 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
                               f"(it held {100 * np.mean(truth_mass <= m):.1f}% of validation images)"
                               for m in REGION_MASSES))
         if cal.region_group_scores:
-            edges = cal.region_edges
+            # each group named by its lower edge, and asked with that similarity
+            lows = (-np.inf, *cal.region_edges)
             log(info, "  by the top neighbour's similarity (conformal groups): " + "; ".join(
-                f"{'below ' + format(edges[0], '.3f') if g == 0 else 'from ' + format(edges[g - 1], '.3f')}: "
-                + ", ".join(f"{100 * m:g}% -> {100 * cal.region_mass(m, (edges[g - 1] if g else -np.inf)):.1f}%"
-                            for m in REGION_MASSES) for g in range(len(edges) + 1)))
+                (f"below {lows[1]:.3f}" if g == 0 else f"from {low:.3f}") + ": "
+                + ", ".join(f"{100 * m:g}% -> {100 * cal.region_mass(m, low):.1f}%" for m in REGION_MASSES)
+                for g, low in enumerate(lows)))
         checkpoints.save("best.pt")
         checkpoints.save("last.pt", state)
         extras["calibration"] = cal.to_dict()
