@@ -239,18 +239,35 @@ def test_conformal_regions_repair_an_overconfident_mixture():
         assert before <= before_at_most and abs(after - mass) <= 0.04, (mass, before, after)
 
 
-def test_shared_weight_keeps_the_plain_products_top_cell():
+@pytest.mark.parametrize("factor", [1.0, 2.0, 4.0])
+def test_fixed_ratios_keep_the_weighted_products_top_cell(factor):
+    from geocell.infer.calibration import level_ratios
+
+    assert level_ratios(3, 2.0) == (4.0, 2.0, 1.0) and level_ratios(3, 1.0) == (1.0, 1.0, 1.0)
     rng = np.random.default_rng(4)
     cent = np.stack([rng.uniform(-60, 60, 12), rng.uniform(-180, 180, 12)], 1)
     h = np.stack([np.arange(12) // 4, np.arange(12) // 2, np.arange(12)], 1)  # 3, 6, 12 cells
     logits = [torch.tensor(rng.normal(size=(300, c)) * 3) for c in (3, 6, 12)]
     truth = cent[rng.integers(0, 12, 300)] + rng.normal(scale=2.0, size=(300, 2))
-    cal = fit_calibration(logits, h, cent, truth, tied=True)
-    assert len(set(cal.weights)) == 1 and cal.weights[0] > 0
-    plain = combined_log_probs(logits, h, Calibration.identity(3)).argmax(dim=1)
-    assert torch.equal(combined_log_probs(logits, h, cal).argmax(dim=1), plain)
+    ratios = level_ratios(3, factor)
+    cal = fit_calibration(logits, h, cent, truth, ratios=ratios)
+    scale = cal.weights[-1]
+    assert scale > 0 and np.allclose(np.asarray(cal.weights) / scale, ratios)
+    # the top cell of the product weighted by the ratios, by hand
+    by_hand = sum(r * torch.log_softmax(z, 1)[:, h[:, p]] for p, (r, z) in enumerate(zip(ratios, logits)))
+    assert torch.equal(combined_log_probs(logits, h, cal).argmax(dim=1), by_hand.argmax(dim=1))
     free = fit_calibration(logits, h, cent, truth)
     assert free.metrics["nll_after"] <= cal.metrics["nll_after"] + 1e-6  # more freedom, no worse fit
+
+
+@pytest.mark.parametrize("ratios", [(1.0, 1.0), (0.0, 0.0, 0.0), (1.0, float("nan"), 1.0), (1.0, -1.0, 1.0)])
+def test_bad_ratios_are_refused(ratios):
+    rng = np.random.default_rng(5)
+    cent = np.stack([rng.uniform(-60, 60, 12), rng.uniform(-180, 180, 12)], 1)
+    h = np.stack([np.arange(12) // 4, np.arange(12) // 2, np.arange(12)], 1)
+    logits = [torch.tensor(rng.normal(size=(20, c))) for c in (3, 6, 12)]
+    with pytest.raises(ValueError, match="ratios"):
+        fit_calibration(logits, h, cent, cent[rng.integers(0, 12, 20)], ratios=ratios)
 
 
 def test_best_guess_by_mass_within_a_radius():

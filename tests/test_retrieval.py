@@ -205,6 +205,30 @@ def test_fit_retrieval_uses_neighbours_only_where_they_help():
             HybridFit.from_dict({**old, "point_radius_km": bad})
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fit_retrieval_stays_finite_when_similarities_crowd_near_one(seed):
+    # As in a real index: top similarities of 0.98-0.9999 for every image, the nearest photo at
+    # the true place only above 0.995. Unbounded, the gated kind's sharpest fit ran its
+    # parameters off to 1e31 on one fold and scored NaN; each kind must score a finite
+    # likelihood, keep its parameters in their ranges, and give the same mixture once stored.
+    from geocell.infer.calibration import NEIGHBOUR_KERNEL_RANGE_KM, TEMPERATURE_RANGE
+
+    rng = np.random.default_rng(seed)
+    log_q, cent, _, _, true = _synthetic_validation(n=400, seed=seed)
+    sims = -np.sort(-(1.0 - 10 ** rng.uniform(-4, -1.7, (400, 16))), axis=1)
+    at_truth = sims[:, 0] > 0.995
+    nb = cent[rng.integers(0, 40, (400, 16))]
+    nb[at_truth, 0] = true[at_truth] + rng.normal(0, 0.05, (int(at_truth.sum()), 2))
+    fit = fit_retrieval(log_q, cent, 300.0, sims, nb, true)
+    for kind in ("uniform", "softmax", "gated"):
+        assert np.isfinite(fit.metrics[f"nll_cv_{kind}"]), (kind, fit.metrics)
+    assert TEMPERATURE_RANGE[0] <= fit.temperature <= TEMPERATURE_RANGE[1]
+    assert NEIGHBOUR_KERNEL_RANGE_KM[0] <= fit.kernel_km <= NEIGHBOUR_KERNEL_RANGE_KM[1]
+    assert fit.metrics[f"nll_cv_{fit.kind}"] < fit.metrics["nll_cells"]  # the near photos help
+    again = HybridFit.from_dict(fit.to_dict())
+    assert all(np.allclose(a, b) for a, b in zip(again.mix(sims), fit.mix(sims)))
+
+
 # ----------------------------------------------------------------------------- the trained pipeline
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend", "torch", "--threads", "1",

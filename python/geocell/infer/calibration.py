@@ -46,6 +46,8 @@ REGION_GROUPS = 2           # conformal groups by the top neighbour's similarity
 MIN_GROUP_IMAGES = 100      # fewer validation images per group: one group for all
 MAX_GRID_LEVEL = 12  # the finest cells a region is drawn with (about 2 km)
 KERNEL_START_KM = 300.0  # where the fit of the kernel width starts (it is fitted on a log scale)
+# the candidate weightings of the hierarchy: each partitioning weighs g times the next finer one
+HIERARCHY_FACTORS = (1.0, 1.5, 2.0, 3.0, 4.0)
 MIXTURE_TOP = 64     # the most probable fine cells that make up the mixture (the rest is renormalised away)
 
 
@@ -356,13 +358,20 @@ def mixture_log_density(log_q: torch.Tensor, centroids_unit, true_latlng, kernel
 # ----------------------------------------------------------------------------- fitting
 
 
+def level_ratios(n_partitions: int, factor: float) -> tuple:
+    """Relative weights in which each partitioning counts ``factor`` times the next finer one
+    (1: the plain product's)."""
+    return tuple(float(factor) ** (n_partitions - 1 - p) for p in range(n_partitions))
+
+
 def fit_calibration(logits, hierarchy, centroids, true_latlng, *, fitted_on: str = "",
-                    steps: int = 200, tied: bool = False) -> Calibration:
+                    steps: int = 200, ratios=None) -> Calibration:
     """Weights and kernel width maximising the mean log-likelihood of the true
     locations ``true_latlng`` (N, 2) of held-out images under the mixture, from their logits
     [(N, C_p)] (float tensors or arrays). ``centroids``: (n_fine, 2) lat, lng of the fine cells.
-    ``tied``: one weight shared by all partitionings (a temperature of the plain product, whose
-    most probable cell it keeps), instead of one each."""
+    ``ratios``: fixed relative weights, one per partitioning, times one fitted scale (a
+    temperature of the product weighted by them, whose most probable cell it keeps), instead of
+    one free weight each."""
     logits = [torch.as_tensor(np.asarray(z) if not isinstance(z, torch.Tensor) else z).double().cpu()
               for z in logits]
     n_parts = len(logits)
@@ -372,11 +381,17 @@ def fit_calibration(logits, hierarchy, centroids, true_latlng, *, fitted_on: str
     h = torch.as_tensor(np.asarray(hierarchy), dtype=torch.int64)
     log_probs = [torch.log_softmax(z, dim=1) for z in logits]
     # log-parameters keep the weights and the width positive
-    log_w = torch.zeros(1 if tied else n_parts, dtype=torch.float64, requires_grad=True)
+    if ratios is not None:
+        ratios = torch.as_tensor(np.asarray(ratios, dtype=np.float64))
+        if ratios.shape != (n_parts,) or not bool(torch.all(torch.isfinite(ratios) & (ratios >= 0))) \
+                or not bool(ratios.any()):
+            raise ValueError(f"calibration ratios must be {n_parts} finite values >= 0, not all 0, got {ratios.tolist()}")
+        ratios = ratios / ratios.max()
+    log_w = torch.zeros(1 if ratios is not None else n_parts, dtype=torch.float64, requires_grad=True)
     log_k = torch.tensor(math.log(KERNEL_START_KM), dtype=torch.float64, requires_grad=True)
 
     def weights():
-        return torch.exp(log_w).expand(n_parts)
+        return torch.exp(log_w) * ratios if ratios is not None else torch.exp(log_w)
 
     def nll():
         log_q = torch.log_softmax(hierarchical_log_probs(log_probs, h, weights()), dim=1)
@@ -416,6 +431,12 @@ def fit_calibration(logits, hierarchy, centroids, true_latlng, *, fitted_on: str
 
 HYBRID_KINDS = ("uniform", "softmax", "gated")
 RETRIEVAL_K = 16
+# Where the hybrid's parameters act: past these the likelihood is flat or meaningless
+# (similarities closer than 1e-4 differ by float16 noise; a sigmoid past +-30 is 0 or 1), and
+# unbounded, LBFGS could run off to infinity on a small fold (the gated kind's did).
+TEMPERATURE_RANGE = (1e-4, 1e3)
+GATE_LOGIT_LIMIT = 30.0
+NEIGHBOUR_KERNEL_RANGE_KM = (1.0, 20000.0)
 
 
 @dataclass(frozen=True)
@@ -499,9 +520,10 @@ def _mix_torch(sims, kind, logit_lam, gate_a, gate_b, log_tau):
     if kind == "uniform":
         log_w = torch.full_like(sims, -math.log(sims.shape[1]))
     else:
-        log_w = torch.log_softmax(sims / torch.exp(log_tau), dim=1)
+        tau = torch.exp(log_tau.clamp(*(math.log(t) for t in TEMPERATURE_RANGE)))
+        log_w = torch.log_softmax(sims / tau, dim=1)
     if kind == "gated":
-        logit = gate_a + gate_b * sims[:, 0]
+        logit = (gate_a + gate_b * sims[:, 0]).clamp(-GATE_LOGIT_LIMIT, GATE_LOGIT_LIMIT)
     else:
         logit = logit_lam.expand(sims.shape[0])
     return logit, log_w
@@ -519,8 +541,12 @@ def neighbour_log_density(neighbour_unit, log_w, true_unit, kernel_km) -> torch.
 def _hybrid_nll(kind, p, cell_ll, sims, nb_unit, true_unit) -> torch.Tensor:
     """Mean negative log-likelihood of the true locations under the hybrid with raw params ``p``."""
     logit, log_w = _mix_torch(sims, kind, p["logit_lam"], p["gate_a"], p["gate_b"], p["log_tau"])
-    nb = neighbour_log_density(nb_unit, log_w, true_unit, torch.exp(p["log_kernel"]))
+    nb = neighbour_log_density(nb_unit, log_w, true_unit, _neighbour_kernel(p["log_kernel"]))
     return -torch.logaddexp(F.logsigmoid(-logit) + cell_ll, F.logsigmoid(logit) + nb).mean()
+
+
+def _neighbour_kernel(log_kernel: torch.Tensor) -> torch.Tensor:
+    return torch.exp(log_kernel.clamp(*(math.log(v) for v in NEIGHBOUR_KERNEL_RANGE_KM)))
 
 
 def _fit_hybrid(kind, data, steps) -> dict:
@@ -550,7 +576,8 @@ def _fit_hybrid(kind, data, steps) -> dict:
 def _to_fit(kind, raw, k, fitted_on, metrics) -> HybridFit:
     return HybridFit(kind=kind, weight=float(torch.sigmoid(raw["logit_lam"])),
                      gate=(float(raw["gate_a"]), float(raw["gate_b"])),
-                     temperature=min(float(torch.exp(raw["log_tau"])), 1e3), kernel_km=float(torch.exp(raw["log_kernel"])),
+                     temperature=float(np.clip(math.exp(min(float(raw["log_tau"]), 50.0)), *TEMPERATURE_RANGE)),
+                     kernel_km=float(_neighbour_kernel(raw["log_kernel"])),
                      k=k, fitted_on=fitted_on, metrics=metrics).check()
 
 

@@ -36,11 +36,13 @@ from geocell.infer.calibration import (
     POINT_RADII_KM,
     Calibration,
     choose_point_radius,
+    HIERARCHY_FACTORS,
     describe_point_rule,
     validation_draws,
     combined_log_probs,
     fit_calibration,
     fit_retrieval,
+    level_ratios,
     region_groups,
     RETRIEVAL_K,
 )
@@ -444,7 +446,7 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
     val = evaluate(val_loader, keep_logits=True, keep_embeddings=index_loader is not None)
     val_rows = accuracy_rows(val, partitions[-1])
     extras = {"scene_helper": scene_helper} if scene_helper else {}
-    checkpoints.calibration = choose_calibration(info, val, partitions)
+    checkpoints.calibration = choose_calibration(info, val, geocell.hierarchy(partitions), partitions[-1].centroids)
     index = hybrid = None
     if index_loader is not None:
         index, hybrid = build_retrieval(info, checkpoints, index_loader, embed, val, partitions)
@@ -521,22 +523,40 @@ def embed_loader(model, loader, *, device, amp, channels_last):
             _gather_concat(np.concatenate(latlng) if latlng else np.zeros((0, 2))))
 
 
-def choose_calibration(info, val, partitions):
-    """The calibration fitted on the validation split: one weight per partitioning, or one shared
-    by all (which keeps the plain product's top cell), whichever gives the better hierarchy on
-    the validation split (select_score). None when neither fit succeeds."""
-    hierarchy = geocell.hierarchy(partitions)
-    fits, scores = {}, {}
-    for kind in ("per partitioning", "shared") if len(partitions) > 1 else ("per partitioning",):
-        try:
-            cal = fit_calibration(val.logits, hierarchy, partitions[-1].centroids, val.true_latlng,
-                                  tied=kind == "shared", fitted_on=f"validation split, {len(val.true_latlng)} images")
-        except (ValueError, FloatingPointError) as exc:
-            log(info, f"no calibration with {kind} weights: {exc}")
-            continue
+def choose_calibration(info, val, hierarchy, fine_centroids):
+    """The calibration fitted on the validation split, with the weights that give the better
+    hierarchy on it (select_score): one free weight per partitioning, or weights in which each
+    partitioning counts g times the next finer one, g from HIERARCHY_FACTORS (1: the plain
+    product), times one fitted scale. The likelihood alone favours the finest head, which costs
+    the hierarchy the coarse heads' continental sense. The top cell does not depend on the
+    scale, so each g is scored before any fit and only the best is fitted. None when neither
+    fit succeeds."""
+    centroids, n = np.asarray(fine_centroids), np.asarray(hierarchy).shape[1]
+
+    def score(cal):
         top = combined_log_probs([torch.as_tensor(z) for z in val.logits], hierarchy, cal).argmax(dim=1).numpy()
-        fits[kind] = cal
-        scores[kind] = select_score({HIERARCHY_ROW: accuracy_table(partitions[-1].centroids[top], val.true_latlng)})
+        return select_score({HIERARCHY_ROW: accuracy_table(centroids[top], val.true_latlng)})
+
+    def fit(**kw):
+        try:
+            return fit_calibration(val.logits, hierarchy, centroids, val.true_latlng,
+                                   fitted_on=f"validation split, {len(val.true_latlng)} images", **kw)
+        except (ValueError, FloatingPointError) as exc:
+            log(info, f"no calibration with {kw or 'free weights'}: {exc}")
+            return None
+
+    fits, scores = {}, {}
+    free = fit()
+    if free is not None:
+        fits["per partitioning"], scores["per partitioning"] = free, score(free)
+    if n > 1:
+        by_factor = {g: score(Calibration(weights=level_ratios(n, g))) for g in HIERARCHY_FACTORS}
+        g = max(by_factor, key=lambda k: (by_factor[k], -k))  # ties: the smaller factor
+        log(info, "hierarchy on the validation split with each coarser partitioning weighing g times more: "
+                  + ", ".join(f"g {k:g} {100 * v:.1f}" for k, v in by_factor.items()))
+        tied = fit(ratios=level_ratios(n, g))
+        if tied is not None:
+            fits[f"g {g:g}"], scores[f"g {g:g}"] = tied, by_factor[g]
     if not fits:
         return None
     kind = max(scores, key=scores.get)
