@@ -229,6 +229,56 @@ def test_fit_retrieval_stays_finite_when_similarities_crowd_near_one(seed):
     assert all(np.allclose(a, b) for a, b in zip(again.mix(sims), fit.mix(sims)))
 
 
+def test_neighbour_kernel_widens_as_the_similarity_drops():
+    # Neighbours land at the truth with an error of 20 km * exp(30 (1 - s)): a near-duplicate
+    # (s = 1) is 20 km off, one of s = 0.9 about 400 km. The fit must recover the width and the
+    # slope, and the stored fit must give each neighbour its own width.
+    from geocell.infer.calibration import KERNEL_SLOPE_UNIT, _kappa, _log_norm
+
+    rng = np.random.default_rng(3)
+    n = 600
+    log_q, cent, _, _, true = _synthetic_validation(n=n, seed=3)
+    sims = -np.sort(-rng.uniform(0.88, 1.0, (n, 16)), axis=1)
+    sims[:, 0] = rng.uniform(0.88, 1.0, n)  # the top neighbour's similarity spread over the range
+    sigma_km = 20.0 * np.exp(30.0 * (1.0 - sims))
+    tu = unit_vectors(true[:, 0], true[:, 1])
+    # a point at angular distance ~ sigma (Rayleigh, 2-d) from the truth, in a random direction
+    east = np.cross([0.0, 0.0, 1.0], tu)
+    east /= np.linalg.norm(east, axis=1, keepdims=True)
+    north = np.cross(tu, east)
+    angle = rng.uniform(0, 2 * np.pi, (n, 16))
+    dist = sigma_km * np.sqrt(-2 * np.log(rng.uniform(size=(n, 16)))) / 6371.0088
+    nb_unit = (np.cos(dist)[..., None] * tu[:, None]
+               + np.sin(dist)[..., None] * (np.cos(angle)[..., None] * east[:, None]
+                                            + np.sin(angle)[..., None] * north[:, None]))
+    nb = np.stack([np.degrees(np.arcsin(np.clip(nb_unit[..., 2], -1, 1))),
+                   np.degrees(np.arctan2(nb_unit[..., 1], nb_unit[..., 0]))], -1)
+    # one neighbour per image, so that the likelihood is that of the generating law
+    fit = fit_retrieval(log_q, cent, 300.0, sims[:, :1], nb[:, :1], true, kinds=("uniform",))
+    assert 16.0 <= fit.kernel_km <= 25.0 and 26.0 <= fit.kernel_slope <= 34.0, fit
+    widths = fit.neighbour_kernels_km(sims[0])
+    assert np.allclose(widths, fit.kernel_km * np.exp(fit.kernel_slope * (1.0 - sims[0])))
+    assert HybridFit.from_dict(fit.to_dict()) == fit
+    old = {k: v for k, v in fit.to_dict().items() if k != "kernel_slope"}
+    assert HybridFit.from_dict(old).kernel_slope == 0.0  # older fits: one width for all
+    with pytest.raises(ValueError, match="kernel_slope"):
+        HybridFit.from_dict({**old, "kernel_slope": -1.0})
+    # the mixture uses each neighbour's own width: its density by hand
+    kernels = fit.kernels(sims[0], nb[0])
+    mixture = Mixture(log_q[0], unit_vectors(cent[:, 0], cent[:, 1]), 300.0, neighbours=kernels, samples=10)
+    x = tu[:1]
+    k = min(64, log_q.shape[1])
+    top = np.argpartition(-log_q[0], k - 1)[:k]
+    q = np.exp(log_q[0][top] - log_q[0][top].max())
+    q /= q.sum()
+    kap_cells, kap_nb = _kappa(300.0), _kappa(widths)
+    cells_unit = unit_vectors(cent[top, 0], cent[top, 1])
+    by_hand = ((1 - kernels.weight) * q @ np.exp(_log_norm(kap_cells) + kap_cells * (cells_unit @ x[0] - 1))
+               + kernels.weight * kernels.q @ np.exp(_log_norm(kap_nb) + kap_nb * (kernels.means @ x[0] - 1)))
+    assert np.isclose(mixture.density_at(x)[0], by_hand, rtol=1e-9)
+    assert KERNEL_SLOPE_UNIT > 0
+
+
 # ----------------------------------------------------------------------------- the trained pipeline
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend", "torch", "--threads", "1",

@@ -279,9 +279,10 @@ class Mixture:
             # the hybrid: (1 - weight) of the mass on the cells, weight on the retrieved photos
             q = np.concatenate([(1.0 - neighbours.weight) * q, neighbours.weight * neighbours.q])
             means = np.concatenate([means, neighbours.means])
-            kappas = np.concatenate([kappas, np.full(len(neighbours.q), _kappa(neighbours.kernel_km))])
-            if neighbours.weight >= 0.05:
-                self.kernel_km = min(kernel_km, neighbours.kernel_km)  # the grid the region is drawn on
+            widths = np.broadcast_to(np.asarray(neighbours.kernel_km, dtype=np.float64), np.shape(neighbours.q))
+            kappas = np.concatenate([kappas, _kappa(widths)])
+            if neighbours.weight >= 0.05:  # the grid the region is drawn on: the weightiest neighbour's
+                self.kernel_km = min(kernel_km, float(widths[int(np.argmax(neighbours.q))]))
         self.q, self.means, self.kappas = q, means, kappas
         self._log_norm = _log_norm(kappas)
         rng = np.random.default_rng(seed)
@@ -437,6 +438,7 @@ RETRIEVAL_K = 16
 TEMPERATURE_RANGE = (1e-4, 1e3)
 GATE_LOGIT_LIMIT = 30.0
 NEIGHBOUR_KERNEL_RANGE_KM = (1.0, 20000.0)
+KERNEL_SLOPE_UNIT = 20.0  # the fit's unit of the kernel's slope (per 0.05 of similarity: conditioning)
 
 
 @dataclass(frozen=True)
@@ -447,7 +449,7 @@ class NeighbourKernels:
     weight: float
     q: np.ndarray
     means: np.ndarray
-    kernel_km: float
+    kernel_km: float | np.ndarray  # one width, or one per neighbour
 
 
 @dataclass(frozen=True)
@@ -458,7 +460,10 @@ class HybridFit:
     weight: float = 0.0          # lambda ("uniform", "softmax")
     gate: tuple = (0.0, 0.0)     # (a, b) of lambda = sigmoid(a + b * s_1) ("gated")
     temperature: float = 1.0     # tau of the neighbours' softmax weights
-    kernel_km: float = 25.0      # spread around each neighbour's location
+    kernel_km: float = 25.0      # spread around the location of a neighbour of similarity 1
+    # ... and around one of similarity s: kernel_km * exp(kernel_slope * (1 - s)); a less similar
+    # photo is a vaguer witness of where the query was taken (0: one width for all, older fits)
+    kernel_slope: float = 0.0
     k: int = RETRIEVAL_K
     fitted_on: str = ""
     metrics: dict = field(default_factory=dict)
@@ -467,18 +472,21 @@ class HybridFit:
     def check(self) -> "HybridFit":
         if self.kind not in HYBRID_KINDS:
             raise ValueError(f"retrieval: unknown kind {self.kind!r} (one of {', '.join(HYBRID_KINDS)})")
-        numbers = (self.weight, *self.gate, self.temperature, self.kernel_km)
+        numbers = (self.weight, *self.gate, self.temperature, self.kernel_km, self.kernel_slope)
         if not all(math.isfinite(v) for v in numbers) or len(self.gate) != 2:
             raise ValueError(f"retrieval: parameters must be finite numbers, got {self.to_dict()}")
-        if not 0.0 <= self.weight <= 1.0 or self.temperature <= 0 or self.kernel_km <= 0 or self.k < 1:
-            raise ValueError("retrieval: needs 0 <= weight <= 1, temperature > 0, kernel_km > 0, k >= 1")
+        if not 0.0 <= self.weight <= 1.0 or self.temperature <= 0 or self.kernel_km <= 0 or self.k < 1 \
+                or self.kernel_slope < 0:
+            raise ValueError("retrieval: needs 0 <= weight <= 1, temperature > 0, kernel_km > 0, "
+                             "kernel_slope >= 0, k >= 1")
         if not (math.isfinite(self.point_radius_km) and 0.0 <= self.point_radius_km <= 20000.0):
             raise ValueError(f"retrieval: point_radius_km must be in [0, 20000], got {self.point_radius_km}")
         return self
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "weight": float(self.weight), "gate": [float(v) for v in self.gate],
-                "temperature": float(self.temperature), "kernel_km": float(self.kernel_km), "k": int(self.k),
+                "temperature": float(self.temperature), "kernel_km": float(self.kernel_km),
+                "kernel_slope": float(self.kernel_slope), "k": int(self.k),
                 "fitted_on": str(self.fitted_on), "metrics": {k: float(v) for k, v in self.metrics.items()},
                 "point_radius_km": float(self.point_radius_km)}
 
@@ -486,13 +494,15 @@ class HybridFit:
     def from_dict(cls, d: dict) -> "HybridFit":
         # region_scores (and its groups): the conformal fit made apart from the checkpoint (geocell
         # index build --fit-split), which belongs to the calibration and is read by Geolocator
-        unknown = set(d) - {"kind", "weight", "gate", "temperature", "kernel_km", "k", "fitted_on", "metrics",
+        unknown = set(d) - {"kind", "weight", "gate", "temperature", "kernel_km", "kernel_slope", "k",
+                            "fitted_on", "metrics",
                             "region_scores", "region_edges", "region_group_scores", "point_radius_km"}
         if unknown:
             raise ValueError(f"retrieval: unknown fields {sorted(unknown)}")
         return cls(kind=str(d["kind"]), weight=float(d.get("weight", 0.0)),
                    gate=tuple(float(v) for v in d.get("gate", (0.0, 0.0))),
                    temperature=float(d.get("temperature", 1.0)), kernel_km=float(d["kernel_km"]),
+                   kernel_slope=float(d.get("kernel_slope", 0.0)),
                    k=int(d.get("k", RETRIEVAL_K)), fitted_on=str(d.get("fitted_on", "")),
                    metrics=dict(d.get("metrics", {})),
                    point_radius_km=float(d.get("point_radius_km", 0.0))).check()
@@ -511,7 +521,13 @@ class HybridFit:
         """The retrieval part for one image (its k similarities and neighbour locations)."""
         lam, w = self.mix(np.asarray(sims_row)[None])
         return NeighbourKernels(weight=float(lam[0]), q=w[0], means=_unit(neighbour_latlng),
-                                kernel_km=self.kernel_km)
+                                kernel_km=self.neighbour_kernels_km(sims_row))
+
+    def neighbour_kernels_km(self, sims) -> np.ndarray:
+        """The kernel width around each neighbour, from its similarity (any shape)."""
+        return _neighbour_kernel(torch.tensor(math.log(self.kernel_km), dtype=torch.float64),
+                                 torch.tensor(self.kernel_slope, dtype=torch.float64),
+                                 torch.as_tensor(np.asarray(sims, dtype=np.float64))).numpy()
 
 
 def _mix_torch(sims, kind, logit_lam, gate_a, gate_b, log_tau):
@@ -530,7 +546,8 @@ def _mix_torch(sims, kind, logit_lam, gate_a, gate_b, log_tau):
 
 
 def neighbour_log_density(neighbour_unit, log_w, true_unit, kernel_km) -> torch.Tensor:
-    """log sum_j w_j vMF(x; n_j) per image: (N, k, 3) neighbours, (N, k) log-weights, (N, 3)."""
+    """log sum_j w_j vMF(x; n_j) per image: (N, k, 3) neighbours, (N, k) log-weights, (N, 3);
+    ``kernel_km`` one width or (N, k)."""
     dots = torch.einsum("nkd,nd->nk", neighbour_unit, true_unit).clamp(-1.0, 1.0)
     kappa = (EARTH_RADIUS_KM / kernel_km) ** 2
     log_norm = torch.log(kappa) - math.log(2 * math.pi) - torch.log1p(-torch.exp(-2 * kappa)) \
@@ -541,12 +558,22 @@ def neighbour_log_density(neighbour_unit, log_w, true_unit, kernel_km) -> torch.
 def _hybrid_nll(kind, p, cell_ll, sims, nb_unit, true_unit) -> torch.Tensor:
     """Mean negative log-likelihood of the true locations under the hybrid with raw params ``p``."""
     logit, log_w = _mix_torch(sims, kind, p["logit_lam"], p["gate_a"], p["gate_b"], p["log_tau"])
-    nb = neighbour_log_density(nb_unit, log_w, true_unit, _neighbour_kernel(p["log_kernel"]))
+    kernels = _neighbour_kernel(p["log_kernel"], _kernel_slope(p["kernel_slope"]), sims)
+    nb = neighbour_log_density(nb_unit, log_w, true_unit, kernels)
     return -torch.logaddexp(F.logsigmoid(-logit) + cell_ll, F.logsigmoid(logit) + nb).mean()
 
 
-def _neighbour_kernel(log_kernel: torch.Tensor) -> torch.Tensor:
-    return torch.exp(log_kernel.clamp(*(math.log(v) for v in NEIGHBOUR_KERNEL_RANGE_KM)))
+def _kernel_slope(raw: torch.Tensor) -> torch.Tensor:
+    """The fit's raw slope parameter -> the slope (> 0 with a gradient everywhere: a clamp at 0
+    would trap the fit there)."""
+    return KERNEL_SLOPE_UNIT * F.softplus(raw)
+
+
+def _neighbour_kernel(log_kernel: torch.Tensor, slope: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
+    """Kernel widths (km) around neighbours of similarities ``sims``: the width at similarity 1
+    times exp(slope * (1 - s)), the slope at least 0, within NEIGHBOUR_KERNEL_RANGE_KM."""
+    log_width = log_kernel + slope.clamp(min=0.0) * (1.0 - sims)
+    return torch.exp(log_width.clamp(*(math.log(v) for v in NEIGHBOUR_KERNEL_RANGE_KM)))
 
 
 def _fit_hybrid(kind, data, steps) -> dict:
@@ -556,9 +583,9 @@ def _fit_hybrid(kind, data, steps) -> dict:
         return torch.tensor(v, dtype=torch.float64)
 
     raw = {"logit_lam": start(-2.0), "gate_a": start(-2.0), "gate_b": start(0.0),
-           "log_tau": start(math.log(0.1)), "log_kernel": start(math.log(100.0))}
+           "log_tau": start(math.log(0.1)), "log_kernel": start(math.log(100.0)), "kernel_slope": start(-2.0)}
     free = {"uniform": ("logit_lam", "log_kernel"), "softmax": ("logit_lam", "log_tau", "log_kernel"),
-            "gated": ("gate_a", "gate_b", "log_tau", "log_kernel")}[kind]
+            "gated": ("gate_a", "gate_b", "log_tau", "log_kernel")}[kind] + ("kernel_slope",)
     for name in free:
         raw[name].requires_grad_(True)
     optimizer = torch.optim.LBFGS([raw[n] for n in free], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
@@ -577,7 +604,8 @@ def _to_fit(kind, raw, k, fitted_on, metrics) -> HybridFit:
     return HybridFit(kind=kind, weight=float(torch.sigmoid(raw["logit_lam"])),
                      gate=(float(raw["gate_a"]), float(raw["gate_b"])),
                      temperature=float(np.clip(math.exp(min(float(raw["log_tau"]), 50.0)), *TEMPERATURE_RANGE)),
-                     kernel_km=float(_neighbour_kernel(raw["log_kernel"])),
+                     kernel_km=float(_neighbour_kernel(raw["log_kernel"], torch.zeros(()), torch.ones(()))),
+                     kernel_slope=float(_kernel_slope(raw["kernel_slope"])),
                      k=k, fitted_on=fitted_on, metrics=metrics).check()
 
 

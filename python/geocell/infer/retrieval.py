@@ -456,7 +456,9 @@ def describe_fit(fit: dict, best_guess: bool = True) -> str:
     share = (f"weight {fit['weight']:.3f}" if kind != "gated"
              else f"weight sigmoid({fit['gate'][0]:.2f} + {fit['gate'][1]:.2f} x top similarity)")
     study = ", ".join(f"{k[7:]} {v:.3f}" for k, v in m.items() if k.startswith("nll_cv_"))
-    return (f"{kind} ({share}, neighbour kernel {fit['kernel_km']:.1f} km, temperature {fit['temperature']:.3g}); "
+    kernel = f"neighbour kernel {fit['kernel_km']:.1f} km" + (
+        f" x exp({fit['kernel_slope']:.1f} x (1 - similarity))" if fit.get("kernel_slope") else "")
+    return (f"{kind} ({share}, {kernel}, temperature {fit['temperature']:.3g}); "
             f"held-out NLL cells alone {m.get('nll_cells', float('nan')):.3f}, two-fold: {study}"
             + (f"; best guess: {describe_point_rule(fit.get('point_radius_km', 0.0))}" if best_guess else ""))
 
