@@ -254,7 +254,8 @@ def test_neighbour_kernel_widens_as_the_similarity_drops():
     nb = np.stack([np.degrees(np.arcsin(np.clip(nb_unit[..., 2], -1, 1))),
                    np.degrees(np.arctan2(nb_unit[..., 1], nb_unit[..., 0]))], -1)
     # one neighbour per image, so that the likelihood is that of the generating law
-    fit = fit_retrieval(log_q, cent, 300.0, sims[:, :1], nb[:, :1], true, kinds=("uniform",))
+    assert fit_retrieval(log_q, cent, 300.0, sims[:, :1], nb[:, :1], true, kinds=("uniform",)).kernel_slope == 0.0
+    fit = fit_retrieval(log_q, cent, 300.0, sims[:, :1], nb[:, :1], true, kinds=("uniform",), widening=True)
     assert 16.0 <= fit.kernel_km <= 25.0 and 26.0 <= fit.kernel_slope <= 34.0, fit
     widths = fit.neighbour_kernels_km(sims[0])
     assert np.allclose(widths, fit.kernel_km * np.exp(fit.kernel_slope * (1.0 - sims[0])))

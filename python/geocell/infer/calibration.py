@@ -558,7 +558,8 @@ def neighbour_log_density(neighbour_unit, log_w, true_unit, kernel_km) -> torch.
 def _hybrid_nll(kind, p, cell_ll, sims, nb_unit, true_unit) -> torch.Tensor:
     """Mean negative log-likelihood of the true locations under the hybrid with raw params ``p``."""
     logit, log_w = _mix_torch(sims, kind, p["logit_lam"], p["gate_a"], p["gate_b"], p["log_tau"])
-    kernels = _neighbour_kernel(p["log_kernel"], _kernel_slope(p["kernel_slope"]), sims)
+    slope = _kernel_slope(p["kernel_slope"]) if p["kernel_slope"] is not None else torch.zeros((), dtype=sims.dtype)
+    kernels = _neighbour_kernel(p["log_kernel"], slope, sims)
     nb = neighbour_log_density(nb_unit, log_w, true_unit, kernels)
     return -torch.logaddexp(F.logsigmoid(-logit) + cell_ll, F.logsigmoid(logit) + nb).mean()
 
@@ -576,16 +577,18 @@ def _neighbour_kernel(log_kernel: torch.Tensor, slope: torch.Tensor, sims: torch
     return torch.exp(log_width.clamp(*(math.log(v) for v in NEIGHBOUR_KERNEL_RANGE_KM)))
 
 
-def _fit_hybrid(kind, data, steps) -> dict:
+def _fit_hybrid(kind, data, steps, widening: bool = False) -> dict:
     """Raw parameters of one kind maximising the mean log-likelihood of ``data``
-    (cell log-densities, similarities, neighbour unit vectors, true unit vectors)."""
+    (cell log-densities, similarities, neighbour unit vectors, true unit vectors); ``widening``:
+    fit the kernel's slope too (else None: one width for all)."""
     def start(v):
         return torch.tensor(v, dtype=torch.float64)
 
     raw = {"logit_lam": start(-2.0), "gate_a": start(-2.0), "gate_b": start(0.0),
-           "log_tau": start(math.log(0.1)), "log_kernel": start(math.log(100.0)), "kernel_slope": start(-2.0)}
+           "log_tau": start(math.log(0.1)), "log_kernel": start(math.log(100.0)),
+           "kernel_slope": start(-2.0) if widening else None}
     free = {"uniform": ("logit_lam", "log_kernel"), "softmax": ("logit_lam", "log_tau", "log_kernel"),
-            "gated": ("gate_a", "gate_b", "log_tau", "log_kernel")}[kind] + ("kernel_slope",)
+            "gated": ("gate_a", "gate_b", "log_tau", "log_kernel")}[kind] + (("kernel_slope",) if widening else ())
     for name in free:
         raw[name].requires_grad_(True)
     optimizer = torch.optim.LBFGS([raw[n] for n in free], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
@@ -597,7 +600,7 @@ def _fit_hybrid(kind, data, steps) -> dict:
         return loss
 
     optimizer.step(closure)
-    return {k: v.detach() for k, v in raw.items()}
+    return {k: v.detach() if v is not None else None for k, v in raw.items()}
 
 
 def _to_fit(kind, raw, k, fitted_on, metrics) -> HybridFit:
@@ -605,19 +608,23 @@ def _to_fit(kind, raw, k, fitted_on, metrics) -> HybridFit:
                      gate=(float(raw["gate_a"]), float(raw["gate_b"])),
                      temperature=float(np.clip(math.exp(min(float(raw["log_tau"]), 50.0)), *TEMPERATURE_RANGE)),
                      kernel_km=float(_neighbour_kernel(raw["log_kernel"], torch.zeros(()), torch.ones(()))),
-                     kernel_slope=float(_kernel_slope(raw["kernel_slope"])),
+                     kernel_slope=float(_kernel_slope(raw["kernel_slope"])) if raw["kernel_slope"] is not None else 0.0,
                      k=k, fitted_on=fitted_on, metrics=metrics).check()
 
 
 def fit_retrieval(log_q, centroids, kernel_km: float, sims, neighbour_latlng, true_latlng, *,
-                  kinds=HYBRID_KINDS, fitted_on: str = "", steps: int = 50, seed: int = 0) -> HybridFit:
+                  kinds=HYBRID_KINDS, fitted_on: str = "", steps: int = 50, seed: int = 0,
+                  widening: bool = False) -> HybridFit:
     """The hybrid's parameters from held-out images: ``log_q`` (N, n_fine) their calibrated cell
     log-probabilities, ``kernel_km`` the calibration's kernel, ``sims`` (N, k) and
     ``neighbour_latlng`` (N, k, 2) their retrieved training photos, ``true_latlng`` (N, 2).
 
     Each kind in ``kinds`` is scored by two-fold cross-validation (fitted on one half of the
     images, its mean negative log-likelihood measured on the other); the best is fitted again on
-    all of them. ``metrics`` keeps every kind's held-out NLL and the cells' alone."""
+    all of them. ``metrics`` keeps every kind's held-out NLL and the cells' alone. ``widening``:
+    the neighbour kernel also widens as the similarity drops (HybridFit.kernel_slope): a better
+    likelihood and tighter regions, but a best guess a little less often right (README,
+    Retrieval), so it is not the default."""
     log_q = torch.as_tensor(np.asarray(log_q), dtype=torch.float64)
     n = log_q.shape[0]
     if n < 4:
@@ -635,14 +642,14 @@ def fit_retrieval(log_q, centroids, kernel_km: float, sims, neighbour_latlng, tr
         held_out = []
         for a, b in ((0, 1), (1, 0)):
             fit_rows, test_rows = torch.as_tensor(halves[a]), torch.as_tensor(halves[b])
-            raw = _fit_hybrid(kind, [t[fit_rows] for t in data], steps)
+            raw = _fit_hybrid(kind, [t[fit_rows] for t in data], steps, widening)
             held_out.append(float(_hybrid_nll(kind, raw, *[t[test_rows] for t in data])))
         metrics[f"nll_cv_{kind}"] = float(np.mean(held_out))
     scored = [kd for kd in kinds if math.isfinite(metrics[f"nll_cv_{kd}"])]
     if not scored:
         raise FloatingPointError("the hybrid's fit diverged for every kind")
     best = min(scored, key=lambda kd: metrics[f"nll_cv_{kd}"])
-    raw = _fit_hybrid(best, data, steps)
+    raw = _fit_hybrid(best, data, steps, widening)
     metrics["nll_after"] = float(_hybrid_nll(best, raw, *data))
     if not math.isfinite(metrics["nll_after"]):
         raise FloatingPointError(f"the hybrid's fit ({best}) diverged")

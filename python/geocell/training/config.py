@@ -86,6 +86,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     retrieval: bool = True  # at the end: index the training photos beside best.pt, fit the hybrid on val
+    retrieval_widening: bool = False  # the hybrid's neighbour kernel widens with dissimilarity
     ablation: bool = False
     seeds: int = 3  # --ablation: training seeds per variant (seed, seed + 1, ...)
     ablation_variants: list | None = None  # --ablation: which variants (1-based); None = all
@@ -238,6 +239,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=argparse.SUPPRESS)
     g.add_argument("--no-retrieval", dest="retrieval", action="store_false", default=argparse.SUPPRESS,
                    help="no retrieval index of the training photos (best.retrieval.npz) and no hybrid")
+    g.add_argument("--retrieval-widening", dest="retrieval_widening", action="store_true", default=argparse.SUPPRESS,
+                   help="fit the hybrid with a neighbour kernel that widens as the similarity drops: tighter "
+                        "credible regions, a best guess a little less often right")
     g.add_argument("--ablation", action="store_true", default=argparse.SUPPRESS,
                    help="compare 1 partitioning / 3 + hierarchy / 3 + hierarchy + scene head on true labels / the "
                         "same on the helper's labels, each over --seeds seeds, with 95%% bootstrap intervals on "

@@ -449,7 +449,8 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
     checkpoints.calibration = choose_calibration(info, val, geocell.hierarchy(partitions), partitions[-1].centroids)
     index = hybrid = None
     if index_loader is not None:
-        index, hybrid = build_retrieval(info, checkpoints, index_loader, embed, val, partitions)
+        index, hybrid = build_retrieval(info, checkpoints, index_loader, embed, val, partitions,
+                                        widening=cfg.retrieval_widening)
     if checkpoints.calibration is not None:
         checkpoints.calibration, truth_mass, hybrid_errors, hybrid = fit_regions(
             info, val, partitions, checkpoints.calibration, hybrid, index)
@@ -566,7 +567,7 @@ def choose_calibration(info, val, hierarchy, fine_centroids):
     return fits[kind]
 
 
-def build_retrieval(info, checkpoints, index_loader, embed, val, partitions):
+def build_retrieval(info, checkpoints, index_loader, embed, val, partitions, *, widening=False):
     """best.retrieval.npz: the training photos embedded by the best weights; with a calibration,
     the hybrid fitted on the validation split (stored in the calibration). (index, fit or None)."""
     t0 = time.perf_counter()
@@ -587,7 +588,7 @@ def build_retrieval(info, checkpoints, index_loader, embed, val, partitions):
     log_q = combined_log_probs([torch.as_tensor(z) for z in val.logits], geocell.hierarchy(partitions), cal)
     try:
         hybrid = fit_retrieval(log_q, partitions[-1].centroids, cal.kernel_km, sims, nb, val.true_latlng,
-                               fitted_on=f"validation split, {len(val.true_latlng)} images")
+                               fitted_on=f"validation split, {len(val.true_latlng)} images", widening=widening)
     except (ValueError, FloatingPointError) as exc:
         log(info, f"no hybrid: {exc}")
         return index, None
