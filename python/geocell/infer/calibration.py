@@ -536,13 +536,17 @@ def _mix_torch(sims, kind, logit_lam, gate_a, gate_b, log_tau):
     if kind == "uniform":
         log_w = torch.full_like(sims, -math.log(sims.shape[1]))
     else:
-        tau = torch.exp(log_tau.clamp(*(math.log(t) for t in TEMPERATURE_RANGE)))
-        log_w = torch.log_softmax(sims / tau, dim=1)
+        log_w = torch.log_softmax(sims / _temperature(log_tau), dim=1)
     if kind == "gated":
         logit = (gate_a + gate_b * sims[:, 0]).clamp(-GATE_LOGIT_LIMIT, GATE_LOGIT_LIMIT)
     else:
         logit = logit_lam.expand(sims.shape[0])
     return logit, log_w
+
+
+def _temperature(log_tau: torch.Tensor) -> torch.Tensor:
+    """The neighbours' softmax temperature from its log, within TEMPERATURE_RANGE."""
+    return torch.exp(log_tau.clamp(*(math.log(t) for t in TEMPERATURE_RANGE)))
 
 
 def neighbour_log_density(neighbour_unit, log_w, true_unit, kernel_km) -> torch.Tensor:
@@ -558,15 +562,14 @@ def neighbour_log_density(neighbour_unit, log_w, true_unit, kernel_km) -> torch.
 def _hybrid_nll(kind, p, cell_ll, sims, nb_unit, true_unit) -> torch.Tensor:
     """Mean negative log-likelihood of the true locations under the hybrid with raw params ``p``."""
     logit, log_w = _mix_torch(sims, kind, p["logit_lam"], p["gate_a"], p["gate_b"], p["log_tau"])
-    slope = _kernel_slope(p["kernel_slope"]) if p["kernel_slope"] is not None else torch.zeros((), dtype=sims.dtype)
-    kernels = _neighbour_kernel(p["log_kernel"], slope, sims)
+    kernels = _neighbour_kernel(p["log_kernel"], _kernel_slope(p["kernel_slope"]), sims)
     nb = neighbour_log_density(nb_unit, log_w, true_unit, kernels)
     return -torch.logaddexp(F.logsigmoid(-logit) + cell_ll, F.logsigmoid(logit) + nb).mean()
 
 
 def _kernel_slope(raw: torch.Tensor) -> torch.Tensor:
     """The fit's raw slope parameter -> the slope (> 0 with a gradient everywhere: a clamp at 0
-    would trap the fit there)."""
+    would trap the fit there; -inf, a fit without widening, gives exactly 0)."""
     return KERNEL_SLOPE_UNIT * F.softplus(raw)
 
 
@@ -580,13 +583,13 @@ def _neighbour_kernel(log_kernel: torch.Tensor, slope: torch.Tensor, sims: torch
 def _fit_hybrid(kind, data, steps, widening: bool = False) -> dict:
     """Raw parameters of one kind maximising the mean log-likelihood of ``data``
     (cell log-densities, similarities, neighbour unit vectors, true unit vectors); ``widening``:
-    fit the kernel's slope too (else None: one width for all)."""
+    fit the kernel's slope too (else its raw value stays -inf: one width for all)."""
     def start(v):
         return torch.tensor(v, dtype=torch.float64)
 
     raw = {"logit_lam": start(-2.0), "gate_a": start(-2.0), "gate_b": start(0.0),
            "log_tau": start(math.log(0.1)), "log_kernel": start(math.log(100.0)),
-           "kernel_slope": start(-2.0) if widening else None}
+           "kernel_slope": start(-2.0 if widening else -math.inf)}
     free = {"uniform": ("logit_lam", "log_kernel"), "softmax": ("logit_lam", "log_tau", "log_kernel"),
             "gated": ("gate_a", "gate_b", "log_tau", "log_kernel")}[kind] + (("kernel_slope",) if widening else ())
     for name in free:
@@ -600,15 +603,15 @@ def _fit_hybrid(kind, data, steps, widening: bool = False) -> dict:
         return loss
 
     optimizer.step(closure)
-    return {k: v.detach() if v is not None else None for k, v in raw.items()}
+    return {k: v.detach() for k, v in raw.items()}
 
 
 def _to_fit(kind, raw, k, fitted_on, metrics) -> HybridFit:
     return HybridFit(kind=kind, weight=float(torch.sigmoid(raw["logit_lam"])),
                      gate=(float(raw["gate_a"]), float(raw["gate_b"])),
-                     temperature=float(np.clip(math.exp(min(float(raw["log_tau"]), 50.0)), *TEMPERATURE_RANGE)),
+                     temperature=float(_temperature(raw["log_tau"])),
                      kernel_km=float(_neighbour_kernel(raw["log_kernel"], torch.zeros(()), torch.ones(()))),
-                     kernel_slope=float(_kernel_slope(raw["kernel_slope"])) if raw["kernel_slope"] is not None else 0.0,
+                     kernel_slope=float(_kernel_slope(raw["kernel_slope"])),
                      k=k, fitted_on=fitted_on, metrics=metrics).check()
 
 

@@ -533,9 +533,10 @@ def choose_calibration(info, val, hierarchy, fine_centroids):
     scale, so each g is scored before any fit and only the best is fitted. None when neither
     fit succeeds."""
     centroids, n = np.asarray(fine_centroids), np.asarray(hierarchy).shape[1]
+    logits = [torch.as_tensor(z) for z in val.logits]
 
     def score(cal):
-        top = combined_log_probs([torch.as_tensor(z) for z in val.logits], hierarchy, cal).argmax(dim=1).numpy()
+        top = combined_log_probs(logits, hierarchy, cal).argmax(dim=1).numpy()
         return select_score({HIERARCHY_ROW: accuracy_table(centroids[top], val.true_latlng)})
 
     def fit(**kw):
