@@ -123,6 +123,7 @@ def test_cli_on_geoestimation_metadata(tmp_path):
     for row in ("coarse", "fine", HIERARCHY_ROW, BASELINE_ROW, "2500 km", "median km", "country"):
         assert row in out
     assert "1 unreadable images skipped, 1 manifest rows left out" in out
+    assert "95 % intervals, resampling the" in out and "hierarchy minus the best single partitioning" in out
     assert "broken.jpg" in err and "missing.jpg" in err
     with open(tmp_path / "preds.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -131,6 +132,33 @@ def test_cli_on_geoestimation_metadata(tmp_path):
         d = haversine_km(float(r["true_lat"]), float(r["true_lng"]), float(r["pred_lat"]), float(r["pred_lng"]))
         assert float(r["error_km"]) == pytest.approx(d, abs=2e-3)
     assert os.path.getsize(tmp_path / "cdf.png") > 10_000
+
+
+def test_intervals_of_an_evaluation_by_hand():
+    """Six images in two places far apart (two S2 level-3 blocks of 4 and 2 images); the
+    hierarchy's guesses are the fine head's, the coarse head is off by 1,000 km everywhere."""
+    from geocell.infer.evaluate import Evaluation, format_intervals
+
+    true = np.array([[48.85, 2.35]] * 4 + [[-33.9, 151.2]] * 2)
+    fine = true + [0.0, 0.1]  # about 7 km east in Paris, 9 km in Sydney
+    coarse = true + [9.0, 0.0]  # 1,000 km north
+    ev = Evaluation(names=["coarse", "fine"], paths=[str(i) for i in range(6)], true_latlng=true,
+                    pred_latlng={"coarse": coarse, "fine": fine, HIERARCHY_ROW: fine.copy()},
+                    cells=np.zeros(6, dtype=np.uint64), probability=np.full(6, 0.5),
+                    top1_correct=np.ones(6, dtype=bool),
+                    region_holds={0.9: np.array([True] * 4 + [False] * 2)})
+    text = format_intervals(ev)
+    # 6 images in blocks of 4 and 2: effective number 36 / 20 = 1.8, the largest holds 67 %
+    assert "resampling the 2 S2 level-3 blocks" in text and "effective number is 1.8" in text and "67%" in text
+    # equal to the fine head on every image: no difference in any replicate
+    assert "hierarchy minus the best single partitioning: 200 km +0.0 [+0.0, +0.0], 750 km +0.0 [+0.0, +0.0], " \
+           "2500 km +0.0 [+0.0, +0.0]" in text
+    # the region held Paris, not Sydney: 4/6, and a replicate of two Paris blocks gives 100 %,
+    # of two Sydney blocks 0 %
+    assert "90% credible region holds the true location for 66.7% [0.0, 100.0]" in text
+    assert format_intervals(Evaluation(names=["fine"], paths=[], true_latlng=np.zeros((0, 2)), pred_latlng={},
+                                       cells=np.zeros(0, dtype=np.uint64), probability=np.zeros(0),
+                                       top1_correct=np.zeros(0, dtype=bool))) == ""
 
 
 def test_accuracy_by_distance_to_the_nearest_training_photo_by_hand():

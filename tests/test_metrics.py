@@ -133,3 +133,51 @@ def test_bootstrap_interval_by_hand():
     assert r["acc_200km"][0] == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="seeds, images"):
         bootstrap_interval([])
+
+
+def test_block_bootstrap_resamples_whole_blocks_by_hand():
+    from geocell.infer.metrics import bootstrap_interval, bootstrap_share
+
+    # 100 images in two blocks of 50: the first all 10 km off, the second all 1000 km off. The
+    # images alone give a tight interval around 1/2; by blocks a replicate draws two blocks, so its
+    # share within 25 km is 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4: the interval is [0, 1]
+    errors = [[10.0] * 50 + [1000.0] * 50]
+    blocks = [7] * 50 + [3] * 50
+    by_image = bootstrap_interval(errors, replicates=2000)["acc_25km"]
+    assert by_image[0] == 0.5 and 0.35 < by_image[1] < 0.5 < by_image[2] < 0.65
+    r = bootstrap_interval(errors, blocks=blocks, replicates=4000)
+    assert r["acc_25km"] == (0.5, 0.0, 1.0) and (r["n"], r["units"]) == (100, 2)
+    # blocks of unequal size: drawing the big block twice gives 100 of 100, the small one twice 0
+    flags = [True] * 90 + [False] * 10
+    assert bootstrap_share(flags, blocks=[0] * 90 + [1] * 10, replicates=4000) == (0.9, 0.0, 1.0)
+    # one block: nothing to resample
+    assert bootstrap_share(flags, blocks=[5] * 100) == (0.9, 0.9, 0.9)
+    with pytest.raises(ValueError, match="one label per image"):
+        bootstrap_share(flags, blocks=[1, 2])
+
+
+def test_best_row_difference_by_hand():
+    from geocell.infer.metrics import best_row_difference
+
+    # a row equal to one of the others: exactly 0 in every replicate
+    e = {"a": np.array([10.0, 300.0, 900.0, 3000.0]), "b": np.array([500.0, 100.0, 100.0, 100.0])}
+    e["h"] = e["b"].copy()
+    d = best_row_difference(e, "h", ["a", "b"], blocks=[0, 0, 1, 1], radii=(200, 2500))
+    assert d == {200: (0.0, 0.0, 0.0), 2500: (0.0, 0.0, 0.0)}
+    # "h" better than both at 200 km on every image: within 200 km h 4/4, a 1/4, b 3/4
+    e["h"] = np.full(4, 50.0)
+    d = best_row_difference(e, "h", ["a", "b"], radii=(200,), replicates=3000)
+    assert d[200][0] == 0.25 and d[200][1] == 0.0 and d[200][2] > 0.25
+    # the best of the others is chosen again per replicate: a difference never exceeds h's lead
+    # over the worse other, and never goes below 0 here since h is within 200 km everywhere
+    assert d[200][2] <= 0.75
+
+
+def test_location_blocks_are_level_3_cells():
+    from geocell.cells import latlng_to_cell
+    from geocell.infer.metrics import location_blocks
+
+    latlng = np.array([[48.85, 2.35], [48.9, 2.4], [-33.9, 151.2], [40.7, -74.0]])
+    got = location_blocks(latlng)
+    assert np.array_equal(got, latlng_to_cell(latlng[:, 0], latlng[:, 1], 3))
+    assert got[0] == got[1] and len(set(got.tolist())) == 3

@@ -286,16 +286,18 @@ def test_ablation_trains_each_variant_with_each_seed_and_reports_intervals(tmp_p
     """The ablation's wiring, with train() replaced by a stand-in whose test errors are known:
     every variant runs once per seed, classification only, and the table is the bootstrap
     interval of exactly those errors."""
-    from geocell.infer.metrics import bootstrap_interval
+    from geocell.infer.metrics import bootstrap_interval, location_blocks
 
     calls = []
+    # three test images in Paris, two in Sydney, one in New York: three blocks
+    true_latlng = np.array([[48.85, 2.35], [48.9, 2.4], [48.8, 2.3], [-33.9, 151.2], [-33.8, 151.1], [40.7, -74.0]])
 
     def fake_train(cfg, resume=None):
         calls.append(cfg)
         base = 100.0 * len(cfg.taus) + (50.0 if cfg.scene_head else 0.0)
         errors = base + cfg.seed + np.arange(6.0) * 400.0
         rows = {"fine": errors} if len(cfg.taus) == 1 else {"fine": errors + 1e4, "hierarchy": errors}
-        return {"errors_km": rows, "seconds": 1.0, "split": "test"}
+        return {"errors_km": rows, "seconds": 1.0, "split": "test", "true_latlng": true_latlng}
 
     monkeypatch.setattr(run, "train", fake_train)
     out = tmp_path / "abl"
@@ -306,10 +308,11 @@ def test_ablation_trains_each_variant_with_each_seed_and_reports_intervals(tmp_p
     assert not any(c.retrieval for c in calls) and len({c.out for c in calls}) == 8
     saved = json.load(open(out / "ablation.json"))
     assert saved["seeds"] == [5, 6] and saved["split"] == "test"
-    want = bootstrap_interval([300.0 + s + np.arange(6.0) * 400.0 for s in (5, 6)], seed=5)
+    want = bootstrap_interval([300.0 + s + np.arange(6.0) * 400.0 for s in (5, 6)],
+                              blocks=location_blocks(true_latlng), seed=5)
     got = saved["rows"]["3 partitionings + hierarchy"]
     assert all(got[k] == pytest.approx(list(want[k])) for k in ("acc_200km", "acc_750km", "median_km"))
-    assert "95 % bootstrap interval" in capsys.readouterr().out
+    assert want["units"] == 3 and "95 % bootstrap interval over the S2 blocks" in capsys.readouterr().out
     calls.clear()  # a subset of the variants
     assert run.main(["--ablation", "--seeds", "1", "--ablation-variants", "4", "--manifest", "unused.csv",
                      "-o", str(tmp_path / "abl4")]) == 0

@@ -36,6 +36,7 @@ from geocell.infer.metrics import (
     BASELINE_ROW,
     HIERARCHY_ROW,
     HYBRID_ROW,
+    INTERVAL_BLOCK_LEVEL,
     THRESHOLDS_KM,
     _gather_concat,
     _reduce_counts,
@@ -43,8 +44,13 @@ from geocell.infer.metrics import (
     autocast_context,
     baseline_latlng,
     baseline_row,
+    best_row_difference,
+    bootstrap_interval,
+    bootstrap_share,
+    format_interval_table,
     format_table,
     great_circle_errors_km,
+    location_blocks,
     partition_names,
 )
 from geocell.infer.retrieval import forward_with_embeddings
@@ -333,6 +339,34 @@ def format_calibration(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def format_intervals(ev: Evaluation, *, seed: int = 0) -> str:
+    """95 % intervals of one evaluation's figures, resampling the S2 blocks of the true locations
+    (:func:`geocell.infer.metrics.location_blocks`): photos of one region are not independent
+    draws, so a test set of a few dozen regions says less than its image count suggests. Each
+    row's accuracies, the hierarchy against the best single partitioning, the regions' coverage."""
+    if len(ev.true_latlng) == 0:
+        return ""
+    blocks = location_blocks(ev.true_latlng)
+    errors = ev.errors_km()
+    rows = {name: bootstrap_interval(err[None], blocks=blocks, seed=seed) for name, err in errors.items()}
+    counts = np.unique(blocks, return_counts=True)[1]
+    # Kish's effective number: as many blocks of equal size would be as informative
+    effective = counts.sum() ** 2 / (counts ** 2).sum()
+    lines = [f"95 % intervals, resampling the {len(counts)} S2 level-{INTERVAL_BLOCK_LEVEL} blocks of the true "
+             f"locations (their effective number is {effective:.1f}: the largest holds "
+             f"{100 * counts.max() / counts.sum():.0f}% of the images):", format_interval_table(rows)]
+    if HIERARCHY_ROW in errors and len(ev.names) > 1:
+        d = best_row_difference(errors, HIERARCHY_ROW, ev.names, blocks=blocks, seed=seed)
+        lines.append("hierarchy minus the best single partitioning: " + ", ".join(
+            f"{t} km {100 * v:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" for t, (v, lo, hi) in d.items()))
+    for m, held in ev.region_holds.items():
+        if held.size:
+            v, lo, hi = bootstrap_share(held, blocks=blocks, seed=seed)
+            lines.append(f"{100 * m:g}% credible region holds the true location for {100 * v:.1f}% "
+                         f"[{100 * lo:.1f}, {100 * hi:.1f}]")
+    return "\n".join(lines)
+
+
 def plot_error_cdf(errors_km: dict[str, np.ndarray], path, title: str | None = None) -> str:
     """Share of images with error ≤ d against d (log scale), one line per row."""
     import matplotlib
@@ -490,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         print("(an uncalibrated checkpoint: no credible-region coverage; top-1 cell "
               f"mean probability {summary.get('mean_top1_probability', float('nan')):.3f}, "
               f"expected calibration error {summary.get('ece_top1', float('nan')):.3f})")
+    print(format_intervals(ev))
     if ev.skipped or manifest.report:
         print(f"({len(ev.skipped)} unreadable images skipped, {len(manifest.report)} manifest rows "
               "left out; accuracies are over the images evaluated)")

@@ -13,12 +13,16 @@ import torch
 import torch.distributed as dist
 
 from geocell._internal.torch_util import autocast_context  # noqa: F401  (used by the loop)
-from geocell.cells import great_circle_km
+from geocell.cells import great_circle_km, latlng_to_cell
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 BASELINE_ROW = "most frequent cell"
 HIERARCHY_ROW = "hierarchy"
 HYBRID_ROW = "hybrid (retrieval)"  # the hierarchy's cells mixed with the retrieved training photos
+# The blocks an evaluation's intervals resample: S2 level-3 cells (about 1,000 km across), the
+# scale of the held-out split's largest blocks. Photos of one region share their geography and
+# are not independent draws; resampling single images would make the intervals too narrow.
+INTERVAL_BLOCK_LEVEL = 3
 
 
 def partition_names(n: int) -> list[str]:
@@ -71,31 +75,101 @@ def accuracy_from_errors(errors_km) -> dict:
     return row
 
 
-def bootstrap_interval(errors_by_seed, *, replicates: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+def location_blocks(latlng, level: int = INTERVAL_BLOCK_LEVEL) -> np.ndarray:
+    """The S2 cell at ``level`` of each (lat, lng): the unit a block bootstrap resamples."""
+    latlng = np.asarray(latlng, dtype=np.float64).reshape(-1, 2)
+    return latlng_to_cell(latlng[:, 0], latlng[:, 1], level)
+
+
+class _Resampler:
+    """Bootstrap replicates of n images: n images drawn with replacement, or, with ``blocks``
+    (one label per image), as many blocks drawn with replacement as there are, each with all
+    its images (the cluster bootstrap)."""
+
+    def __init__(self, n: int, blocks=None, seed: int = 0):
+        self.n, self.rng = n, np.random.default_rng(seed)
+        self.members = None
+        if blocks is not None:
+            blocks = np.asarray(blocks).reshape(-1)
+            if len(blocks) != n:
+                raise ValueError(f"blocks: one label per image needed, got {len(blocks)} for {n} images")
+            _, inverse, counts = np.unique(blocks, return_inverse=True, return_counts=True)
+            self.members = np.split(np.argsort(inverse.reshape(-1), kind="stable"), np.cumsum(counts)[:-1])
+
+    @property
+    def units(self) -> int:
+        return self.n if self.members is None else len(self.members)
+
+    def draw(self) -> np.ndarray:
+        if self.members is None:
+            return self.rng.integers(0, self.n, self.n)
+        return np.concatenate([self.members[j] for j in self.rng.integers(0, len(self.members), len(self.members))])
+
+
+def _percentiles(draws, level: float) -> tuple[float, float]:
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(np.asarray(draws, dtype=np.float64), [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
+def bootstrap_interval(errors_by_seed, *, blocks=None, replicates: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> dict:
     """Mean and percentile-bootstrap interval of each accuracy and of the median error over
     training seeds and test images: ``errors_by_seed`` is (seeds, images), every seed's errors
     on the same images in the same order. Each replicate draws seeds and images with replacement
     (the same images for every drawn seed: the pairing is kept) and averages over the drawn
-    seeds. Returns {"acc_25km": (mean, low, high), ..., "median_km": (...), "seeds": S, "n": N}."""
+    seeds; with ``blocks`` (one label per image, e.g. :func:`location_blocks`) it draws blocks of
+    images instead. Returns {"acc_25km": (mean, low, high), ..., "median_km": (...), "seeds": S,
+    "n": N, "units": images or blocks}."""
     e = np.asarray(errors_by_seed, dtype=np.float64)
     if e.ndim != 2 or e.size == 0:
         raise ValueError(f"errors_by_seed must be (seeds, images) with both > 0, got shape {e.shape}")
     s, n = e.shape
-    rng = np.random.default_rng(seed)
+    images = _Resampler(n, blocks, seed)
+    rng = images.rng
     stats = {f"acc_{t}km": lambda x, t=t: (x <= t).mean(axis=-1) for t in THRESHOLDS_KM}
     stats["median_km"] = lambda x: np.median(x, axis=-1)
     out = {name: [float(f(e).mean())] for name, f in stats.items()}
     draws = {name: np.empty(replicates) for name in stats}
     for b in range(replicates):
-        sample = e[rng.integers(0, s, s)][:, rng.integers(0, n, n)]
+        sample = e[rng.integers(0, s, s)][:, images.draw()]
         for name, f in stats.items():
             draws[name][b] = f(sample).mean()
-    tail = (1.0 - level) / 2.0 * 100.0
     for name in stats:
-        lo, hi = np.percentile(draws[name], [tail, 100.0 - tail])
-        out[name] = (out[name][0], float(lo), float(hi))
-    out["seeds"], out["n"] = s, n
+        out[name] = (out[name][0], *_percentiles(draws[name], level))
+    out["seeds"], out["n"], out["units"] = s, n, images.units
     return out
+
+
+def best_row_difference(errors_km: dict, row: str, others: Sequence[str], *, blocks=None,
+                        radii=(200, 750, 2500), replicates: int = 2000, level: float = 0.95,
+                        seed: int = 0) -> dict:
+    """{radius: (d, low, high)}: d = the accuracy of ``row`` minus the best accuracy among
+    ``others`` (all on the same images), with its paired bootstrap interval (``blocks``: see
+    :func:`bootstrap_interval`); the best of the others is chosen again in each replicate."""
+    e = {name: np.asarray(errors_km[name], dtype=np.float64) for name in (row, *others)}
+    n = len(e[row])
+    images = _Resampler(n, blocks, seed)
+
+    def diff(t, idx):
+        return (e[row][idx] <= t).mean() - max((e[o][idx] <= t).mean() for o in others)
+
+    everyone = np.arange(n)
+    draws = {t: [] for t in radii}
+    for _ in range(replicates):
+        idx = images.draw()
+        for t in radii:
+            draws[t].append(diff(t, idx))
+    return {t: (float(diff(t, everyone)), *_percentiles(draws[t], level)) for t in radii}
+
+
+def bootstrap_share(flags, *, blocks=None, replicates: int = 2000, level: float = 0.95,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """(share of true ``flags``, low, high): the percentile-bootstrap interval of a share (e.g.
+    of images whose credible region held the truth); ``blocks``: see :func:`bootstrap_interval`."""
+    f = np.asarray(flags, dtype=np.float64).reshape(-1)
+    images = _Resampler(len(f), blocks, seed)
+    return (float(f.mean()), *_percentiles([f[images.draw()].mean() for _ in range(replicates)], level))
 
 
 def format_interval_table(rows: dict) -> str:

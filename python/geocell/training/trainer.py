@@ -46,7 +46,8 @@ from geocell.infer.calibration import (
     region_groups,
     RETRIEVAL_K,
 )
-from geocell.infer.evaluate import REGION_MASSES, Evaluator, accuracy_rows, evaluate_loader, format_calibration
+from geocell.infer.evaluate import (REGION_MASSES, Evaluator, accuracy_rows, evaluate_loader, format_calibration,
+                                    format_intervals)
 from geocell.infer.metrics import (
     BASELINE_ROW,
     HIERARCHY_ROW,
@@ -58,6 +59,7 @@ from geocell.infer.metrics import (
     format_interval_table,
     format_table,
     great_circle_errors_km,
+    location_blocks,
     mean_accuracy,
     partition_names,
 )
@@ -491,13 +493,15 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
                   + ", ".join(f"{t} km for {100 * v:.1f}%" for t, v in ceiling.items()) + " of these images")
     if summary:
         log(info, ("credible regions of the hybrid:\n" if hybrid is not None else "") + format_calibration(summary))
+    if info.is_main:
+        log(info, format_intervals(final))
     extras.update(n=len(final.true_latlng), scene_acc=final.scene_acc, calibration_summary=summary,
                   nearest_training_ceiling={str(k): v for k, v in ceiling.items()})
     if info.is_main:
         with open(checkpoints.path("results.json"), "w") as f:
             json.dump({"split": split, "rows": rows, "val_rows": val_rows, **extras}, f, indent=1)
     return {"rows": rows, "val_rows": val_rows, "extras": extras, "split": split,
-            "errors_km": final.errors_km()}
+            "errors_km": final.errors_km(), "true_latlng": final.true_latlng}
 
 
 @torch.no_grad()
@@ -686,7 +690,7 @@ def ablation_variant(cfg: TrainConfig, change: dict, out: str, seed: int) -> Tra
 def run_ablation(cfg: TrainConfig) -> dict:
     """Each variant trained with ``cfg.seeds`` seeds, evaluated once on the test split (its
     hierarchy row; the finest partitioning's for one partitioning); mean and 95 % bootstrap
-    interval over test images and seeds (geocell.infer.metrics.bootstrap_interval)."""
+    interval over the test images' S2 blocks and the seeds (geocell.infer.metrics.bootstrap_interval)."""
     base_out = cfg.out or os.path.join("runs", "ablation-" + time.strftime("%Y%m%d-%H%M%S"))
     seeds = [cfg.seed + k for k in range(max(1, cfg.seeds))]
     table, seconds, split = {}, {}, None
@@ -694,7 +698,7 @@ def run_ablation(cfg: TrainConfig) -> dict:
     for i, (label, change) in enumerate(ABLATION):
         if i + 1 not in chosen:
             continue
-        errors, seconds[label] = [], 0.0
+        errors, seconds[label], blocks = [], 0.0, None
         for seed in seeds:
             result = train(ablation_variant(cfg, change, os.path.join(base_out, f"variant{i + 1}", f"seed{seed}"), seed))
             row = HIERARCHY_ROW if HIERARCHY_ROW in result["errors_km"] else \
@@ -702,10 +706,13 @@ def run_ablation(cfg: TrainConfig) -> dict:
             errors.append(result["errors_km"][row])
             seconds[label] += result["seconds"]
             split = result["split"]
-        table[label] = bootstrap_interval(np.stack(errors), seed=cfg.seed)
+            if result.get("true_latlng") is not None:  # the same test images for every seed
+                blocks = location_blocks(result["true_latlng"])
+        table[label] = bootstrap_interval(np.stack(errors), blocks=blocks, seed=cfg.seed)
         if engine.DistInfo(int(os.environ.get("RANK", "0"))).is_main:  # the table so far, after each variant
             print(f"\nablation (same data, same budget, classification only; {split} split, best.pt of each; "
-                  f"mean over seeds {', '.join(map(str, seeds))} [95 % bootstrap interval over images and seeds]):")
+                  f"mean over seeds {', '.join(map(str, seeds))} [95 % bootstrap interval over "
+                  f"{'the S2 blocks of the images' if blocks is not None else 'images'} and seeds]):")
             print(format_interval_table(table))
             print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
             os.makedirs(base_out, exist_ok=True)
