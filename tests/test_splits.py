@@ -93,3 +93,34 @@ def test_several_block_levels_share_each_split():
     assert d.min() >= 5.0 and (d < 100).mean() > 0.2 and (d > 300).mean() > 0.2
     with pytest.raises(ValueError, match="levels"):
         held_out_split(lat, lng, block_level=[3, 31])
+
+
+def test_a_dense_block_is_passed_over_while_smaller_ones_remain():
+    """40 photos within a few hundred metres (one block at every level) and 960 spread over the
+    world; val draws 10 %, 50 photos at each of two levels. With the cap (a block may make up a
+    tenth of that, 5) the dense block never goes to val, the spread photos' blocks fill it; without
+    it (max_block_share 1) it sometimes does, and is then 40 % of the split: one place."""
+    rng = np.random.default_rng(5)
+    dense = np.column_stack([48.85 + rng.normal(scale=1e-3, size=40), 2.35 + rng.normal(scale=1e-3, size=40)])
+    spread = np.column_stack([rng.uniform(-60, 70, 960), rng.uniform(-180, 180, 960)])
+    pts = np.concatenate([dense, spread])
+    in_val = {cap: [] for cap in (0.1, 1.0)}
+    for seed in range(20):
+        for cap in in_val:
+            split = held_out_split(pts[:, 0], pts[:, 1], fractions={"val": 0.1}, block_level=[3, 9], buffer_km=0,
+                                   seed=seed, max_block_share=cap)
+            assert len(set(split[:40])) == 1  # a block goes one way
+            in_val[cap].append(split[0] == "val")
+            if cap == 0.1:  # each level overshoots its 50 by less than one block of at most 5
+                assert 0.1 <= (split == "val").mean() <= 0.11
+    assert not any(in_val[0.1]) and any(in_val[1.0])
+
+
+def test_big_blocks_are_drawn_when_the_small_ones_run_out():
+    """Only two places, each far more than a tenth of the split's share: the split is still
+    filled, from the big blocks."""
+    rng = np.random.default_rng(6)
+    pts = np.concatenate([np.tile([[10.0, 20.0]], (50, 1)), np.tile([[-30.0, 140.0]], (50, 1))])
+    pts = pts + rng.normal(scale=1e-3, size=pts.shape)
+    split = held_out_split(pts[:, 0], pts[:, 1], fractions={"val": 0.2}, buffer_km=0, seed=0)
+    assert (split == "val").sum() == 50 and (split == "train").sum() == 50

@@ -30,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-from geocell.data.splits import held_out_split, min_distance_km
+from geocell.data.splits import MAX_BLOCK_SHARE, held_out_split, min_distance_km
 from geocell.data.terrain import (FOOTPRINT_KM, KM_PER_DEG, SCENE_NAMES, basemap_file, footprint_boxes, pad_sphere,
                                   scene_labels)
 from geocell.data.manifest import _find, _LAT_COLUMNS, _LNG_COLUMNS, _parse_coord, Manifest, write_manifest
@@ -143,10 +143,11 @@ def _held_out_locations(n: int, rng: np.random.Generator, seed: int, levels, buf
 
     The split is drawn over the whole pool of 100,000 locations, not over the n sampled ones:
     whole S2 blocks of ``levels`` go to val and test (blocks drawn uniformly, so they spread over
-    the world), held-out locations within ``buffer_km`` of any training-pool location are
-    dropped, and then each split is sampled from its own pool (train 80 %, val and test 10 % of
-    ``n``). Training keeps its size, and the held-out images follow the photos' own density
-    within many blocks instead of one or two dense ones. The guarantee is checked once more on
+    the world, passing over any that would make up more than ``MAX_BLOCK_SHARE`` of its level's
+    part), held-out locations within ``buffer_km`` of any training-pool location are dropped,
+    and then each split is sampled from its own pool (train 80 %, val and test 10 % of ``n``).
+    Training keeps its size, and the held-out images follow the photos' own density within many
+    blocks instead of one or two dense ones. The guarantee is checked once more on
     the sampled patches (jittered training locations, for n past the pool, could move)."""
     pool = default_locations()
     split = held_out_split(pool[:, 0], pool[:, 1], fractions=SPLIT_FRACTIONS, block_level=levels,
@@ -299,7 +300,8 @@ def build_recipe(n: int, size: int, seed: int, split_rule: str, footprint_km: fl
     folder built by other settings (or by an older split rule) is rebuilt rather than reused."""
     levels, buffer_km = HELD_OUT_RULES.get(split_rule, ((), None))
     return {"n": int(n), "size": int(size), "seed": int(seed), "split_rule": split_rule,
-            "block_levels": list(levels), "buffer_km": buffer_km, "footprint_km": float(footprint_km),
+            "block_levels": list(levels), "buffer_km": buffer_km,
+            "max_block_share": MAX_BLOCK_SHARE if levels else None, "footprint_km": float(footprint_km),
             "n_scenes": int(n_scenes), "scenes": list(SCENE_NAMES)}
 
 
