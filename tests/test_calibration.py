@@ -290,3 +290,66 @@ def test_best_guess_by_mass_within_a_radius():
     radius, scores = choose_point_radius({0.0: np.array([[0.0, 0.0], [0.0, 0.0]]), 750.0: true + 0.001}, true)
     assert radius == 750.0 and scores[750.0] == pytest.approx(1.0) and scores[0.0] == pytest.approx(0.0)
     assert choose_point_radius({0.0: true, 25.0: true}, true)[0] == 0.0  # a tie: the smaller radius
+
+
+def _vmf_by_hand(distance_km, kernel_km):
+    """The vMF density per km² at a great-circle distance, from its textbook formula."""
+    kappa = (R / kernel_km) ** 2
+    return kappa / (2 * math.pi * R * R * (1 - math.exp(-2 * kappa))) * math.exp(kappa * (math.cos(distance_km / R) - 1))
+
+
+def test_background_density_and_mass_by_hand():
+    """One cell at (0, 0) with a 100 km kernel; a background over two cells, (0, 0) with 3 photos
+    and (0, 90) with 1, a 2,000 km kernel and 20 % of the mass. At (0, 90), 10,008 km from the cell,
+    the density is the background's; without it, almost 0, so every draw is denser and the
+    smallest region holding the point is the whole mixture."""
+    from geocell.infer.calibration import Background
+
+    far = 2 * math.pi * R / 4
+    cell = unit_vectors(np.array([0.0]), np.array([0.0]))
+    bg = Background(0.2, np.array([0.75, 0.25]), unit_vectors(np.array([0.0, 0.0]), np.array([0.0, 90.0])), 2000.0)
+    with_bg = Mixture(np.array([0.0]), cell, 100.0, samples=4000, seed=1, background=bg)
+    want = 0.8 * _vmf_by_hand(far, 100.0) + 0.2 * (0.75 * _vmf_by_hand(far, 2000.0) + 0.25 * _vmf_by_hand(0.0, 2000.0))
+    got = with_bg.density_at(unit_vectors(np.array([0.0]), np.array([90.0])))[0]
+    assert got == pytest.approx(want, rel=1e-9)
+    assert with_bg.density_at(cell)[0] == pytest.approx(
+        0.8 * _vmf_by_hand(0.0, 100.0) + 0.2 * (0.75 * _vmf_by_hand(0.0, 2000.0) + 0.25 * _vmf_by_hand(far, 2000.0)))
+    without = Mixture(np.array([0.0]), cell, 100.0, samples=4000, seed=1)
+    assert without.mass_at((0.0, 90.0)) == 1.0
+    # with it, only the cell's draws and the background's near (0, 0) are denser: about 80 + 15 %
+    assert 0.9 < with_bg.mass_at((0.0, 90.0)) < 0.99
+    # draws follow the weights: about a fifth land more than 1,000 km from the cell
+    lat, lng = np.degrees(np.arcsin(with_bg.draws[:, 2])), np.degrees(np.arctan2(with_bg.draws[:, 1], with_bg.draws[:, 0]))
+    assert 0.15 < (great_circle_km(lat, lng, np.zeros_like(lat), np.zeros_like(lng)) > 1000).mean() < 0.22
+
+
+def test_fit_background_by_hand():
+    """Images whose truth the mixture put far from every guess want a background; images whose
+    truth it covered well do not. The score is the mean log density, checked by hand."""
+    from geocell.infer.calibration import fit_background
+
+    centroids, counts = np.array([[0.0, 0.0], [10.0, 20.0]]), np.array([1, 3])
+    truth = np.array([[0.0, 0.0], [5.0, 5.0], [10.0, 20.0], [0.0, 10.0]])
+    sharp = np.full(4, 1e-3)  # 1e-3 per km²: about what a 20 km kernel gives at its centre
+    w, kernel, scores = fit_background(sharp, truth, centroids, counts)
+    assert (w, kernel) == (0.0, 0.0)
+    missed = np.array([1e-3, 1e-3, 1e-3, 1e-40])  # the fourth truth: nowhere near the guesses
+    w, kernel, scores = fit_background(missed, truth, centroids, counts)
+    assert w > 0 and kernel > 0 and scores[(w, kernel)] > scores[(0.0, kernel)]
+    d = [[float(great_circle_km(*map(np.atleast_1d, (t[0], t[1], c[0], c[1])))[0]) for c in centroids] for t in truth]
+    by_hand = np.mean([math.log(0.9 * m + 0.1 * (0.25 * _vmf_by_hand(a, 2000.0) + 0.75 * _vmf_by_hand(b, 2000.0)))
+                       for m, (a, b) in zip(missed, d)])
+    assert scores[(0.1, 2000.0)] == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_background_round_trip_and_checks():
+    cal = Calibration(weights=(1.0,), kernel_km=300.0, background_weight=0.1, background_kernel_km=4000.0)
+    assert Calibration.from_dict(cal.to_dict(), 1) == cal
+    older = dict(cal.to_dict())
+    del older["background_weight"], older["background_kernel_km"]
+    assert Calibration.from_dict(older, 1).background_weight == 0.0
+    for bad in ({"background_weight": 1.0, "background_kernel_km": 4000.0},
+                {"background_weight": 0.1, "background_kernel_km": 0.0},
+                {"background_weight": float("nan"), "background_kernel_km": 4000.0}):
+        with pytest.raises(ValueError, match="background"):
+            Calibration.from_dict(dict(cal.to_dict(), **bad), 1)

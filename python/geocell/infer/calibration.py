@@ -49,6 +49,9 @@ KERNEL_START_KM = 300.0  # where the fit of the kernel width starts (it is fitte
 # the candidate weightings of the hierarchy: each partitioning weighs g times the next finer one
 HIERARCHY_FACTORS = (1.0, 1.5, 2.0, 3.0, 4.0)
 MIXTURE_TOP = 64     # the most probable fine cells that make up the mixture (the rest is renormalised away)
+# the background's candidate shares of the mixture and widths (chosen on the validation split)
+BACKGROUND_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2)
+BACKGROUND_KERNELS_KM = (1000.0, 2000.0, 4000.0, 8000.0)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,10 @@ class Calibration:
     # region is fitted on the images of its own group. Empty: region_scores for every image.
     region_edges: tuple = ()
     region_group_scores: tuple = ()
+    # The background (:class:`Background`): its share of every image's mixture and its width;
+    # 0: none (older fits).
+    background_weight: float = 0.0
+    background_kernel_km: float = 0.0
 
     @classmethod
     def identity(cls, n_partitions: int) -> "Calibration":
@@ -105,6 +112,9 @@ class Calibration:
         if self.region_scores and not _sorted_masses(self.region_scores):
             raise ValueError("calibration region_scores must be sorted masses in [0, 1]")
         check_region_groups(self.region_edges, self.region_group_scores)
+        w, k = self.background_weight, self.background_kernel_km
+        if not (math.isfinite(w) and 0 <= w < 1) or (w > 0 and not (math.isfinite(k) and k > 0)):
+            raise ValueError(f"calibration background: weight must be in [0, 1) and its kernel_km > 0, got {w}, {k}")
         return self
 
     def to_dict(self) -> dict:
@@ -118,6 +128,9 @@ class Calibration:
         if self.region_group_scores:
             out["region_edges"] = [float(v) for v in self.region_edges]
             out["region_group_scores"] = [[round(float(v), 5) for v in g] for g in self.region_group_scores]
+        if self.background_weight > 0:
+            out["background_weight"] = float(self.background_weight)
+            out["background_kernel_km"] = float(self.background_kernel_km)
         return out
 
     @classmethod
@@ -125,7 +138,7 @@ class Calibration:
         if not d:
             return cls.identity(n_partitions)
         unknown = set(d) - {"weights", "kernel_km", "fitted_on", "metrics", "retrieval", "region_scores",
-                            "region_edges", "region_group_scores"}
+                            "region_edges", "region_group_scores", "background_weight", "background_kernel_km"}
         if unknown:
             raise ValueError(f"calibration: unknown fields {sorted(unknown)}")
         return cls(weights=tuple(float(w) for w in d["weights"]), kernel_km=float(d.get("kernel_km", 0.0)),
@@ -133,6 +146,8 @@ class Calibration:
                    metrics=dict(d.get("metrics", {})),
                    retrieval=HybridFit.from_dict(d["retrieval"]).to_dict() if d.get("retrieval") else {},
                    region_scores=tuple(float(v) for v in d.get("region_scores", ())),
+                   background_weight=float(d.get("background_weight", 0.0)),
+                   background_kernel_km=float(d.get("background_kernel_km", 0.0)),
                    **region_groups_from_dict(d)).check(n_partitions)
 
 
@@ -248,6 +263,50 @@ def _log_norm(kappa):
     return np.log(kappa) - math.log(2 * math.pi) - np.log1p(-np.exp(-2 * kappa)) - 2 * math.log(EARTH_RADIUS_KM)
 
 
+@dataclass(frozen=True)
+class Background:
+    """Where photos are taken at all: the training photos' density (the coarsest partitioning's
+    cells weighted by their photo counts, at their mean locations) spread by a broad kernel, and
+    its share ``weight`` of every image's mixture. Without it a photo far from every guess has
+    a density of almost 0: its likelihood is ruinous, and the conformal region that must hold
+    it is the whole sphere."""
+
+    weight: float
+    q: np.ndarray        # (C,) the cells' shares of the training photos
+    means: np.ndarray    # (C, 3) their mean locations, unit vectors
+    kernel_km: float
+
+
+def background_for(calibration: "Calibration", centroids, counts) -> Background | None:
+    """The calibration's background over a partitioning's cells (``centroids`` (C, 2), photo
+    ``counts`` (C,)); None when it has none."""
+    if calibration.background_weight <= 0:
+        return None
+    counts = np.asarray(counts, dtype=np.float64)
+    return Background(float(calibration.background_weight), counts / counts.sum(), _unit(centroids),
+                      float(calibration.background_kernel_km))
+
+
+def fit_background(truth_density: np.ndarray, true_latlng: np.ndarray, centroids, counts,
+                   weights=BACKGROUND_WEIGHTS, kernels_km=BACKGROUND_KERNELS_KM) -> tuple[float, float, dict]:
+    """(weight, kernel_km, {(weight, kernel_km): mean log density}): the background share and
+    width that maximise the validation images' mean log density at their true locations, given
+    ``truth_density``, the density there of each image's mixture without a background (per
+    km²). Weight 0 is a candidate, and ties go to the smaller weight."""
+    truth = _unit(true_latlng)
+    counts = np.asarray(counts, dtype=np.float64)
+    means, q = _unit(centroids), counts / counts.sum()
+    density = np.asarray(truth_density, dtype=np.float64)
+    scores = {}
+    for kernel in kernels_km:
+        kappa = _kappa(kernel)
+        spread = np.exp(_log_norm(kappa) + kappa * (np.clip(truth @ means.T, -1.0, 1.0) - 1.0)) @ q
+        for w in weights:
+            scores[(float(w), float(kernel))] = float(np.mean(np.log((1.0 - w) * density + w * spread + 1e-300)))
+    w, kernel = max(scores, key=lambda key: (scores[key], -key[0], -key[1]))
+    return w, (kernel if w > 0 else 0.0), scores
+
+
 @dataclass
 class MixtureRegion:
     """The highest-density credible region of one image's mixture."""
@@ -266,7 +325,8 @@ class Mixture:
     density exceeds its (1 - X) quantile over draws from the mixture)."""
 
     def __init__(self, log_q: np.ndarray, centroids_unit: np.ndarray, kernel_km: float, *,
-                 samples: int = 4000, seed: int = 0, neighbours: "NeighbourKernels | None" = None):
+                 samples: int = 4000, seed: int = 0, neighbours: "NeighbourKernels | None" = None,
+                 background: Background | None = None):
         log_q = np.asarray(log_q, dtype=np.float64)
         k = min(MIXTURE_TOP, log_q.size)
         top = np.argpartition(-log_q, k - 1)[:k]
@@ -283,6 +343,10 @@ class Mixture:
             kappas = np.concatenate([kappas, _kappa(widths)])
             if neighbours.weight >= 0.05:  # the grid the region is drawn on: the weightiest neighbour's
                 self.kernel_km = min(kernel_km, float(widths[int(np.argmax(neighbours.q))]))
+        if background is not None and background.weight > 0:
+            q = np.concatenate([(1.0 - background.weight) * q, background.weight * background.q])
+            means = np.concatenate([means, background.means])
+            kappas = np.concatenate([kappas, np.full(len(background.q), _kappa(background.kernel_km))])
         self.q, self.means, self.kappas = q, means, kappas
         self._log_norm = _log_norm(kappas)
         rng = np.random.default_rng(seed)
@@ -714,10 +778,25 @@ def hybrid_mode(mixture: Mixture, log_q: np.ndarray, fine_unit: np.ndarray, kern
     return hybrid_points(mixture, log_q, fine_unit, kernels, (radius_km,))[0]
 
 
+def truth_densities(log_q: np.ndarray, fine_centroids: np.ndarray, kernel_km: float, true_latlng: np.ndarray,
+                    hybrid: HybridFit | None = None, neighbours=None) -> np.ndarray:
+    """Each image's mixture density at its true location (per km², no background): what
+    :func:`fit_background` weighs the background against."""
+    fine_unit = _unit(fine_centroids)
+    out = np.empty(len(true_latlng))
+    for i in range(len(true_latlng)):
+        kernels = hybrid.kernels(neighbours[0][i], neighbours[1][i]) if hybrid is not None else None
+        mixture = Mixture(log_q[i], fine_unit, kernel_km, samples=1, seed=i, neighbours=kernels)
+        out[i] = mixture.density_at(_unit(true_latlng[i]))[0]
+    return out
+
+
 def validation_draws(log_q: np.ndarray, fine_centroids: np.ndarray, kernel_km: float, true_latlng: np.ndarray,
-                     hybrid: HybridFit | None = None, neighbours=None, radii_km=(), samples: int = 4000):
+                     hybrid: HybridFit | None = None, neighbours=None, radii_km=(), samples: int = 4000,
+                     background: Background | None = None):
     """What the validation images say of each image's mixture (with ``hybrid``: joined by the
-    retrieved ``neighbours``, (similarities, locations)): (the mass of the smallest
+    retrieved ``neighbours``, (similarities, locations); with ``background``: its share of the
+    photos' density too): (the mass of the smallest
     highest-density region that holds each true location, sorted they are a Calibration's
     ``region_scores``; {radius: the hybrid's best guesses (N, 2) by that rule} for ``radii_km``).
     The same draws as ``geocell.infer.evaluate.Evaluator`` (seed = row)."""
@@ -726,7 +805,8 @@ def validation_draws(log_q: np.ndarray, fine_centroids: np.ndarray, kernel_km: f
     points = {float(r): np.empty((len(true_latlng), 2)) for r in (radii_km if hybrid is not None else ())}
     for i in range(len(true_latlng)):
         kernels = hybrid.kernels(neighbours[0][i], neighbours[1][i]) if hybrid is not None else None
-        mixture = Mixture(log_q[i], fine_unit, kernel_km, samples=samples, seed=i, neighbours=kernels)
+        mixture = Mixture(log_q[i], fine_unit, kernel_km, samples=samples, seed=i, neighbours=kernels,
+                          background=background)
         masses[i] = mixture.mass_at(true_latlng[i])
         if points:
             for r, point in zip(points, hybrid_points(mixture, log_q[i], fine_unit, kernels, tuple(points))):

@@ -28,6 +28,7 @@ from geocell.infer.calibration import (
     HybridFit,
     Mixture,
     _unit,
+    background_for,
     combined_log_probs,
     expected_calibration_error,
     hybrid_mode,
@@ -118,6 +119,7 @@ class Evaluator:
         self.mixture_samples = mixture_samples
         self.centroids = [np.asarray(p.centroids, dtype=np.float64) for p in self.partitions]
         self.fine_unit = _unit(self.centroids[-1])
+        self.background = background_for(self.calibration, self.centroids[0], self.partitions[0].counts)
         self.fine_tokens = None
         rows = self.names + ([HIERARCHY_ROW] if len(self.names) > 1 else []) + ([HYBRID_ROW] if self.hybrid else [])
         self._pred = {r: [] for r in rows}
@@ -155,7 +157,8 @@ class Evaluator:
         for i in range(len(true) if (self.region_masses or self.hybrid) else 0):
             kernels = self.hybrid.kernels(neighbours[0][i], neighbours[1][i]) if self.hybrid else None
             mixture = Mixture(log_q[i].numpy(), self.fine_unit, self.calibration.kernel_km,
-                              samples=self.mixture_samples if draws else 1, seed=i, neighbours=kernels)
+                              samples=self.mixture_samples if draws else 1, seed=i, neighbours=kernels,
+                              background=self.background)
             if kernels is not None:
                 hybrid_pred.append(hybrid_mode(mixture, log_q[i].numpy(), self.fine_unit, kernels,
                                                self.hybrid.point_radius_km))

@@ -33,18 +33,22 @@ from geocell._internal.torch_util import training_autocast_dtype
 from geocell.data.manifest import read_manifest
 from geocell.data.splits import held_out_split, min_distance_km, validation_rows
 from geocell.infer.calibration import (
+    BACKGROUND_KERNELS_KM,
     POINT_RADII_KM,
     Calibration,
+    background_for,
     choose_point_radius,
     HIERARCHY_FACTORS,
     describe_point_rule,
     validation_draws,
     combined_log_probs,
+    fit_background,
     fit_calibration,
     fit_retrieval,
     level_ratios,
     region_groups,
     RETRIEVAL_K,
+    truth_densities,
 )
 from geocell.infer.evaluate import (REGION_MASSES, Evaluator, accuracy_rows, evaluate_loader, format_calibration,
                                     format_intervals)
@@ -605,16 +609,26 @@ def build_retrieval(info, checkpoints, index_loader, embed, val, partitions, *, 
 
 
 def fit_regions(info, val, partitions, calibration, hybrid, index):
-    """The validation split once more, from its kept logits (and embeddings): the mass of the
-    smallest region that held each true location, from which the calibration's conformal regions
-    are fitted, and the hybrid's best guesses by each rule (POINT_RADII_KM), of which the one with
+    """The validation split once more, from its kept logits (and embeddings): the background's
+    share and width (:func:`fit_background`), then the mass of the smallest region that held each
+    true location, from which the calibration's conformal regions are fitted, and the hybrid's best guesses by each rule (POINT_RADII_KM), of which the one with
     the best mean accuracy is kept. (calibration with region_scores and the hybrid, the truth
     masses, the validation hybrid row's errors or None, hybrid)."""
     log_q = combined_log_probs([torch.as_tensor(z) for z in val.logits], geocell.hierarchy(partitions),
                                calibration).numpy()
     neighbours = index.neighbours(val.embeddings, hybrid.k) if hybrid is not None else None
+    coarse = partitions[0]
+    weight, kernel, scores = fit_background(
+        truth_densities(log_q, partitions[-1].centroids, calibration.kernel_km, val.true_latlng, hybrid, neighbours),
+        val.true_latlng, coarse.centroids, coarse.counts)
+    log(info, f"background (the training photos' density, {len(coarse)} cells) on the validation split: "
+              + (f"{100 * weight:g}% of each mixture, kernel {kernel:g} km" if weight > 0 else "none")
+              + f"; mean log density of the true locations {scores[(weight, kernel or BACKGROUND_KERNELS_KM[0])]:.3f}, "
+              + f"without it {scores[(0.0, BACKGROUND_KERNELS_KM[0])]:.3f}")
+    calibration = dataclasses.replace(calibration, background_weight=weight, background_kernel_km=kernel)
     masses, points = validation_draws(log_q, partitions[-1].centroids, calibration.kernel_km, val.true_latlng,
-                                      hybrid, neighbours, POINT_RADII_KM)
+                                      hybrid, neighbours, POINT_RADII_KM,
+                                      background=background_for(calibration, coarse.centroids, coarse.counts))
     errors = None
     if hybrid is not None:
         radius, scores = choose_point_radius(points, val.true_latlng)
