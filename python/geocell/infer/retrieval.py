@@ -414,8 +414,9 @@ def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, devi
     """The hybrid fitted on held-out rows of a manifest (their logits and neighbours in ``index``)."""
     import torch
 
-    from geocell.infer.calibration import (POINT_RADII_KM, RETRIEVAL_K, Calibration, choose_point_radius,
-                                           combined_log_probs, fit_retrieval, region_groups, validation_draws)
+    from geocell.infer.calibration import (POINT_RADII_KM, RETRIEVAL_K, Calibration, background_for,
+                                           choose_point_radius, combined_log_probs, fit_retrieval, region_groups,
+                                           validation_draws)
     from geocell.loading.files import make_transform, stream_files
 
     cal = Calibration.from_dict(ckpt.get("calibration"), len(partitions))
@@ -439,9 +440,11 @@ def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, devi
     fit = fit_retrieval(log_q, partitions[-1].centroids, cal.kernel_km, sims, nb, true,
                         fitted_on=f"{name}, {len(true)} images")
     # the best guess's rule chosen and the conformal regions refitted on the same rows: the
-    # checkpoint's were made with its own fit (or none) and would not keep the regions' promise
+    # checkpoint's were made with its own fit (or none) and would not keep the regions' promise;
+    # the checkpoint's background stays, as predictions with this index use it too
     masses, points = validation_draws(log_q, partitions[-1].centroids, cal.kernel_km, true, fit,
-                                      (sims[:, :fit.k], nb[:, :fit.k]), POINT_RADII_KM)
+                                      (sims[:, :fit.k], nb[:, :fit.k]), POINT_RADII_KM,
+                                      background=background_for(cal, partitions[0].centroids, partitions[0].counts))
     radius, _ = choose_point_radius(points, true)
     fit = dataclasses.replace(fit, point_radius_km=float(radius))
     regions = dataclasses.replace(cal, **region_groups(masses, sims[:, 0])).to_dict()
