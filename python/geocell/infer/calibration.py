@@ -263,6 +263,13 @@ def _log_norm(kappa):
     return np.log(kappa) - math.log(2 * math.pi) - np.log1p(-np.exp(-2 * kappa)) - 2 * math.log(EARTH_RADIUS_KM)
 
 
+def _vmf_mixture_density(unit, means, kappas, q, log_norm=None) -> np.ndarray:
+    """Density per km² at unit vectors (N, 3) of vMF kernels at ``means`` (M, 3) with
+    concentrations ``kappas`` and weights ``q``."""
+    dots = np.clip(np.asarray(unit) @ means.T, -1.0, 1.0)
+    return np.exp((_log_norm(kappas) if log_norm is None else log_norm) + kappas * (dots - 1.0)) @ q
+
+
 @dataclass(frozen=True)
 class Background:
     """Where photos are taken at all: the training photos' density (the coarsest partitioning's
@@ -299,8 +306,7 @@ def fit_background(truth_density: np.ndarray, true_latlng: np.ndarray, centroids
     density = np.asarray(truth_density, dtype=np.float64)
     scores = {}
     for kernel in kernels_km:
-        kappa = _kappa(kernel)
-        spread = np.exp(_log_norm(kappa) + kappa * (np.clip(truth @ means.T, -1.0, 1.0) - 1.0)) @ q
+        spread = _vmf_mixture_density(truth, means, _kappa(kernel), q)
         for w in weights:
             scores[(float(w), float(kernel))] = float(np.mean(np.log((1.0 - w) * density + w * spread + 1e-300)))
     w, kernel = max(scores, key=lambda key: (scores[key], -key[0], -key[1]))
@@ -362,8 +368,7 @@ class Mixture:
 
     def density_at(self, unit: np.ndarray) -> np.ndarray:
         """Density per km² at unit vectors (N, 3)."""
-        dots = np.clip(np.asarray(unit) @ self.means.T, -1.0, 1.0)
-        return np.exp(self._log_norm + self.kappas * (dots - 1.0)) @ self.q
+        return _vmf_mixture_density(unit, self.means, self.kappas, self.q, self._log_norm)
 
     def mode(self, candidates_unit: np.ndarray) -> int:
         """Index of the candidate (rows of unit vectors) where the density is highest."""

@@ -246,12 +246,6 @@ class Geolocator:
                             for q in self.partitions]
         return self._tokens[p]
 
-    def _background(self):
-        if getattr(self, "_background_cache", None) is None:
-            self._background_cache = (background_for(self.calibration, self.partitions[0].centroids,
-                                                     self.partitions[0].counts),)
-        return self._background_cache[0]
-
     def _fine_unit(self) -> np.ndarray:
         if getattr(self, "_fine_unit_cache", None) is None:
             self._fine_unit_cache = unit_vectors(*np.asarray(self.fine.centroids, dtype=np.float64).T)
@@ -353,7 +347,8 @@ class Geolocator:
             log_q = np.log(np.maximum(hier, 1e-300))
             kernels = self.hybrid.kernels(*neighbours) if self.hybrid is not None and neighbours else None
             mixture = Mixture(log_q, self._fine_unit(), self.calibration.kernel_km, neighbours=kernels,
-                              background=self._background())
+                              background=background_for(self.calibration, self.partitions[0].centroids,
+                                                        self.partitions[0].counts))
             top_similarity = float(neighbours[0][0]) if kernels is not None else None
             # held `mass` of the validation images (of its similarity group, with retrieval)
             region = mixture.region(self.calibration.region_mass(mass, top_similarity))

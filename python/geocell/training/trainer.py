@@ -623,7 +623,7 @@ def fit_regions(info, val, partitions, calibration, hybrid, index):
         val.true_latlng, coarse.centroids, coarse.counts)
     log(info, f"background (the training photos' density, {len(coarse)} cells) on the validation split: "
               + (f"{100 * weight:g}% of each mixture, kernel {kernel:g} km" if weight > 0 else "none")
-              + f"; mean log density of the true locations {scores[(weight, kernel or BACKGROUND_KERNELS_KM[0])]:.3f}, "
+              + f"; mean log density of the true locations {max(scores.values()):.3f}, "
               + f"without it {scores[(0.0, BACKGROUND_KERNELS_KM[0])]:.3f}")
     calibration = dataclasses.replace(calibration, background_weight=weight, background_kernel_km=kernel)
     masses, points = validation_draws(log_q, partitions[-1].centroids, calibration.kernel_km, val.true_latlng,
