@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) under which it still multiplies bfloat16 natively.
+_BF16_ISAS = {"avx512_core_bf16", "avx512_core_fp16", "avx10_1_512", "avx10_1_512_amx", "avx512_core_amx",
+              "avx512_core_amx_fp16", "avx10_1_512_amx_fp16", "all", "default"}
 
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Without it, bf16
-    autocast is emulated and slower than float32."""
+    autocast is emulated and slower than float32. A cap on oneDNN's instruction sets below
+    AVX512-BF16 (ONEDNN_MAX_CPU_ISA=AVX2, as on a plain AVX2 machine) counts as none."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower()
+    if cap and cap not in _BF16_ISAS:
+        return False
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)
 

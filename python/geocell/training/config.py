@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from geocell.data.earth import DEFAULT_N, DEFAULT_N_SCENES, SPLIT_RULES
+from geocell.training.budget import parse_budget
 
 # Partitionings of the 2018 paper, (tau_min, tau_max), tuned for MP-16's 4.7M training images.
 PAPER_TAUS = [[50, 5000], [50, 2000], [50, 1000]]
@@ -62,7 +63,11 @@ class TrainConfig:
     helper_image_size: int = 64
     smoothing_km: float = 500.0  # haversine label smoothing temperature; 0 = one-hot targets
     # optimisation
-    epochs: int = 5
+    # "auto": ten minutes for the whole run on the built-in dataset (geocell.training.budget),
+    # none on a manifest of one's own; an --epochs given on its own switches the budget off.
+    time_budget: str = "auto"
+    epochs: int = 5  # without a budget; with one, the planned epochs (the last may be partial)
+    total_steps: int = 0  # optimizer steps of the whole run; 0 = epochs x steps per epoch (the budget sets it)
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
@@ -135,10 +140,19 @@ def resolve(flags: dict, config_path: str | None = None, base: dict | None = Non
     """defaults <- base (a resumed run's saved config) <- YAML file <- flags given on the command line."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in (base or {}).items() if k in known}
+    given = {k: v for k, v in flags.items() if k != "config"}
     if config_path:
-        values.update(load_yaml(config_path))
-    values.update({k: v for k, v in flags.items() if k != "config"})
-    return TrainConfig(**values)
+        given = {**load_yaml(config_path), **given}
+    values.update(given)
+    # An epoch count (or step count) asked for wins over the default budget.
+    if ("epochs" in given or "total_steps" in given) and "time_budget" not in given:
+        values["time_budget"] = "none"
+        if "total_steps" not in given:
+            values["total_steps"] = 0
+    cfg = TrainConfig(**values)
+    if cfg.time_budget != "auto":
+        parse_budget(cfg.time_budget)  # a bad value is an error now, not after the dataset is built
+    return cfg
 
 
 def save_yaml(config: TrainConfig, path: str) -> None:
@@ -214,7 +228,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--smoothing-km", type=float,
                    help=f"haversine label smoothing temperature in km; 0 = one-hot targets (default {d.smoothing_km:g})")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    g.add_argument("--time-budget", metavar="DURATION",
+                   help="wall-clock budget of the whole run (600, 90s, 10m, 1h30m, none): the run times the "
+                        "machine's training steps and sizes the steps and the schedule to finish within it "
+                        "(default: 10m on the built-in dataset, none on a manifest; --epochs switches it off)")
+    g.add_argument("--epochs", type=int, help=f"default {d.epochs} (without a time budget)")
+    g.add_argument("--total-steps", type=int, metavar="N",
+                   help="optimizer steps of the whole run (the last epoch may be partial); default epochs x steps")
     g.add_argument("--batch-size", type=int, help=f"per process (default {d.batch_size})")
     g.add_argument("--lr", type=float, help=f"SGD learning rate for the global batch (default {d.lr})")
     g.add_argument("--momentum", type=float)

@@ -138,15 +138,27 @@ def default_milestones(epochs: int) -> list[int]:
 
 class LRSchedule:
     """Learning-rate factor per optimizer step: linear warm-up, then either the 2018 recipe's
-    multi-step decay (x gamma at each milestone epoch, MultiStepLR semantics) or cosine to zero."""
+    multi-step decay (x gamma at each milestone epoch, MultiStepLR semantics) or cosine to zero.
 
-    def __init__(self, kind: str, steps_per_epoch: int, epochs: int, milestones=None, gamma=0.5, warmup_epochs=0.0):
+    ``total_steps`` (a time-budgeted run, whose last epoch may be partial) sets where the
+    schedule ends; by default ``epochs`` whole epochs. The default milestones are 2/3 and 8/9
+    of the run: whole epochs when the run is whole epochs (the recipe as it always was), else
+    those fractions of its steps."""
+
+    def __init__(self, kind: str, steps_per_epoch: int, epochs: int, milestones=None, gamma=0.5, warmup_epochs=0.0,
+                 total_steps: int | None = None):
         if kind not in ("step", "cosine"):
             raise ValueError(f"unknown schedule {kind!r} (step or cosine)")
         self.kind = kind
         self.steps_per_epoch = max(1, int(steps_per_epoch))
-        self.total = self.steps_per_epoch * max(1, int(epochs))
-        self.milestones = [int(m) * self.steps_per_epoch for m in (milestones or default_milestones(epochs))]
+        self.total = int(total_steps) if total_steps else self.steps_per_epoch * max(1, int(epochs))
+        whole, rest = divmod(self.total, self.steps_per_epoch)
+        if milestones:
+            self.milestones = [int(m) * self.steps_per_epoch for m in milestones]
+        elif rest == 0:
+            self.milestones = [m * self.steps_per_epoch for m in default_milestones(max(1, whole))]
+        else:
+            self.milestones = sorted({max(1, round(self.total * 2 / 3)), max(1, round(self.total * 8 / 9))})
         self.gamma = float(gamma)
         self.warmup = int(round(float(warmup_epochs) * self.steps_per_epoch))
 
@@ -324,3 +336,78 @@ def train_one_epoch(model, criterion, loader, state, info: DistInfo, options: Ep
         bar.close()
     means = {k: v / max(count, 1) for k, v in sums.items()}
     return all_reduce_mean(means, info), stopped
+
+
+# ---------------------------------------------------------------------------------------------
+# A short measurement of the machine in hand (for --time-budget)
+
+
+def probe_rates(model, criterion, loader, info: DistInfo, *, amp_dtype, channels_last_options=(False,),
+                warmup: int = 2, steps: int = 6, eval_batches: int = 3) -> tuple:
+    """Times real training steps on copies of ``model`` (the run's model, optimiser and RNG are
+    left untouched, and the loader's batches depend only on (seed, epoch, position), so the run
+    that follows is the run without the probe): ``warmup`` untimed and ``steps`` timed steps
+    for each memory format in ``channels_last_options``, then ``eval_batches`` forward passes
+    in evaluation mode (full precision, as evaluation runs) with the fastest format.
+    Returns ({channels_last: training images/s over all ranks}, evaluation images/s over all
+    ranks, the fastest channels_last); the same on every rank."""
+    import copy
+
+    device = info.device
+
+    def batches():
+        loader.set_epoch(0)
+        for images, targets in loader:
+            yield images.to(device, non_blocking=True), {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+
+    train_rates, fastest, best_rate = {}, channels_last_options[0], -1.0
+    for cl in channels_last_options:
+        trial = copy.deepcopy(model).train()
+        if cl:
+            trial = trial.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(trial.parameters(), lr=1e-3, momentum=0.9)
+        seconds, images_seen, it = 0.0, 0, batches()
+        for k in range(warmup + steps):
+            try:
+                images, targets = next(it)
+            except StopIteration:
+                break
+            t0 = time.perf_counter()
+            if cl:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device, amp_dtype):
+                geo_logits, scene_logits = trial(images)
+            loss, _ = criterion(geo_logits, scene_logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            float(loss.detach())  # waits for the device
+            if k >= warmup:
+                seconds, images_seen = seconds + time.perf_counter() - t0, images_seen + images.shape[0]
+        rate = images_seen / seconds if seconds > 0 else 0.0
+        rate = all_reduce_mean({"rate": rate}, info)["rate"] * info.world
+        train_rates[cl] = rate
+        if rate > best_rate:
+            fastest, best_rate = cl, rate
+        del trial, optimizer, it
+    trial = copy.deepcopy(model).eval()
+    if fastest:
+        trial = trial.to(memory_format=torch.channels_last)
+    seconds, images_seen, it = 0.0, 0, batches()
+    with torch.no_grad():
+        for k in range(1 + eval_batches):
+            try:
+                images, _ = next(it)
+            except StopIteration:
+                break
+            t0 = time.perf_counter()
+            if fastest:
+                images = images.contiguous(memory_format=torch.channels_last)
+            geo_logits, _ = trial(images)
+            if geo_logits:
+                float(geo_logits[0].sum())  # waits for the device
+            if k:  # the first pass warms up
+                seconds, images_seen = seconds + time.perf_counter() - t0, images_seen + images.shape[0]
+    eval_rate = images_seen / seconds if seconds > 0 else best_rate
+    eval_rate = all_reduce_mean({"rate": eval_rate}, info)["rate"] * info.world
+    return train_rates, eval_rate, fastest

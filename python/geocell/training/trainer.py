@@ -72,12 +72,18 @@ from geocell.loading.base import make_loader
 from geocell.loading.labels import LabelTable
 from geocell.loading.preprocess import Preprocess
 from geocell.training import engine
+from geocell.training.budget import DEFAULT_BUDGET_S, Rates, StageClock, parse_budget, plan_steps
 from geocell.training.checkpoint import CheckpointError, load_checkpoint, partition_from_dict, save_checkpoint
 from geocell.training.config import TrainConfig, add_arguments, resolve, save_yaml, scaled_taus
 from geocell.training.losses import MultitaskLoss
 from geocell.training.model import GeoModel, PretrainedWeightsError
 from geocell.training.state import TrainState, gather_rng
 
+
+# The fits after training (calibration, hybrid, background, regions, intervals) per validation
+# and test image, measured on the default run (2-core AVX-512 CPU); the budget's safety share
+# covers a slower CPU.
+FIT_SECONDS_PER_IMAGE = 0.009
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,6 +289,46 @@ class RunCheckpoints:
 # Training
 
 
+def run_budget(cfg: TrainConfig) -> float | None:
+    """Seconds of the run's time budget: --time-budget, whose "auto" is ten minutes on the
+    built-in dataset and none on a manifest of one's own."""
+    if cfg.time_budget == "auto":
+        return DEFAULT_BUDGET_S if cfg.manifest is None else None
+    return parse_budget(cfg.time_budget)
+
+
+def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, amp_dtype, steps_per_epoch, *,
+             n_val: int, after_images: int, n_fitted: int):
+    """The time budget's plan: this machine's training steps timed (each memory format, when
+    --channels-last is auto on a CPU, the faster kept), then as many steps as finish the run
+    within the budget, at most --epochs epochs. Returns (channels_last, total steps, epochs)."""
+    if cfg.channels_last == "auto":
+        # A GPU's convolutions are fastest in channels_last; a CPU's depend on its vector units.
+        options = (True,) if info.device.type == "cuda" else (False, True)
+    else:
+        options = (str(cfg.channels_last).lower() == "true",)
+    rates, eval_rate, fastest = engine.probe_rates(model, criterion, train_loader, info, amp_dtype=amp_dtype,
+                                                   channels_last_options=options)
+    if amp_dtype is None:
+        precision = "float32" + (" (no native bf16 on this CPU: emulated bf16 is several times slower)"
+                                 if info.device.type == "cpu" and cfg.amp == "auto" else "")
+    else:
+        precision = f"{str(amp_dtype).removeprefix('torch.')} autocast"
+    log(info, "measured on this machine: training steps in " + precision + ", "
+              + ", ".join(f"{'channels_last' if cl else 'NCHW'} {r:.0f} images/s" for cl, r in rates.items())
+              + (f" ({'channels_last' if fastest else 'NCHW'} chosen)" if len(rates) > 1 else "")
+              + f"; evaluation {eval_rate:.0f} images/s")
+    rates_used = Rates(rates[fastest], eval_rate)
+    plan = plan_steps(budget_s=budget_s, elapsed_s=clock.elapsed, rates=rates_used,
+                      steps_per_epoch=steps_per_epoch, batch_images=cfg.batch_size * info.world, n_val=n_val,
+                      after_images=after_images, after_fixed_s=FIT_SECONDS_PER_IMAGE * n_fitted,
+                      max_steps=cfg.epochs * steps_per_epoch)
+    log(info, "plan: " + plan.describe(rates_used, budget_s)
+              + (f"; at most --epochs {cfg.epochs}" if plan.total_steps == cfg.epochs * steps_per_epoch else ""))
+    clock.done("probe and plan")
+    return ("true" if fastest else "false"), plan.total_steps, plan.epoch_count
+
+
 def select_score(rows: dict) -> float:
     """Model selection score: mean accuracy over the five radii of the final prediction row."""
     return mean_accuracy(rows.get(HIERARCHY_ROW) or next(v for k, v in rows.items() if k != BASELINE_ROW))
@@ -305,12 +351,14 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
     # Evaluation and the index run in float32 on the CPU, as geocell evaluate and Geolocator do,
     # so the run's tables are the ones those commands reproduce.
     eval_amp_dtype = amp_dtype if on_gpu else None
-    channels_last = on_gpu if cfg.channels_last == "auto" else str(cfg.channels_last).lower() == "true"
+    budget_s = run_budget(cfg)
+    clock = StageClock(budget_s, start=t_start, log=lambda m: log(info, m))
     run_dir = cfg.out or (os.path.dirname(os.path.abspath(resume_path(cfg.resume))) if cfg.resume
                           else os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
 
     # Data and partitionings (a resumed run keeps the partitionings it started with).
     train_set, val_set, test_set = load_data(cfg, info)
+    clock.done("data")
     helper = None
     if cfg.scene_helper and cfg.scene_head and cfg.scene_weight != 0 and scene_dataset(cfg):
         if info.is_main:
@@ -322,6 +370,7 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
         for held in (val_set, test_set):
             if held is not None and list(held.scene_names) != helper["names"]:
                 held.scene = np.full(len(held), -1)  # its labels are other scenes: nothing to measure by
+        clock.done("scene helper")
     if resume is not None:
         partitions = [partition_from_dict(d) for d in resume["partitions"]]
     else:
@@ -345,6 +394,19 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
     if resume is not None:
         model.load_state_dict(resume["model"])
     model.to(info.device)
+    criterion = MultitaskLoss([p.centroids for p in partitions], cfg.smoothing_km, cfg.scene_weight).to(info.device)
+    clock.done("partitionings, loaders and model")
+
+    # The steps: a time budget measures this machine and plans them (kept in the saved config,
+    # so a resumed run follows the same plan); else epochs x steps per epoch.
+    if budget_s and not cfg.total_steps:
+        after = len(val_set) + (len(train_set) if cfg.retrieval else 0) + (len(test_set) if test_set is not None else 0)
+        cfg.channels_last, cfg.total_steps, cfg.epochs = plan_run(
+            cfg, info, clock, budget_s, model, criterion, train_loader, amp_dtype, steps_per_epoch,
+            n_val=len(val_set), after_images=after, n_fitted=len(val_set) + (len(test_set) if test_set is not None else 0))
+    channels_last = on_gpu if cfg.channels_last == "auto" else str(cfg.channels_last).lower() == "true"
+    total_steps = cfg.total_steps or cfg.epochs * steps_per_epoch
+    n_epochs = -(-total_steps // steps_per_epoch)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = model
@@ -353,10 +415,10 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
             model, device_ids=[info.device.index] if on_gpu else None)
     train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
 
-    # Loss, optimiser, schedule; the training state restored in this one place when resuming.
-    criterion = MultitaskLoss([p.centroids for p in partitions], cfg.smoothing_km, cfg.scene_weight).to(info.device)
+    # Optimiser, schedule; the training state restored in this one place when resuming.
     optimizer = engine.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    schedule = engine.LRSchedule(cfg.schedule, steps_per_epoch, cfg.epochs, cfg.milestones, cfg.gamma, cfg.warmup_epochs)
+    schedule = engine.LRSchedule(cfg.schedule, steps_per_epoch, cfg.epochs, cfg.milestones, cfg.gamma, cfg.warmup_epochs,
+                                 total_steps=total_steps)
     state = TrainState(optimizer, engine.build_scheduler(optimizer, schedule),
                        torch.amp.GradScaler(info.device.type) if amp_dtype == torch.float16 else None)
     resume_rng = None
@@ -377,23 +439,28 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
         for name, p in zip(names, partitions):
             p.to_csv(os.path.join(run_dir, "partitions", f"{name}.csv"))
 
+    def epoch_steps(epoch: int) -> int:  # the last epoch of a planned run may be partial
+        return min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+
     def on_step(state):
-        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step_in_epoch < steps_per_epoch:
+        if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
+                and state.step_in_epoch < epoch_steps(state.epoch)):
             checkpoints.save("last.pt", state)
 
     # The loop: train an epoch, evaluate on the held-out validation split, keep the best.
     stopped = False
-    while state.epoch < cfg.epochs:
+    while state.epoch < n_epochs:
         # Seeding per epoch makes a resumed epoch draw the same augmentations as an uninterrupted one.
         engine.seed_everything(cfg.seed * 100003 + state.epoch * 101 + info.rank)
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(state.epoch)
         t0 = time.perf_counter()
+        steps = epoch_steps(state.epoch)
         train_means, stopped = engine.train_one_epoch(
-            train_model, criterion, train_loader, state, info, options, on_step=on_step, logger=logger,
-            resume_rng=resume_rng if state.step_in_epoch else None)
+            train_model, criterion, train_loader, state, info, dataclasses.replace(options, steps=steps),
+            on_step=on_step, logger=logger, resume_rng=resume_rng if state.step_in_epoch else None)
         resume_rng = None
-        if stopped and state.step_in_epoch < steps_per_epoch:
+        if stopped and state.step_in_epoch < steps:
             checkpoints.save("last.pt", state)
             log(info, f"stopped after step {state.step} (checkpoint {checkpoints.path('last.pt')})")
             break
@@ -407,13 +474,16 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
         logger.log({"epoch": state.epoch, "train": train_means, "val": rows, "scene_acc": val.scene_acc,
                     "epoch_seconds": seconds}, state.step, prefix="val/")
         final = rows.get(HIERARCHY_ROW, rows[names[-1]])
-        log(info, f"epoch {state.epoch}/{cfg.epochs}: loss {train_means.get('loss', float('nan')):.3f}, "
-                  f"{steps_per_epoch * cfg.batch_size * info.world / seconds:.0f} images/s, val "
+        log(info, f"epoch {state.epoch}/{n_epochs}"
+                  + (f" ({steps / steps_per_epoch:.2f} of an epoch)" if steps < steps_per_epoch else "")
+                  + f": loss {train_means.get('loss', float('nan')):.3f}, "
+                  f"{steps * cfg.batch_size * info.world / seconds:.0f} images/s, val "
                   + " ".join(f"{t}km {100 * final[f'acc_{t}km']:.1f}%" for t in (25, 200, 750, 2500))
                   + (f", scene {100 * val.scene_acc:.1f}%" if val.scene_acc is not None else ""))
         checkpoints.save("last.pt", state)
         if improved:
             checkpoints.save("best.pt")
+        clock.done(f"epoch {state.epoch}")
         if stopped:
             break
 
@@ -426,7 +496,7 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
                                          seed=cfg.seed) if cfg.retrieval else None
         result.update(finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader,
                              test_loader, state, index_loader=index_loader,
-                             scene_helper=helper["summary"] if helper else None,
+                             scene_helper=helper["summary"] if helper else None, clock=clock,
                              embed=functools.partial(embed_loader, model, device=info.device, amp=eval_amp_dtype,
                                                      channels_last=channels_last)))
     logger.close()
@@ -442,10 +512,11 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
 
 
 def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader, test_loader, state,
-           *, index_loader=None, embed=None, scene_helper=None) -> dict:
+           *, index_loader=None, embed=None, scene_helper=None, clock=None) -> dict:
     """After the last epoch: the best weights back, calibration fitted on the validation split,
     the training photos indexed for retrieval and the hybrid fitted on the validation split too,
     then the test split evaluated once (the validation split when there is none)."""
+    mark = clock.done if clock is not None else (lambda stage: None)
     engine.barrier(info)
     best = load_checkpoint(checkpoints.path("best.pt"))
     model.load_state_dict(best["model"])
@@ -453,10 +524,12 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
     val_rows = accuracy_rows(val, partitions[-1])
     extras = {"scene_helper": scene_helper} if scene_helper else {}
     checkpoints.calibration = choose_calibration(info, val, geocell.hierarchy(partitions), partitions[-1].centroids)
+    mark("validation pass and calibration")
     index = hybrid = None
     if index_loader is not None:
         index, hybrid = build_retrieval(info, checkpoints, index_loader, embed, val, partitions,
                                         widening=cfg.retrieval_widening)
+        mark("retrieval index and hybrid")
     if checkpoints.calibration is not None:
         checkpoints.calibration, truth_mass, hybrid_errors, hybrid = fit_regions(
             info, val, partitions, checkpoints.calibration, hybrid, index)
@@ -478,6 +551,7 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
         checkpoints.save("best.pt")
         checkpoints.save("last.pt", state)
         extras["calibration"] = cal.to_dict()
+        mark("credible regions and best guess")
     split, loader = ("test", test_loader) if test_loader is not None else ("validation", val_loader)
     final = evaluate(loader, calibration=checkpoints.calibration, region_masses=REGION_MASSES,
                      retrieval=index, hybrid=hybrid)
@@ -504,6 +578,7 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
     if info.is_main:
         with open(checkpoints.path("results.json"), "w") as f:
             json.dump({"split": split, "rows": rows, "val_rows": val_rows, **extras}, f, indent=1)
+    mark(f"{split} pass")
     return {"rows": rows, "val_rows": val_rows, "extras": extras, "split": split,
             "errors_km": final.errors_km(), "true_latlng": final.true_latlng}
 

@@ -1,0 +1,154 @@
+"""--time-budget: the planner on synthetic timings, the schedule of a partial last epoch, a tiny
+budgeted run, and an exact resume inside a budgeted run."""
+
+import math
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geocell.training.budget import SAFETY_SHARE, Rates, parse_budget, plan_steps
+
+
+def test_budget_values():
+    assert parse_budget("600") == 600 and parse_budget("600s") == 600 and parse_budget("10m") == 600
+    assert parse_budget("1h30m") == 5400 and parse_budget("1.5m") == 90 and parse_budget(45) == 45
+    assert parse_budget("none") is None and parse_budget("0") is None and parse_budget(None) is None
+    for bad in ("ten minutes", "10x", "-5", "m", "inf"):
+        with pytest.raises(ValueError, match="time-budget"):
+            parse_budget(bad)
+
+
+def _run_seconds(steps, *, elapsed, rates, spe, batch, n_val, after_images, after_fixed):
+    """The whole run's time for ``steps`` optimizer steps, written out plainly."""
+    epochs_started = math.ceil(steps / spe)
+    return (elapsed + steps * batch / rates.train_images_per_s + epochs_started * n_val / rates.eval_images_per_s
+            + after_images / rates.eval_images_per_s + after_fixed)
+
+
+def _best_by_search(budget, **kw):
+    limit = budget * (1 - SAFETY_SHARE)
+    fitting = [s for s in range(1, 20_000) if _run_seconds(s, **kw) <= limit]
+    return max(fitting) if fitting else 1
+
+
+def test_plan_on_the_default_runs_timings():
+    # 14,400 training images in 225 steps of 64; 1,800 validation and test images; the index.
+    kw = dict(elapsed=60.0, rates=Rates(100.0, 400.0), spe=225, batch=64, n_val=1800, after_images=18000,
+              after_fixed=30.0)
+    plan = plan_steps(budget_s=600, elapsed_s=60, rates=kw["rates"], steps_per_epoch=225, batch_images=64,
+                      n_val=1800, after_images=18000, after_fixed_s=30)
+    assert plan.total_steps == _best_by_search(600, **kw)
+    # 570 s usable - 60 - 45 (after) - 30 (fits) = 435 s; with 3 validation passes (13.5 s) that
+    # is 421.5 s of steps at 0.64 s: 658 steps, 2.92 epochs
+    assert plan.total_steps == 658 and plan.epoch_count == 3 and abs(plan.epochs - 658 / 225) < 1e-12
+    assert _run_seconds(plan.total_steps, **kw) <= 570 < _run_seconds(plan.total_steps + 1, **kw)
+    # an epoch count asked for caps the plan; a machine twice as fast fills more epochs
+    assert plan_steps(budget_s=600, elapsed_s=60, rates=kw["rates"], steps_per_epoch=225, batch_images=64,
+                      n_val=1800, after_images=18000, after_fixed_s=30, max_steps=450).total_steps == 450
+    fast = plan_steps(budget_s=600, elapsed_s=60, rates=Rates(200.0, 800.0), steps_per_epoch=225, batch_images=64,
+                      n_val=1800, after_images=18000, after_fixed_s=30)
+    # 570 - 60 - 52.5 = 457.5 s; 7 validation passes of 2.25 s leave 441.75 s of 0.32 s steps
+    assert fast.total_steps == 1380 and fast.epoch_count == 7
+
+
+def test_a_budget_spent_before_training_still_trains_one_step():
+    plan = plan_steps(budget_s=10, elapsed_s=30, rates=Rates(100.0, 400.0), steps_per_epoch=10, batch_images=8,
+                      n_val=10, after_images=10, after_fixed_s=1)
+    assert plan.total_steps == 1
+    with pytest.raises(ValueError, match="rates"):
+        plan_steps(budget_s=10, elapsed_s=0, rates=Rates(0.0, 1.0), steps_per_epoch=10, batch_images=8,
+                   n_val=10, after_images=10, after_fixed_s=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(budget=st.floats(30, 3000), elapsed=st.floats(0, 200), train_rate=st.floats(20, 2000),
+       eval_rate=st.floats(50, 5000), spe=st.integers(1, 300), batch=st.integers(1, 128),
+       n_val=st.integers(1, 3000), after=st.integers(0, 30000), fixed=st.floats(0, 60))
+def test_the_plan_is_the_most_steps_that_fit(budget, elapsed, train_rate, eval_rate, spe, batch, n_val, after, fixed):
+    rates = Rates(train_rate, eval_rate)
+    kw = dict(elapsed=elapsed, rates=rates, spe=spe, batch=batch, n_val=n_val, after_images=after, after_fixed=fixed)
+    plan = plan_steps(budget_s=budget, elapsed_s=elapsed, rates=rates, steps_per_epoch=spe, batch_images=batch,
+                      n_val=n_val, after_images=after, after_fixed_s=fixed)
+    limit = budget * (1 - SAFETY_SHARE)
+    # the most steps that fit (up to rounding at an exact tie), or the one step a spent budget still trains
+    assert plan.total_steps == 1 or _run_seconds(plan.total_steps, **kw) <= limit * (1 + 1e-12)
+    assert _run_seconds(plan.total_steps + 1, **kw) > limit * (1 - 1e-12)
+
+
+def test_the_schedule_ends_where_a_partial_run_ends():
+    from geocell.training.engine import LRSchedule
+
+    # whole epochs: the recipe's milestones (epochs 3 and 4 of 5), with or without total_steps
+    assert LRSchedule("step", 100, 5).milestones == [300, 400]
+    assert LRSchedule("step", 100, 5, total_steps=500).milestones == [300, 400]
+    # 2.5 epochs: 2/3 and 8/9 of its 250 steps
+    partial = LRSchedule("step", 100, 3, gamma=0.5, total_steps=250)
+    assert partial.milestones == [167, 222] and partial.total == 250
+    assert partial(166) == 1.0 and partial(167) == 0.5 and partial(249) == 0.25
+    cosine = LRSchedule("cosine", 100, 3, total_steps=250)
+    assert cosine(0) == 1.0 and abs(cosine(125) - 0.5) < 1e-12 and cosine(250) == 0.0
+
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+
+from geocell.training import trainer as run  # noqa: E402
+from geocell.training.checkpoint import load_checkpoint  # noqa: E402
+
+TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend", "torch", "--threads", "1",
+        "--no-progress", "--no-tensorboard", "--log-every", "2", "--no-retrieval", "--helper-epochs", "1",
+        "--helper-image-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def earth_dir(tmp_path_factory):
+    return ["--data-dir", str(tmp_path_factory.mktemp("earth") / "data"), "--earth-n", "240", "--earth-size", "32",
+            "--earth-scenes", "64"]
+
+
+def test_a_budgeted_run_plans_its_steps_and_finishes_in_time(earth_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    run.main([*earth_dir, *TINY, "-o", str(tmp_path / "warm"), "--epochs", "1", "--stop-after-steps", "1"])
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    assert run.main([*earth_dir, *TINY, "--time-budget", "20s", "-o", str(out)]) == 0
+    seconds = time.perf_counter() - t0
+    printed = capsys.readouterr().out
+    assert "plan:" in printed and "images/s" in printed and "of the 20 s budget left" in printed
+    last = load_checkpoint(out / "last.pt")
+    config = last["train_state"]["config"]
+    assert config["time_budget"] == "20s" and config["total_steps"] >= 1
+    assert config["channels_last"] in ("true", "false")  # the probe's choice, kept for a resume
+    assert last["train_state"]["step"] == config["total_steps"]
+    assert load_checkpoint(out / "best.pt")["model"].keys() == last["model"].keys()
+    assert seconds < 120  # generous: the plan aims at 20 s on an idle machine
+
+
+def test_an_epoch_count_alone_switches_the_default_budget_off(earth_dir, tmp_path):
+    from geocell.training.config import resolve
+
+    assert resolve({}).time_budget == "auto"
+    assert resolve({"epochs": 2}).time_budget == "none"
+    assert resolve({"epochs": 2, "time_budget": "5m"}).time_budget == "5m"  # both: at most 2 epochs in 5 min
+    with pytest.raises(ValueError, match="time-budget"):
+        resolve({"time_budget": "soon"})
+
+
+def test_resume_inside_a_budgeted_run_equals_the_uninterrupted_run(earth_dir, tmp_path):
+    # The budgeted run's plan (steps, memory format) is fixed in its config: the interrupted run
+    # resumes it, and one uninterrupted run of the same plan ends in the same weights.
+    cut = tmp_path / "cut"
+    assert run.main([*earth_dir, *TINY, "--time-budget", "30s", "-o", str(cut), "--stop-after-steps", "3"]) == 0
+    config = load_checkpoint(cut / "last.pt")["train_state"]["config"]
+    assert load_checkpoint(cut / "last.pt")["train_state"]["step"] == 3 < config["total_steps"]
+    assert run.main(["--resume", str(cut)]) == 0
+    full = tmp_path / "full"
+    assert run.main([*earth_dir, *TINY, "--time-budget", "30s", "--total-steps", str(config["total_steps"]),
+                     "--epochs", str(config["epochs"]), "--channels-last", config["channels_last"],
+                     "-o", str(full)]) == 0
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(cut / "last.pt")
+    assert a["train_state"]["step"] == b["train_state"]["step"] == config["total_steps"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
