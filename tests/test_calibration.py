@@ -121,7 +121,7 @@ def test_calibration_dict_round_trip_and_checks():
 
 
 def test_checkpoint_carries_the_calibration(tmp_path):
-    from test_predict import make_tiny_checkpoint
+    from helpers import make_tiny_checkpoint
 
     from geocell.infer.predict import Geolocator
     from geocell.training.checkpoint import load_checkpoint, save_checkpoint

@@ -18,7 +18,7 @@ from PIL import Image  # noqa: E402
 from geocell.infer.evaluate import accuracy_rows, evaluate_paths, main  # noqa: E402
 from geocell.infer.metrics import BASELINE_ROW, HIERARCHY_ROW  # noqa: E402
 from geocell.infer.predict import Geolocator  # noqa: E402
-from test_predict import PREPROCESS, make_tiny_checkpoint, tiny_partitions, write_jpegs  # noqa: E402
+from helpers import PREPROCESS, make_tiny_checkpoint, tiny_partitions, write_jpegs  # noqa: E402
 
 R_KM = 6371.0
 STEP = 50  # image grey level per class

@@ -16,7 +16,7 @@ pytest.importorskip("torchvision")
 from geocell.training.checkpoint import (  # noqa: E402
     DIGEST_KEY, CheckpointError, InvalidCheckpoint, load_checkpoint, payload_digest,
     remove_orphan_temporaries, save_checkpoint, _host)
-from test_predict import make_tiny_checkpoint, run_cli, write_jpegs  # noqa: E402
+from helpers import make_tiny_checkpoint, run_cli, write_jpegs  # noqa: E402
 
 
 @pytest.fixture(scope="module")

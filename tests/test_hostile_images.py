@@ -187,7 +187,7 @@ def test_truncated_jpeg_is_still_refused(tmp_path):
 
 def test_predict_skips_a_size_bomb_and_predicts_the_rest(tmp_path):
     pytest.importorskip("torchvision")
-    from test_predict import make_tiny_checkpoint, run_cli
+    from helpers import make_tiny_checkpoint, run_cli
 
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.pt")
     photos = tmp_path / "photos"

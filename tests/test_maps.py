@@ -97,7 +97,7 @@ def test_numbered_map_paths(tmp_path):
 
 def test_predict_writes_one_map_per_image(tmp_path):
     pytest.importorskip("torch")
-    from test_predict import make_tiny_checkpoint, write_jpegs
+    from helpers import make_tiny_checkpoint, write_jpegs
 
     from geocell.infer.predict import main
 

@@ -4,12 +4,10 @@ unreadable images, and refusing unsafe or incompatible checkpoints."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
 import pickle
-from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
@@ -19,70 +17,18 @@ pytest.importorskip("torchvision")
 from PIL import Image  # noqa: E402
 
 import geocell  # noqa: E402
-from geocell.training.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from geocell.infer.predict import Geolocator, combine_crops, main, make_transform  # noqa: E402
+from geocell.training.checkpoint import CheckpointError  # noqa: E402
+from geocell.infer.predict import Geolocator, combine_crops, make_transform  # noqa: E402
 from geocell.infer.regions import EARTH_RADIUS_KM, cell_area_km2, credible_indices  # noqa: E402
 
-IMAGE_SIZE = 32
-PREPROCESS = {"image_size": IMAGE_SIZE, "resize_size": 36,
-              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-
-
-def synthetic_locations(n: int = 400, seed: int = 0):
-    """Clustered points (Europe, North America, Japan) plus scattered ones, like photo locations."""
-    rng = np.random.default_rng(seed)
-    k = n // 4
-    lat = np.concatenate([rng.normal(48, 5, k), rng.normal(40, 4, k), rng.normal(36, 2, k),
-                          rng.uniform(-50, 65, n - 3 * k)])
-    lng = np.concatenate([rng.normal(8, 8, k), rng.normal(-95, 12, k), rng.normal(139, 2, k),
-                          rng.uniform(-180, 180, n - 3 * k)])
-    return np.clip(lat, -89, 89), (lng + 180) % 360 - 180
-
-
-def tiny_partitions(seed: int = 0):
-    lat, lng = synthetic_locations(seed=seed)
-    parts = geocell.partitions(lat, lng, [(10, 200), (5, 50)])
-    return parts, geocell.hierarchy(parts)
-
-
-def make_tiny_checkpoint(path, seed: int = 0) -> str:
-    """A random-init resnet18 with two tiny partitionings and a 3-way scene head."""
-    from geocell.training.model import GeoModel
-
-    parts, hier = tiny_partitions(seed)
-    torch.manual_seed(seed)
-    model = GeoModel("resnet18", [len(p) for p in parts], 3)
-    save_checkpoint(path, arch="resnet18", model=model.state_dict(),
-                    num_classes=[len(p) for p in parts], scene_names=["indoor", "natural", "urban"],
-                    partitions=parts, partition_names=["coarse", "fine"], hierarchy=hier,
-                    preprocess=PREPROCESS)
-    return os.fspath(path)
-
-
-def write_jpegs(folder, n: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for i in range(n):
-        path = os.path.join(folder, f"img_{i}.jpg")
-        Image.fromarray(rng.integers(0, 256, (40 + 4 * i, 48, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
+# The shared helpers live in helpers.py; their names stay importable from here too.
+from helpers import (IMAGE_SIZE, PREPROCESS, make_tiny_checkpoint, run_cli, synthetic_locations,  # noqa: E402,F401
+                     tiny_partitions, write_jpegs)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    ckpt = make_tiny_checkpoint(root / "tiny.pt")
-    images = write_jpegs(root / "images", 3)
-    return ckpt, images, Geolocator.from_checkpoint(ckpt, device="cpu")
-
-
-def run_cli(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
+def tiny(tiny_checkpoint, tiny_images):
+    return tiny_checkpoint, tiny_images, Geolocator.from_checkpoint(tiny_checkpoint, device="cpu")
 
 
 # ----------------------------------------------------------------------------- the API

@@ -327,7 +327,7 @@ def test_trainer_writes_the_index_and_the_hybrid(trained):
 def test_geolocator_with_and_without_retrieval(trained, tmp_path):
     from geocell.data.manifest import read_manifest
     from geocell.infer.predict import Geolocator
-    from test_predict import make_tiny_checkpoint
+    from helpers import make_tiny_checkpoint
 
     manifest, run, _ = trained
     photos = list(read_manifest(manifest).paths[:3])

@@ -43,10 +43,15 @@ def test_train_then_label(tmp_path):
 
 
 def test_label_rejects_a_model_without_scene_head(tmp_path, capsys):
-    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    assert scenes.main(["label", "--checkpoint", str(tmp_path / "bad.pt"), "--manifest", "x.csv",
+    # a real, loadable geo checkpoint whose model has no scene head: refused for that reason
+    from helpers import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "geo_only.pt", scene_names=[])
+    assert load_checkpoint(ckpt)["scene_names"] == []
+    assert scenes.main(["label", "--checkpoint", ckpt, "--manifest", "x.csv",
                         "-o", str(tmp_path / "o.csv")]) == 2
-    assert "not" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == f"geocell scenes label: {ckpt} has no scene head"
+    assert not (tmp_path / "o.csv").exists()
 
 
 def _colour_manifest(folder, n_per_class: int, seed: int):

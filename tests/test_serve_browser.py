@@ -38,7 +38,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from geocell.data.exif import gps_exif  # noqa: E402
 from geocell.infer import serve  # noqa: E402
 from geocell.infer.predict import Geolocator  # noqa: E402
-from test_predict import make_tiny_checkpoint, write_jpegs  # noqa: E402
+from helpers import make_tiny_checkpoint, write_jpegs  # noqa: E402
 
 CHROMIUM = os.environ.get("GEOCELL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = (os.environ.get("GEOCELL_CHROMEDRIVER") or shutil.which("chromedriver")
