@@ -152,3 +152,20 @@ def test_resume_inside_a_budgeted_run_equals_the_uninterrupted_run(earth_dir, tm
     assert a["train_state"]["step"] == b["train_state"]["step"] == config["total_steps"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_a_second_run_reuses_the_scene_helper_of_the_first(earth_dir, tmp_path, capsys):
+    # The helper's cost is paid once per data and options: the second run takes its checkpoint
+    # and its scene probabilities from the cache, and labels the GPS images identically.
+    args = [*earth_dir, *TINY, "--epochs", "1", "--stop-after-steps", "1"]
+    assert run.main([*args, "-o", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert run.main([*args, "-o", str(tmp_path / "b")]) == 0
+    assert "the one trained by an earlier run" in capsys.readouterr().out
+    a, b = (tmp_path / "a" / "scene_labels.csv").read_text(), (tmp_path / "b" / "scene_labels.csv").read_text()
+    assert a == b
+    assert load_checkpoint(tmp_path / "b" / "scene_helper.pt")["model"].keys() == \
+        load_checkpoint(tmp_path / "a" / "scene_helper.pt")["model"].keys()
+    # other helper options are another helper
+    assert run.main([*args, "--helper-lr", "0.02", "-o", str(tmp_path / "c")]) == 0
+    assert "the one trained by an earlier run" not in capsys.readouterr().out

@@ -342,31 +342,33 @@ def train_one_epoch(model, criterion, loader, state, info: DistInfo, options: Ep
 # A short measurement of the machine in hand (for --time-budget)
 
 
-def probe_rates(model, criterion, loader, info: DistInfo, *, amp_dtype, channels_last_options=(False,),
+def probe_rates(model, criterion, loaders: dict, *, info: DistInfo, amp_dtype, channels_last_options=(False,),
                 warmup: int = 2, steps: int = 6, eval_batches: int = 3) -> tuple:
     """Times real training steps on copies of ``model`` (the run's model, optimiser and RNG are
-    left untouched, and the loader's batches depend only on (seed, epoch, position), so the run
+    left untouched, and a loader's batches depend only on (seed, epoch, position), so the run
     that follows is the run without the probe): ``warmup`` untimed and ``steps`` timed steps
-    for each memory format in ``channels_last_options``, then ``eval_batches`` forward passes
-    in evaluation mode (full precision, as evaluation runs) with the fastest format.
-    Returns ({channels_last: training images/s over all ranks}, evaluation images/s over all
-    ranks, the fastest channels_last); the same on every rank."""
+    for each training loader of ``loaders`` ({backend: loader}) and each memory format in
+    ``channels_last_options``, then ``eval_batches`` forward passes in evaluation mode (full
+    precision, as evaluation runs) with the fastest pair. Returns ({(backend, channels_last):
+    training images/s over all ranks}, evaluation images/s over all ranks, the fastest pair);
+    the same on every rank."""
     import copy
 
     device = info.device
 
-    def batches():
+    def batches(loader):
         loader.set_epoch(0)
         for images, targets in loader:
             yield images.to(device, non_blocking=True), {k: v.to(device, non_blocking=True) for k, v in targets.items()}
 
-    train_rates, fastest, best_rate = {}, channels_last_options[0], -1.0
-    for cl in channels_last_options:
+    paths = [(backend, cl) for backend in loaders for cl in channels_last_options]
+    train_rates, fastest, best_rate = {}, paths[0], -1.0
+    for backend, cl in paths:
         trial = copy.deepcopy(model).train()
         if cl:
             trial = trial.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(trial.parameters(), lr=1e-3, momentum=0.9)
-        seconds, images_seen, it = 0.0, 0, batches()
+        seconds, images_seen, it = 0.0, 0, batches(loaders[backend])
         for k in range(warmup + steps):
             try:
                 images, targets = next(it)
@@ -386,14 +388,14 @@ def probe_rates(model, criterion, loader, info: DistInfo, *, amp_dtype, channels
                 seconds, images_seen = seconds + time.perf_counter() - t0, images_seen + images.shape[0]
         rate = images_seen / seconds if seconds > 0 else 0.0
         rate = all_reduce_mean({"rate": rate}, info)["rate"] * info.world
-        train_rates[cl] = rate
+        train_rates[backend, cl] = rate
         if rate > best_rate:
-            fastest, best_rate = cl, rate
+            fastest, best_rate = (backend, cl), rate
         del trial, optimizer, it
     trial = copy.deepcopy(model).eval()
-    if fastest:
+    if fastest[1]:
         trial = trial.to(memory_format=torch.channels_last)
-    seconds, images_seen, it = 0.0, 0, batches()
+    seconds, images_seen, it = 0.0, 0, batches(loaders[fastest[0]])
     with torch.no_grad():
         for k in range(1 + eval_batches):
             try:
@@ -401,7 +403,7 @@ def probe_rates(model, criterion, loader, info: DistInfo, *, amp_dtype, channels
             except StopIteration:
                 break
             t0 = time.perf_counter()
-            if fastest:
+            if fastest[1]:
                 images = images.contiguous(memory_format=torch.channels_last)
             geo_logits, _ = trial(images)
             if geo_logits:

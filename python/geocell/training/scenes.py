@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -186,6 +191,54 @@ def cmd_train(args) -> int:
 def save_helper(path, model, names: list, options: HelperOptions) -> None:
     save_checkpoint(path, arch=options.arch, model=model.state_dict(), num_classes=[], scene_names=list(names),
                     partitions=[], preprocess=Preprocess(options.image_size).to_dict())
+
+
+class HelperCache:
+    """The scene helper of an earlier run, reused: its checkpoint and the scene probabilities it
+    gave each GPS image, kept beside the scene dataset under ``.helper_cache/<key>``. The key
+    covers everything the result depends on: the scene manifest's bytes, the helper's options
+    (the number of loader workers aside: batches do not depend on it), the GPS images of each
+    split with their locations, and the torch version."""
+
+    def __init__(self, scene_manifest, options: HelperOptions, splits: dict):
+        h = hashlib.sha256()
+        with open(scene_manifest, "rb") as f:
+            h.update(f.read())
+        kept = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("workers", "progress")}
+        h.update(json.dumps(kept, sort_keys=True).encode())
+        for name, m in splits.items():
+            h.update(f"{name}:{len(m)}\n".encode())
+            h.update("\n".join(map(str, m.paths)).encode("utf-8", "backslashreplace"))
+            h.update(np.asarray(m.lat, np.float64).tobytes() + np.asarray(m.lng, np.float64).tobytes())
+        h.update(torch.__version__.encode())
+        self.splits = list(splits)
+        self.folder = os.path.join(os.path.dirname(os.path.abspath(scene_manifest)), ".helper_cache",
+                                   h.hexdigest()[:20])
+        self.helper_path = os.path.join(self.folder, "scene_helper.pt")
+
+    def load(self):
+        """(probabilities by split, helper validation accuracy), or None when nothing usable is kept."""
+        try:
+            with np.load(os.path.join(self.folder, "probs.npz"), allow_pickle=False) as z:
+                probs = {name: z[name] for name in self.splits}
+                accuracy = float(z["accuracy"])
+            load_checkpoint(self.helper_path)  # refuses a damaged or tampered file
+        except (OSError, KeyError, ValueError, CheckpointError):
+            return None
+        return probs, accuracy
+
+    def store(self, helper_checkpoint, probs: dict, accuracy: float) -> None:
+        """Written whole or not at all (a folder renamed into place); a failure only costs the reuse."""
+        parent, tmp = os.path.dirname(self.folder), None
+        try:
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+            shutil.copyfile(helper_checkpoint, os.path.join(tmp, "scene_helper.pt"))
+            np.savez(os.path.join(tmp, "probs.npz"), accuracy=np.float64(accuracy), **probs)
+            os.replace(tmp, self.folder)
+        except OSError:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_label(args) -> int:

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -192,12 +193,20 @@ def propagate_scenes(cfg: TrainConfig, info, run_dir: str, splits: dict, resume:
                                        image_size=cfg.helper_image_size, batch_size=cfg.batch_size,
                                        backend=cfg.backend, workers=cfg.workers, seed=cfg.seed, progress=cfg.progress)
         names = list(scene_set.scene_names)
-        log(info, f"scene helper ({cfg.helper_arch}): {int((~is_val).sum())} training / {int(is_val.sum())} "
-                  f"validation images of {source}, scenes {', '.join(names)}")
-        model, accuracy = scenes.train_helper(labelled.subset(~is_val), labelled.subset(is_val), names, options,
-                                              info.device, log=lambda m: log(info, m))
-        scenes.save_helper(os.path.join(run_dir, "scene_helper.pt"), model, names, options)
-        probs = {name: scenes.label_images(model, m, options, info.device) for name, m in splits.items()}
+        cache = scenes.HelperCache(source, options, splits)
+        cached = cache.load()
+        if cached is not None:
+            probs, accuracy = cached
+            shutil.copyfile(cache.helper_path, os.path.join(run_dir, "scene_helper.pt"))
+            log(info, f"scene helper: the one trained by an earlier run on the same data and options ({cache.folder})")
+        else:
+            log(info, f"scene helper ({cfg.helper_arch}): {int((~is_val).sum())} training / {int(is_val.sum())} "
+                      f"validation images of {source}, scenes {', '.join(names)}")
+            model, accuracy = scenes.train_helper(labelled.subset(~is_val), labelled.subset(is_val), names, options,
+                                                  info.device, log=lambda m: log(info, m))
+            scenes.save_helper(os.path.join(run_dir, "scene_helper.pt"), model, names, options)
+            probs = {name: scenes.label_images(model, m, options, info.device) for name, m in splits.items()}
+            cache.store(os.path.join(run_dir, "scene_helper.pt"), probs, accuracy)
         rows = {name: scenes.apply_labels(m, probs[name], names, np.ones(len(m), bool))[0] for name, m in splits.items()}
         everything = Manifest(paths=[p for m in rows.values() for p in m.paths],
                               lat=np.concatenate([m.lat for m in rows.values()]),
@@ -241,13 +250,17 @@ def build_partitions(cfg: TrainConfig, train, info):
     return partitions
 
 
+def split_loader(cfg: TrainConfig, partitions, manifest, info, is_train: bool):
+    labels = LabelTable.from_manifest(manifest, partitions)
+    return make_loader(manifest, labels, train=is_train, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                       resize_size=cfg.resize_size, backend=cfg.backend, device=info.device,
+                       num_workers=cfg.workers, shard_id=info.rank, num_shards=info.world, seed=cfg.seed,
+                       crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
+
+
 def make_loaders(cfg: TrainConfig, partitions, train, val, test, info):
     def loader(manifest, is_train):
-        labels = LabelTable.from_manifest(manifest, partitions)
-        return make_loader(manifest, labels, train=is_train, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                           resize_size=cfg.resize_size, backend=cfg.backend, device=info.device,
-                           num_workers=cfg.workers, shard_id=info.rank, num_shards=info.world, seed=cfg.seed,
-                           crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
+        return split_loader(cfg, partitions, manifest, info, is_train)
 
     return loader(train, True), loader(val, False), (loader(test, False) if test is not None else None)
 
@@ -297,28 +310,41 @@ def run_budget(cfg: TrainConfig) -> float | None:
     return parse_budget(cfg.time_budget)
 
 
-def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, amp_dtype, steps_per_epoch, *,
-             n_val: int, after_images: int, n_fitted: int):
-    """The time budget's plan: this machine's training steps timed (each memory format, when
-    --channels-last is auto on a CPU, the faster kept), then as many steps as finish the run
-    within the budget, at most --epochs epochs. Returns (channels_last, total steps, epochs)."""
+def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, loaders_for, amp_dtype, steps_per_epoch,
+             *, n_val: int, after_images: int, n_fitted: int):
+    """The time budget's plan: this machine's training steps timed on each path left open
+    (both loaders when --backend is auto and DALI is installed; both memory formats when
+    --channels-last is auto on a CPU), the fastest kept, then as many steps as finish the run
+    within the budget, at most --epochs epochs. Precision is not probed: bf16 autocast only
+    where it is native (training_autocast_dtype), as emulated bf16 is several times slower.
+    ``loaders_for(cfg)`` builds the training loader of another backend. Returns
+    (backend, channels_last, total steps, epochs)."""
     if cfg.channels_last == "auto":
         # A GPU's convolutions are fastest in channels_last; a CPU's depend on its vector units.
-        options = (True,) if info.device.type == "cuda" else (False, True)
+        formats = (True,) if info.device.type == "cuda" else (False, True)
     else:
-        options = (str(cfg.channels_last).lower() == "true",)
-    rates, eval_rate, fastest = engine.probe_rates(model, criterion, train_loader, info, amp_dtype=amp_dtype,
-                                                   channels_last_options=options)
+        formats = (str(cfg.channels_last).lower() == "true",)
+    probe = functools.partial(engine.probe_rates, model, criterion, info=info, amp_dtype=amp_dtype)
+    rates, eval_rate, (backend, channels_last) = probe({train_loader.backend: train_loader},
+                                                       channels_last_options=formats)
+    if cfg.backend == "auto" and train_loader.backend == "dali":
+        # the other loader in the faster memory format only: the probe costs budget too
+        other, other_eval, best = probe({"torch": loaders_for(dataclasses.replace(cfg, backend="torch"))},
+                                        channels_last_options=(channels_last,))
+        rates.update(other)
+        if other[best] > rates[backend, channels_last]:
+            (backend, channels_last), eval_rate = best, other_eval
     if amp_dtype is None:
         precision = "float32" + (" (no native bf16 on this CPU: emulated bf16 is several times slower)"
                                  if info.device.type == "cpu" and cfg.amp == "auto" else "")
     else:
         precision = f"{str(amp_dtype).removeprefix('torch.')} autocast"
-    log(info, "measured on this machine: training steps in " + precision + ", "
-              + ", ".join(f"{'channels_last' if cl else 'NCHW'} {r:.0f} images/s" for cl, r in rates.items())
-              + (f" ({'channels_last' if fastest else 'NCHW'} chosen)" if len(rates) > 1 else "")
+    log(info, "measured on this machine, training steps in " + precision + ": "
+              + ", ".join(f"{b} loader {'channels_last' if cl else 'NCHW'} {r:.0f} images/s"
+                          for (b, cl), r in rates.items())
+              + (f" ({backend}, {'channels_last' if channels_last else 'NCHW'} chosen)" if len(rates) > 1 else "")
               + f"; evaluation {eval_rate:.0f} images/s")
-    rates_used = Rates(rates[fastest], eval_rate)
+    rates_used = Rates(rates[backend, channels_last], eval_rate)
     plan = plan_steps(budget_s=budget_s, elapsed_s=clock.elapsed, rates=rates_used,
                       steps_per_epoch=steps_per_epoch, batch_images=cfg.batch_size * info.world, n_val=n_val,
                       after_images=after_images, after_fixed_s=FIT_SECONDS_PER_IMAGE * n_fitted,
@@ -326,7 +352,7 @@ def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, amp_dty
     log(info, "plan: " + plan.describe(rates_used, budget_s)
               + (f"; at most --epochs {cfg.epochs}" if plan.total_steps == cfg.epochs * steps_per_epoch else ""))
     clock.done("probe and plan")
-    return ("true" if fastest else "false"), plan.total_steps, plan.epoch_count
+    return backend, ("true" if channels_last else "false"), plan.total_steps, plan.epoch_count
 
 
 def select_score(rows: dict) -> float:
@@ -401,9 +427,13 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
     # so a resumed run follows the same plan); else epochs x steps per epoch.
     if budget_s and not cfg.total_steps:
         after = len(val_set) + (len(train_set) if cfg.retrieval else 0) + (len(test_set) if test_set is not None else 0)
-        cfg.channels_last, cfg.total_steps, cfg.epochs = plan_run(
-            cfg, info, clock, budget_s, model, criterion, train_loader, amp_dtype, steps_per_epoch,
-            n_val=len(val_set), after_images=after, n_fitted=len(val_set) + (len(test_set) if test_set is not None else 0))
+        cfg.backend, cfg.channels_last, cfg.total_steps, cfg.epochs = plan_run(
+            cfg, info, clock, budget_s, model, criterion, train_loader,
+            lambda other: split_loader(other, partitions, train_set, info, True), amp_dtype,
+            steps_per_epoch, n_val=len(val_set), after_images=after,
+            n_fitted=len(val_set) + (len(test_set) if test_set is not None else 0))
+        if cfg.backend != train_loader.backend:  # the probe found the other loader faster here
+            train_loader, val_loader, test_loader = make_loaders(cfg, partitions, train_set, val_set, test_set, info)
     channels_last = on_gpu if cfg.channels_last == "auto" else str(cfg.channels_last).lower() == "true"
     total_steps = cfg.total_steps or cfg.epochs * steps_per_epoch
     n_epochs = -(-total_steps // steps_per_epoch)
