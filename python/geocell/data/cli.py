@@ -16,6 +16,8 @@ from geocell.data.earth import DEFAULT_N, DEFAULT_N_SCENES, SPLIT_RULES
 
 
 def _from_exif(args) -> int:
+    import PIL  # noqa: F401  (a photo that fails is skipped and counted; a missing Pillow must not be)
+
     from geocell.data.exif import manifest_from_exif
 
     manifest, skipped = manifest_from_exif(args.folder, args.output, progress=not args.quiet)
@@ -34,6 +36,8 @@ def _from_exif(args) -> int:
 
 
 def _pack(args) -> int:
+    import PIL  # noqa: F401  (as in _from_exif)
+
     from geocell.data.manifest import read_manifest
     from geocell.data.shards import pack
 

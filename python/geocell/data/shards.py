@@ -331,25 +331,34 @@ def sample_locations(manifest) -> tuple:
     return tars, tar_of, offset, size
 
 
-def whole_shards(manifest) -> list:
-    """The shards (tar, idx) exactly covering a shard-backed manifest, for DALI's reader.
-    A manifest subset must consist of whole shards (e.g. one split)."""
+def shard_indexes(manifest, index_dir) -> list:
+    """The shards (tar, idx) holding a shard-backed manifest's samples, for DALI's webdataset
+    reader. A shard the manifest covers whole keeps its own index; for one it covers in part
+    (a held-out split drawn inside a dataset packed as one split) a copy of its index listing
+    only the manifest's samples is written under ``index_dir``: the reader, driven by the
+    index, reads those samples and seeks past the others, so any subset of rows reads on the
+    same path as whole shards."""
     meta = shard_meta(manifest.shards)
-    ids = set(int(i) for i in manifest.ids)
+    ids = np.unique(np.asarray(manifest.ids, dtype=np.int64))
+    if len(ids) != len(manifest):
+        raise ValueError(f"{manifest.shards}: {len(manifest) - len(ids)} manifest rows repeat a sample id")
     out = []
     covered = 0
-    for s in meta["shards"]:
-        shard_ids = range(s["first_id"], s["first_id"] + s["count"])
-        inside = sum(1 for i in shard_ids if i in ids)
-        if inside == 0:
+    for k, s in enumerate(meta["shards"]):
+        lo, hi = s["first_id"], s["first_id"] + s["count"]
+        inside = ids[(ids >= lo) & (ids < hi)]
+        if len(inside) == 0:
             continue
-        if inside != s["count"]:
-            raise ValueError(f"manifest covers {inside} of the {s['count']} samples of shard {s['tar']}; "
-                             "a packed dataset can only be used whole or by split")
-        out.append((str(Path(manifest.shards) / s["tar"]), str(Path(manifest.shards) / s["index"])))
-        covered += inside
+        tar, idx = str(Path(manifest.shards) / s["tar"]), str(Path(manifest.shards) / s["index"])
+        if len(inside) != s["count"]:
+            subset = str(Path(index_dir) / f"subset-{k}.idx")
+            drop = set(range(lo, hi)) - set(inside.tolist())
+            write_index_without(idx, drop, subset)
+            idx = subset
+        out.append((tar, idx))
+        covered += len(inside)
     if covered != len(manifest):
-        raise ValueError(f"{len(manifest) - covered} manifest rows are not in the shards")
+        raise ValueError(f"{len(manifest) - covered} manifest rows are not in the shards of {manifest.shards}")
     return out
 
 

@@ -506,12 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: "list[str] | None" = None) -> int:
+    from geocell.cli import missing_extra, needs_extra_message
+
     args = build_parser().parse_args(argv)
     try:
         import uvicorn
     except ImportError as exc:
-        print(f"geocell serve needs the serve extra ({exc}); install it with: "
-              "pip install 'geocell[serve]'", file=sys.stderr)
+        print(needs_extra_message("serve", exc, missing_extra(exc) or "serve"), file=sys.stderr)
         return 2
     if not 0 <= args.port <= 65535:
         print(f"geocell serve: --port must be in 0..65535, got {args.port}", file=sys.stderr)
@@ -519,8 +520,7 @@ def main(argv: "list[str] | None" = None) -> int:
     try:
         asgi = app(args.checkpoint, device=args.device, index=args.index, retrieval=not args.no_retrieval)
     except ImportError as exc:
-        print(f"geocell serve needs the serve extra ({exc}); install it with: "
-              "pip install 'geocell[serve]'", file=sys.stderr)
+        print(needs_extra_message("serve", exc, missing_extra(exc) or "serve"), file=sys.stderr)
         return 2
     except Exception as exc:  # unreadable, unsafe or incompatible file: say which and why
         print(f"geocell serve: cannot load {args.checkpoint}: {exc}", file=sys.stderr)

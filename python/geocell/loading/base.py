@@ -297,6 +297,7 @@ def make_loader(manifest, labels, *, train: bool, batch_size: int, image_size: i
                   device=device, num_workers=num_workers, shard_id=shard_id, num_shards=num_shards,
                   seed=seed, validate=validate, crop_scale=crop_scale, crop_ratio=crop_ratio, hflip=hflip)
     if backend == "dali":
+        import nvidia.dali  # noqa: F401  (asked for by name: a missing DALI says so here, not mid-epoch)
         from geocell.loading.dali_backend import DaliLoader
 
         loader = DaliLoader(manifest, labels, **kwargs)

@@ -17,7 +17,10 @@ Training epochs are reproducible from (seed, epoch), whatever the number of thre
   with the image's aspect ratio (``fn.peek_image_shape``), clamped to the image (instead of
   torchvision's retries), decoded with ``fn.decoders.image_slice``.
   ``skip_batches(k)`` starts the file list at batch k (mid-epoch resume reads nothing twice).
-- packed shards (fn.readers.webdataset): LIMIT. The reader streams tar files through a shuffle
+- packed shards (fn.readers.webdataset): any subset of a packed folder's rows (a split drawn
+  inside a folder packed as one split, e.g. the default held-out split of a downloaded
+  dataset) reads through copies of the shard indexes that list only its samples
+  (``shard_indexes``), so DALI still reads and decodes natively. LIMIT. The reader streams tar files through a shuffle
   buffer, so the epoch order cannot be the (seed, epoch) permutation; it is DALI's shuffle-buffer
   order, with the reader seed derived from (seed, epoch), the pipeline rebuilt per epoch and the
   rank's shard rotated by the epoch (as DALI does without ``stick_to_shard``). Augmentation
@@ -51,7 +54,7 @@ import torch
 from geocell.loading.base import MEAN, STD, Loader, epoch_rows, sample_uniforms
 from geocell.loading.resample import BatchWriter, centre_crop_boxes
 from geocell.data.images import decode_rgb
-from geocell.data.shards import read_sample, sample_locations, whole_shards, write_index_without
+from geocell.data.shards import read_sample, sample_locations, shard_indexes, write_index_without
 
 log = logging.getLogger("geocell.loading.base")
 
@@ -65,9 +68,9 @@ class DaliLoader(Loader):
     def __init__(self, manifest, labels, **kw):
         super().__init__(manifest, labels, **kw)
         self._shards = bool(getattr(manifest, "shards", None))
+        self._index_dir = None  # index copies: subsets of shards, or shards less bad samples
         if self._shards:
-
-            self._tars = whole_shards(manifest)
+            self._tars = shard_indexes(manifest, self._index_folder())
             ids = np.asarray(manifest.ids, dtype=np.int64)
             # Sample id (from KEY.id) -> manifest row.
             self._id_to_row = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
@@ -84,11 +87,17 @@ class DaliLoader(Loader):
         self._start = 0
         self._iter = None
         self._undecodable: set = set()  # manifest rows found not to decode at run time
-        self._index_dir = None  # filtered shard index files (packed shards with bad samples)
         if not self.gpu:
             self._writer = BatchWriter(self.image_size, MEAN, STD, threads=max(1, self.num_workers))
         if not self.train:
             self._iter = self._build_eval()
+
+    def _index_folder(self) -> str:
+        """A temporary folder for index copies, removed with the loader."""
+        if self._index_dir is None:
+            self._index_dir = tempfile.mkdtemp(prefix="geocell-dali-index-")
+            weakref.finalize(self, shutil.rmtree, self._index_dir, True)
+        return self._index_dir
 
     # -- pipelines -------------------------------------------------------------------------------
 
@@ -350,13 +359,10 @@ class DaliLoader(Loader):
             self._undecodable.add(r)
             self.skipped_paths.append((f"{self.manifest.paths[r]} (sample {int(ids[r])} of "
                                        f"{tars[tar_of[r]]})", reason))
-        if self._index_dir is None:
-            self._index_dir = tempfile.mkdtemp(prefix="geocell-dali-index-")
-            weakref.finalize(self, shutil.rmtree, self._index_dir, True)
         drop_ids = {int(ids[r]) for r in self._undecodable}
         tars_now = []
         for k, (tar, idx) in enumerate(self._tars):
-            filtered = f"{self._index_dir}/{len(self._undecodable)}-{k}.idx"  # never one read
+            filtered = f"{self._index_folder()}/{len(self._undecodable)}-{k}.idx"  # never one read
             if write_index_without(idx, drop_ids, filtered):
                 tars_now.append((tar, filtered))
         if not tars_now:
