@@ -2,7 +2,9 @@
 used by ``data pack``, the torch loader, ``predict`` and ``serve``.
 
 - The pixel count is read from the header (Pillow opens lazily) and checked before anything is
-  decoded: a file claiming 65500 x 65500 pixels is refused without allocating 12 GB.
+  decoded: a file claiming 65500 x 65500 pixels is refused without allocating 12 GB. So is an
+  aspect ratio over ``MAX_ASPECT``: resizing the short side of a 1 x 2,000,000 strip to 37 px
+  would make 37 x 74,000,000 pixels (``check_resized`` bounds the pixels after a resize).
 - 16-bit images (modes ``I;16*``, ``I``) are scaled to 8 bits (v / 257, rounded), not clipped;
   grey, palette, CMYK and the other Pillow modes go through Pillow's conversion to RGB; an alpha
   channel is dropped (the stored colour is kept, as torchvision's and DALI's decoders do).
@@ -18,6 +20,9 @@ import numpy as np
 # Larger images are refused: a decode stays under about 150 MB of RGB whatever a header claims.
 MAX_PIXELS = 50_000_000
 
+# Longer side / shorter side: wide panoramas (about 12:1) pass, pixel strips do not.
+MAX_ASPECT = 25
+
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -29,6 +34,20 @@ def check_pixels(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
     if int(width) * int(height) > max_pixels:
         raise ImageTooLarge(f"image declares {width}x{height} = {width * height / 1e6:.1f} Mpx; "
                             f"the limit is {max_pixels / 1e6:g} Mpx")
+    short, long = sorted((int(width), int(height)))
+    if long > MAX_ASPECT * max(short, 1):
+        raise ImageTooLarge(f"image declares {width}x{height}: aspect ratio {long / max(short, 1):,.0f}:1 "
+                            f"is over the limit of {MAX_ASPECT}:1")
+
+
+def check_resized(width: int, height: int, short_side: int, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuses a resize of the shorter side to ``short_side`` that would make over
+    ``max_pixels`` pixels, before it allocates them."""
+    short, long = sorted((max(int(width), 1), max(int(height), 1)))
+    out = int(short_side) * (int(short_side) * long // short)
+    if out > max_pixels:
+        raise ImageTooLarge(f"image of {width}x{height} would be {out / 1e6:.1f} Mpx after resizing its "
+                            f"shorter side to {short_side}; the limit is {max_pixels / 1e6:g} Mpx")
 
 
 def open_checked(source, max_pixels: int = MAX_PIXELS, formats=None):

@@ -79,8 +79,14 @@ class Preprocess:
         (the torch loader's, and the reference the DALI loader's kernel is tested against)."""
         import torchvision.transforms.v2.functional as F
 
-        image = F.resize(image, [self.resize_size], antialias=True)
+        image = F.resize(self._check_resize(image), [self.resize_size], antialias=True)
         return F.center_crop(image, [self.image_size, self.image_size])
+
+    def _check_resize(self, image):
+        from geocell.data.images import check_resized
+
+        check_resized(image.shape[-1], image.shape[-2], self.resize_size)
+        return image
 
     def five_crops(self, image):
         """uint8 (3, H, W) -> uint8 (5, 3, S, S): the four corner crops and the centre crop of the
@@ -88,7 +94,7 @@ class Preprocess:
         import torch
         import torchvision.transforms.v2.functional as F
 
-        image = F.resize(image, [self.resize_size], antialias=True)
+        image = F.resize(self._check_resize(image), [self.resize_size], antialias=True)
         return torch.stack(list(F.five_crop(image, [self.image_size, self.image_size])))
 
     def normalize(self, images_uint8):
