@@ -102,3 +102,135 @@ def test_retrieval_index_that_inflates_is_refused_before_inflating(tmp_path):
     r = _child(_NPZ_CHILD, path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "inflates" in r.stdout and "embeddings" in r.stdout, r.stdout
+
+
+# ----------------------------------------------------------------------------- silent data damage
+
+
+def _photos(folder, n, seed=0, side=40):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["path,lat,lng,licence"]
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"p{k}.png")
+        lines.append(f"p{k}.png,{seed + k},{-seed - k},cc-by-{k}")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return folder / "manifest.csv"
+
+
+def test_pack_refuses_to_write_over_its_own_input_manifest(tmp_path, capsys):
+    from geocell.data.cli import main
+
+    src = _photos(tmp_path / "photos", 3)
+    before = src.read_bytes()
+    assert main(["pack", str(src), "-o", str(tmp_path / "photos"), "--quiet"]) != 0
+    assert "input manifest" in capsys.readouterr().err
+    assert src.read_bytes() == before  # the licence column survives
+
+
+def _sample_labels(folder):
+    """{sample id: (lat, lng)} from the JSON members of a packed folder's shards."""
+    import json
+    import tarfile
+
+    labels = {}
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for member in t.getmembers():
+                if member.name.endswith(".json"):
+                    d = json.load(t.extractfile(member))
+                    labels[d["id"]] = (d["lat"], d["lng"])
+    return labels
+
+
+_PACK_CHILD = _LIMIT_FSIZE + """
+import sys
+from geocell.data.manifest import read_manifest
+from geocell.data.shards import pack
+m = read_manifest(sys.argv[1])
+limit_files(int(sys.argv[3]))
+try:
+    pack(m, sys.argv[2], shard_size=3, workers=1, progress=False)
+except OSError as exc:
+    print("failed:", exc)
+"""
+
+
+def test_pack_that_fails_at_the_second_shard_leaves_a_folder_with_the_right_labels(tmp_path):
+    from geocell.data.manifest import read_manifest
+    from geocell.data.shards import pack
+
+    out = tmp_path / "packed"
+    pack(read_manifest(_photos(tmp_path / "old", 6, seed=0)), out, shard_size=3, workers=1,
+         progress=False)
+    # The new pack's first shard holds small photos, its second large noise: a file-size limit
+    # between the two fails the second shard, as a disk filling up there would.
+    new = _photos(tmp_path / "new", 6, seed=50)
+    rng = np.random.default_rng(1)
+    for k in (3, 4, 5):
+        Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(tmp_path / "new" / f"p{k}.png")
+    r = _child(_PACK_CHILD, new, out, 40_000)
+    assert r.returncode == 0 and "failed:" in r.stdout and "disk full" in r.stdout, (r.stdout, r.stderr[-2000:])
+    # Whatever loads, loads with its own photos' labels; no temporary is left behind.
+    m = read_manifest(out)
+    labels = _sample_labels(out)
+    assert len(m) == 6
+    for i, sample_id in enumerate(m.ids.tolist()):
+        assert labels[int(sample_id)] == (m.lat[i], m.lng[i]), i
+    assert not [p for p in os.listdir(out) if p.startswith(".") or p.endswith(".tmp")], os.listdir(out)
+
+
+_PREDICT_OUT_CHILD = _LIMIT_FSIZE + """
+import sys
+from test_predict import make_tiny_checkpoint
+from geocell.infer.predict import main
+ckpt = make_tiny_checkpoint(sys.argv[1] + "/tiny.pt")
+limit_files(300)
+try:
+    main([sys.argv[1] + "/photos", "--checkpoint", ckpt, "--workers", "0", "--out", sys.argv[1] + "/out.csv"])
+except OSError as exc:
+    print("failed:", exc)
+"""
+
+
+def test_predict_out_on_a_full_disk_keeps_the_previous_file(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(4):
+        Image.new("RGB", (40, 40), (10 * k, 20, 30)).save(photos / f"a{k}.jpg")
+    (tmp_path / "out.csv").write_text("image,lat,lng\nprevious.jpg,1,2\n")
+    r = _child(_PREDICT_OUT_CHILD, tmp_path)
+    assert "failed:" in r.stdout and "disk full" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert (tmp_path / "out.csv").read_text() == "image,lat,lng\nprevious.jpg,1,2\n"
+    assert sorted(os.listdir(tmp_path)) == ["out.csv", "photos", "tiny.pt"]
+
+
+_CHECKPOINT_CHILD = _LIMIT_FSIZE + """
+import sys
+from test_predict import make_tiny_checkpoint
+path = make_tiny_checkpoint(sys.argv[1] + "/best.pt")
+limit_files(1_000_000)  # a resnet18 checkpoint is about 45 MB
+try:
+    make_tiny_checkpoint(path, seed=1)
+except OSError as exc:
+    print("failed:", type(exc).__name__, exc)
+"""
+
+
+def test_checkpoint_on_a_full_disk_says_disk_full_and_keeps_the_previous_one(tmp_path):
+    r = _child(_CHECKPOINT_CHILD, tmp_path)
+    assert "failed: DiskFull" in r.stdout and "disk full" in r.stdout and "best.pt" in r.stdout, \
+        (r.stdout, r.stderr[-2000:])
+    from geocell.training.checkpoint import load_checkpoint
+
+    load_checkpoint(str(tmp_path / "best.pt"))  # the previous checkpoint, whole
+    assert os.listdir(tmp_path) == ["best.pt"]
+
+
+def test_url_list_with_a_byte_order_mark_keeps_its_id_column(tmp_path):
+    from geocell.data.download import plan_fetches
+
+    urls = tmp_path / "urls.csv"
+    urls.write_bytes("\ufeffid,url,lat,lng\nphoto-a,http://127.0.0.1:9/a.jpg,1,2\n".encode("utf-8"))
+    fetches, failures, _ = plan_fetches(urls, tmp_path / "stage")
+    assert not failures and [f.source_id for f in fetches] == ["photo-a"]

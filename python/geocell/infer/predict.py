@@ -26,6 +26,7 @@ import torch
 
 import geocell
 from geocell._internal.geometry import unit_vectors
+from geocell._internal.atomic import atomic_write
 from geocell.data.images import decode_rgb
 from geocell.infer.calibration import (Calibration, HybridFit, Mixture, background_for, combined_log_probs,
                                        hybrid_mode, region_groups_from_dict)
@@ -649,10 +650,10 @@ def main(argv: list[str] | None = None) -> int:
         # os.fsencode turns back into the bytes). CSV: display names; backslashreplace also
         # covers a non-UTF-8 name inside an error message.
         if args.out.lower().endswith(".json"):
-            with open(args.out, "w", encoding="utf-8") as f:
+            with atomic_write(args.out, "w", encoding="utf-8") as f:
                 json.dump(document, f, indent=1, ensure_ascii=True)
         else:
-            with open(args.out, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            with atomic_write(args.out, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
                 writer = csv.writer(f)
                 writer.writerow(csv_header(args.top_k))
                 writer.writerows(csv_rows)
