@@ -8,6 +8,9 @@ used by ``data pack``, the torch loader, ``predict`` and ``serve``.
 - 16-bit images (modes ``I;16*``, ``I``) are scaled to 8 bits (v / 257, rounded), not clipped;
   grey, palette, CMYK and the other Pillow modes go through Pillow's conversion to RGB; an alpha
   channel is dropped (the stored colour is kept, as torchvision's and DALI's decoders do).
+- Orientation (``ORIENTATION``, stored in every checkpoint's ``Preprocess``): the EXIF
+  Orientation tag is applied (``upright``), as DALI's decoder does, so a phone photo taken
+  upright is upright in training and in use whichever loader or inference path reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ MAX_PIXELS = 50_000_000
 
 # Longer side / shorter side: wide panoramas (about 12:1) pass, pixel strips do not.
 MAX_ASPECT = 25
+
+# The one orientation rule (Preprocess.orientation): the EXIF Orientation tag is applied.
+ORIENTATION = "exif"
+_ORIENTATION_TAG = 0x0112
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -89,10 +96,32 @@ def to_rgb8(img):
     return img.convert("RGB")
 
 
+def exif_orientation(img) -> int:
+    """The EXIF Orientation (1..8) of an opened PIL image; 1 when absent or unreadable."""
+    try:
+        value = int(img.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # EXIF the reader does not understand: taken as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright(img, orientation: int):
+    """``img`` turned by EXIF ``orientation`` (the same transposes as PIL.ImageOps.exif_transpose)."""
+    from PIL import Image
+
+    method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}.get(int(orientation))
+    return img if method is None else img.transpose(method)
+
+
 def decode_rgb(source, max_pixels: int = MAX_PIXELS):
-    """Decodes a path, file object or bytes into an RGB PIL image after checking the declared
-    size (``open_checked``) and converting the mode (``to_rgb8``)."""
+    """Decodes a path, file object or bytes into an upright RGB PIL image after checking the
+    declared size (``open_checked``), converting the mode (``to_rgb8``) and applying the EXIF
+    orientation (``upright``)."""
     with open_checked(source, max_pixels) as img:
+        orientation = exif_orientation(img)
         img.load()
-        out = to_rgb8(img)
+        out = upright(to_rgb8(img), orientation)
         return out.copy() if out is img else out  # closing img frees its pixels

@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 
 from geocell._internal.atomic import DiskFull, atomic_write, disk_full_cause
-from geocell.data.images import open_checked, to_rgb8
+from geocell.data.images import exif_orientation, open_checked, to_rgb8, upright
 from geocell.data.manifest import Manifest, read_manifest, write_manifest
 
 INDEX_VERSION = "v1.2"
@@ -80,7 +80,9 @@ def _encode(source, shorter_side: Optional[int], max_side: Optional[int], qualit
     from PIL import Image
 
     with _open_source(source) as f, open_checked(f) as img:
-        w, h = img.size
+        orientation = exif_orientation(img)  # shards hold upright pixels (no EXIF is kept)
+        # orientations 5-8 turn a quarter: the size limits apply to the upright sides
+        w, h = img.size if orientation < 5 else img.size[::-1]
         scale = 1.0
         if shorter_side:
             scale = min(scale, shorter_side / min(w, h))
@@ -90,15 +92,15 @@ def _encode(source, shorter_side: Optional[int], max_side: Optional[int], qualit
         # Kept only when no bigger than a JPEG of these pixels can be (no trailing payload).
         size = f.seek(0, io.SEEK_END)
         if (keep_jpeg and scale >= 1.0 and img.format == "JPEG" and img.mode == "RGB"
-                and size <= 2 * 3 * w * h + (1 << 16)):
+                and orientation == 1 and size <= 2 * 3 * w * h + (1 << 16)):
             img.load()  # a truncated or corrupt JPEG fails here, as it would when re-encoded
             f.seek(0)
             return f.read()
         if scale < 1.0:
             # DCT-domain downscaling while decoding JPEGs: the decode stays the only one.
-            img.draft("RGB", target)
+            img.draft("RGB", target if orientation < 5 else target[::-1])
         img.load()
-        img = to_rgb8(img)
+        img = upright(to_rgb8(img), orientation)
         if img.size != target:
             img = img.resize(target, Image.BILINEAR, reducing_gap=3.0)
         buf = io.BytesIO()

@@ -101,10 +101,11 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS):
         except Exception:  # no GPS block, or EXIF the reader does not understand
             truth = None
         try:
-            from geocell.data.images import to_rgb8
+            from geocell.data.images import exif_orientation, to_rgb8, upright
 
+            orientation = exif_orientation(im)
             im.load()
-            rgb = to_rgb8(im)
+            rgb = upright(to_rgb8(im), orientation)
             rgb = rgb.copy() if rgb is im else rgb
         except Exception as exc:  # truncated or corrupt pixel data
             raise UploadError(400, f"cannot decode the image: {type(exc).__name__}: {exc}") from None
