@@ -20,12 +20,12 @@ from geocell.data import images  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Imports done: from here on the child has 1.5 GiB more address space at most.
+# Imports done: from here on the child has MORE bytes more address space at most (1.5 GiB).
 _LIMIT_AS = textwrap.dedent("""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
-    resource.setrlimit(resource.RLIMIT_AS, (used + (3 << 29), hard))
+    resource.setrlimit(resource.RLIMIT_AS, (used + globals().get("MORE", 3 << 29), hard))
 """)
 
 # Writes past LIMIT bytes fail with EFBIG (SIGXFSZ ignored, as a full disk fails with ENOSPC).
@@ -234,3 +234,46 @@ def test_url_list_with_a_byte_order_mark_keeps_its_id_column(tmp_path):
     urls.write_bytes("\ufeffid,url,lat,lng\nphoto-a,http://127.0.0.1:9/a.jpg,1,2\n".encode("utf-8"))
     fetches, failures, _ = plan_fetches(urls, tmp_path / "stage")
     assert not failures and [f.source_id for f in fetches] == ["photo-a"]
+
+
+_SERVE_CHILD = """
+import io, socket, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+import httpx, uvicorn
+from test_predict import make_tiny_checkpoint
+from geocell.infer import serve
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+app = serve.app(make_tiny_checkpoint(sys.argv[1] + "/tiny.pt"), device="cpu")
+server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                       lifespan="off"))
+thread = threading.Thread(target=server.run, daemon=True)
+thread.start()
+deadline = time.monotonic() + 30
+while not server.started:
+    assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+    time.sleep(0.05)
+data = open(sys.argv[1] + "/grey.png", "rb").read()
+MORE = 5 << 29  # 2.5 GiB: room for two decodes and the threads' stacks and malloc arenas
+""" + _LIMIT_AS + """
+def post(k):
+    with httpx.Client(timeout=240) as http:
+        return http.post(f"http://127.0.0.1:{port}/api/predict", files={"image": (f"g{k}.png", data)}).status_code
+try:
+    with ThreadPoolExecutor(8) as pool:
+        print(sorted(pool.map(post, range(8))))
+finally:
+    server.should_exit = True
+    thread.join(timeout=30)
+"""
+
+
+def test_serve_decodes_a_bounded_number_of_uploads_at_once(tmp_path):
+    # 7000 x 7000 grey: under the pixel limit, a few kB of PNG, about 600 MB on its way to the
+    # network's input. Eight at once within 2.5 GiB: only if decodes wait for a slot.
+    Image.new("L", (7000, 7000), 128).save(tmp_path / "grey.png")
+    assert (tmp_path / "grey.png").stat().st_size < 200_000
+    r = _child(_SERVE_CHILD, tmp_path, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == str([200] * 8), r.stdout

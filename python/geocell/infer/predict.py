@@ -397,13 +397,21 @@ class Geolocator:
                 else:
                     names.append(f"<image {start + j}>")
                     tensors.append(transform(_to_pil(item)))
-            probs, hier, scenes, nbs = self._distributions(torch.stack(tensors), tta_combine)
-            for j, name in enumerate(names):
-                results.append(self.describe(
-                    name, [p[j] for p in probs], hier[j], None if scenes is None else scenes[j],
-                    top_k=top_k, mass=mass, keep_probs=keep_probs,
-                    neighbours=None if nbs is None else (nbs[0][j], nbs[1][j])))
+            results += self.predict_inputs(names, torch.stack(tensors), top_k, mass=mass,
+                                           tta_combine=tta_combine, keep_probs=keep_probs)
         return results[0] if single else results
+
+    def predict_inputs(self, names: Sequence[str], inputs: torch.Tensor, top_k: int = 5, *,
+                       mass: float = 0.9, tta_combine: str = "max", keep_probs: bool = False
+                       ) -> list[Prediction]:
+        """Predictions for network inputs already made by ``self.transform(tta)`` (a batch, one
+        per name): ``serve`` makes them while decoding, so a waiting request holds the small
+        input rather than the decoded photo."""
+        probs, hier, scenes, nbs = self._distributions(inputs, tta_combine)
+        return [self.describe(name, [p[j] for p in probs], hier[j], None if scenes is None else scenes[j],
+                              top_k=top_k, mass=mass, keep_probs=keep_probs,
+                              neighbours=None if nbs is None else (nbs[0][j], nbs[1][j]))
+                for j, name in enumerate(names)]
 
     def predict_files(self, paths: Sequence[str], top_k: int = 5, *, mass: float = 0.9,
                       tta: str = "none", tta_combine: str = "max", batch_size: int = 16,
