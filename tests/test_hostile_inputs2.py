@@ -277,3 +277,46 @@ def test_serve_decodes_a_bounded_number_of_uploads_at_once(tmp_path):
     r = _child(_SERVE_CHILD, tmp_path, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == str([200] * 8), r.stdout
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def test_predict_names_every_file_of_a_folder_it_does_not_predict(tmp_path):
+    import threading
+
+    from test_predict import make_tiny_checkpoint, run_cli
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.pt")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(photos / "a.jpg")
+    (photos / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    (photos / "notes.txt").write_text("not a photo")
+    os.mkfifo(photos / "pipe.jpg")
+    result = {}
+    # a named pipe opened for reading would block this thread forever: bounded by the join
+    worker = threading.Thread(target=lambda: result.update(
+        out=run_cli([str(photos), "--checkpoint", ckpt, "--workers", "0", "--json"])), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    if worker.is_alive():
+        with open(photos / "pipe.jpg", "wb"):  # unblocks the reader so the thread ends
+            pass
+        pytest.fail("predict hung on a named pipe")
+    rc, out, err = result["out"]
+    assert rc == 0 and "predicted 1 of 4 images" in err, err
+    assert "IMG_0001.HEIC" in err and "pillow-heif" in err
+    assert "notes.txt" in err and "pipe.jpg" in err and "named pipe" in err
+    import json
+
+    assert sorted(os.path.basename(s["image"]) for s in json.loads(out)["skipped"]) == \
+        ["IMG_0001.HEIC", "notes.txt", "pipe.jpg"]
+
+
+def test_a_named_pipe_given_by_path_is_refused_not_opened(tmp_path):
+    from geocell.data.images import decode_rgb
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(ValueError, match="not a regular file"):
+        decode_rgb(str(tmp_path / "pipe.jpg"))

@@ -16,6 +16,7 @@ used by ``data pack``, the torch loader, ``predict`` and ``serve``.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
 import numpy as np
@@ -57,6 +58,16 @@ def check_resized(width: int, height: int, short_side: int, max_pixels: int = MA
                             f"shorter side to {short_side}; the limit is {max_pixels / 1e6:g} Mpx")
 
 
+def check_regular_file(path) -> None:
+    """Raises ValueError for a path that is not a regular file: opening a named pipe blocks
+    until something writes to it, a device can be endless."""
+    import stat
+
+    mode = os.stat(path).st_mode  # a missing file: FileNotFoundError, as open would raise
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{os.fspath(path)}: not a regular file (a named pipe, device or folder is not opened)")
+
+
 def open_checked(source, max_pixels: int = MAX_PIXELS, formats=None):
     """A lazily opened PIL image (path, file object or bytes) whose declared size is within
     ``max_pixels``; raises ImageTooLarge before decoding anything."""
@@ -64,6 +75,8 @@ def open_checked(source, max_pixels: int = MAX_PIXELS, formats=None):
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        check_regular_file(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit is lower
