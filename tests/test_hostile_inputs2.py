@@ -320,3 +320,41 @@ def test_a_named_pipe_given_by_path_is_refused_not_opened(tmp_path):
     os.mkfifo(tmp_path / "pipe.jpg")
     with pytest.raises(ValueError, match="not a regular file"):
         decode_rgb(str(tmp_path / "pipe.jpg"))
+
+
+# ----------------------------------------------------------------------------- smaller
+
+
+@pytest.mark.parametrize("field, value", [("kernel_km", 1e300), ("kernel_km", 1e-300),
+                                          ("background_kernel_km", 1e300), ("weights", [1e300, 1.0])])
+def test_stored_calibration_values_out_of_range_are_refused_by_name(field, value):
+    from geocell.infer.calibration import Calibration
+
+    d = {"weights": [1.0, 1.0], "kernel_km": 50.0, "background_weight": 0.1, "background_kernel_km": 4000.0}
+    Calibration.from_dict(d, 2)  # the sane one loads
+    d[field] = value
+    with pytest.raises(ValueError, match=field.rstrip("s")):
+        Calibration.from_dict(d, 2)
+
+
+@pytest.mark.parametrize("flag, target", [("--out", "EXISTING_DIR"), ("--cdf", "missing/x.png")])
+def test_evaluate_checks_its_outputs_before_the_work(tmp_path, capsys, flag, target):
+    from geocell.infer.evaluate import main
+
+    target = str(tmp_path) if target == "EXISTING_DIR" else str(tmp_path / target)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(tmp_path / "never-read.pt"), "--manifest", str(tmp_path / "m.csv"),
+              flag, target])
+    assert exit_.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_msgpack_record_with_an_integer_key_keeps_the_later_records(tmp_path):
+    msgpack = pytest.importorskip("msgpack")
+    from geocell.data.msgpack_import import read_records
+
+    path = tmp_path / "shard_0.msg"
+    with open(path, "wb") as f:
+        f.write(msgpack.packb({"id": "a", "image": b"\xff\xd8A"}))
+        f.write(msgpack.packb({"id": "b", "image": b"\xff\xd8B", 7: "odd key"}, strict_types=False))
+        f.write(msgpack.packb({"id": "c", "image": b"\xff\xd8C"}))
+    assert [r[1] for r in read_records(str(path))] == ["a", "b", "c"]
