@@ -560,12 +560,13 @@ class HybridFit:
         numbers = (self.weight, *self.gate, self.temperature, self.kernel_km, self.kernel_slope)
         if not all(math.isfinite(v) for v in numbers) or len(self.gate) != 2:
             raise ValueError(f"retrieval: parameters must be finite numbers, got {self.to_dict()}")
-        if not 0.0 <= self.weight <= 1.0 or not 1 / MAX_PARAMETER <= self.temperature <= MAX_PARAMETER \
+        t_lo, t_hi = TEMPERATURE_RANGE
+        if not 0.0 <= self.weight <= 1.0 or not t_lo * (1 - 1e-9) <= self.temperature <= t_hi * (1 + 1e-9) \
                 or not 1 <= self.k <= MAX_NEIGHBOURS or not 0 <= self.kernel_slope <= MAX_PARAMETER \
                 or not all(abs(g) <= MAX_PARAMETER for g in self.gate):
-            raise ValueError(f"retrieval: needs 0 <= weight <= 1, temperature and kernel_slope within "
-                             f"[1e-3, 1e3] and [0, 1e3], |gate| <= 1e3, 1 <= k <= {MAX_NEIGHBOURS}, "
-                             f"got {self.to_dict()}")
+            raise ValueError(f"retrieval: needs 0 <= weight <= 1, temperature in [{t_lo:g}, {t_hi:g}], "
+                             f"kernel_slope in [0, {MAX_PARAMETER:g}], |gate| <= {MAX_PARAMETER:g}, "
+                             f"1 <= k <= {MAX_NEIGHBOURS}, got {self.to_dict()}")
         _check_kernel("retrieval kernel_km", self.kernel_km)
         if not (math.isfinite(self.point_radius_km) and 0.0 <= self.point_radius_km <= 20000.0):
             raise ValueError(f"retrieval: point_radius_km must be in [0, 20000], got {self.point_radius_km}")
