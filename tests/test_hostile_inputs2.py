@@ -358,3 +358,78 @@ def test_msgpack_record_with_an_integer_key_keeps_the_later_records(tmp_path):
         f.write(msgpack.packb({"id": "b", "image": b"\xff\xd8B", 7: "odd key"}, strict_types=False))
         f.write(msgpack.packb({"id": "c", "image": b"\xff\xd8C"}))
     assert [r[1] for r in read_records(str(path))] == ["a", "b", "c"]
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def _serve_once(body_writer, requests: int = 1):
+    """A server on 127.0.0.1 answering ``requests`` requests with ``body_writer(wfile)``."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            with _quiet():
+                body_writer(self.wfile)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    server.timeout = 30
+    thread = threading.Thread(target=lambda: [server.handle_request() for _ in range(requests)], daemon=True)
+    thread.start()
+    return server, thread
+
+
+class _quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)  # the client hung up
+
+
+def _endless(w):
+    chunk = b"\xff" * (1 << 16)
+    while True:
+        w.write(chunk)
+
+
+def _drip(w):
+    import time
+
+    for _ in range(40):
+        w.write(b"\xff")
+        w.flush()
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("body, limit, why", [(_endless, "bytes", "limit"), (_drip, "seconds", "within")])
+def test_download_fetch_is_bounded_in_bytes_and_in_total_seconds(body, limit, why):
+    import time
+
+    pytest.importorskip("img2dataset")
+    import img2dataset.downloader as downloader
+
+    import geocell.data.fetch as fetch
+
+    server, thread = _serve_once(body)
+    url = f"http://127.0.0.1:{server.server_port}/x.jpg"
+    start = time.monotonic()
+    # what img2dataset's processes call once geocell.data.fetch is imported (they import it to
+    # unpickle the BoundedDownloader that geocell data download gives them)
+    old = fetch.MAX_URL_BYTES
+    fetch.fetch.__defaults__ = (4 << 20, None)
+    try:
+        key, stream, err = downloader.download_image_with_retry((0, url), 2, 0, None, None)
+    finally:
+        fetch.fetch.__defaults__ = (old, None)
+    took = time.monotonic() - start
+    server.server_close()
+    assert stream is None and why in err, err
+    assert took < 8, took  # the drip sends a byte every 0.3 s for 12 s: an idle timeout never fires

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Optional
 
 from geocell._internal.atomic import atomic_write
+from geocell.data.fetch import bounded_img2dataset
 from geocell.data.manifest import _LAT_COLUMNS, _LNG_COLUMNS, _find
 from geocell.data.metadata import KeyedMetadata, read_keyed_metadata
 from geocell.data.shards import pack, shard_meta, SHARDS_META
@@ -353,7 +354,8 @@ def _run_img2dataset(url_table: Path, folder: Path, log_path: Path, *, shorter_s
     previous_tmpdir = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(scratch)
     bar = None
-    with _console_to_log(log_path) as console:
+    # bounded_img2dataset: bytes and seconds per URL in all (geocell.data.fetch)
+    with _console_to_log(log_path) as console, bounded_img2dataset():
         try:
             if progress:
                 folder.mkdir(parents=True, exist_ok=True)
