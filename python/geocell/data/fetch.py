@@ -87,8 +87,11 @@ class BoundedDownloader(_Downloader):
 @contextlib.contextmanager
 def bounded_img2dataset():
     """While inside, img2dataset.download builds a BoundedDownloader."""
-    import img2dataset.main as main
+    import sys
 
+    import img2dataset  # noqa: F401 - its package's 'main' attribute is the function, not the module
+
+    main = sys.modules["img2dataset.main"]
     previous = main.Downloader
     main.Downloader = BoundedDownloader
     try:
