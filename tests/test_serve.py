@@ -273,7 +273,7 @@ def test_an_internal_error_is_json_500_and_the_server_keeps_serving(tiny, monkey
     ckpt, images, geo, _ = tiny
     asgi = serve.app(ckpt, device="cpu")
     service = asgi.app.state.service
-    real = service.geo.predict
+    real = service.geo.predict_inputs  # what the service calls with a prepared upload
     calls = []
 
     def fails_once(*a, **k):
@@ -282,7 +282,7 @@ def test_an_internal_error_is_json_500_and_the_server_keeps_serving(tiny, monkey
             raise RuntimeError("boom")
         return real(*a, **k)
 
-    monkeypatch.setattr(service.geo, "predict", fails_once)
+    monkeypatch.setattr(service.geo, "predict_inputs", fails_once)
     client = TestClient(asgi, raise_server_exceptions=False)
     r = upload(client, images[0])
     assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError"}

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from geocell._internal.atomic import atomic_write
+from geocell.data.fetch import bounded_img2dataset
 from geocell.data.manifest import _LAT_COLUMNS, _LNG_COLUMNS, _find
 from geocell.data.metadata import KeyedMetadata, read_keyed_metadata
 from geocell.data.shards import pack, shard_meta, SHARDS_META
@@ -117,7 +119,8 @@ def _coordinate_or_metadata(reason: str) -> str:
 def _read_url_list(path) -> tuple:
     """(header, [(line, fields)]) of a URL list; GeoEstimation's have no header."""
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         first = next(reader, None)
         while first is not None and all(not c.strip() for c in first):
@@ -248,9 +251,8 @@ def _write_url_table(fetches, meta: KeyedMetadata, path: Path):
         "lat": pa.array(m.lat[rows].tolist() if rows else [], pa.float64()),
         "lng": pa.array(m.lng[rows].tolist() if rows else [], pa.float64()),
     })
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        pq.write_table(table, f)
 
 
 # --- running img2dataset -----------------------------------------------------------------
@@ -352,7 +354,8 @@ def _run_img2dataset(url_table: Path, folder: Path, log_path: Path, *, shorter_s
     previous_tmpdir = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(scratch)
     bar = None
-    with _console_to_log(log_path) as console:
+    # bounded_img2dataset: bytes and seconds per URL in all (geocell.data.fetch)
+    with _console_to_log(log_path) as console, bounded_img2dataset():
         try:
             if progress:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -430,13 +433,11 @@ def _collect(folder: Path, fetches: list) -> tuple:
 
 
 def _write_failed(path: Path, failures: list):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["line", "id", "url", "reason", "detail"])
         for x in sorted(failures, key=lambda x: (x.line, x.reason)):
             w.writerow([x.line, x.source_id, x.url, x.reason, x.detail])
-    os.replace(tmp, path)
 
 
 def download(urls, out_dir, *, metadata=None, url_column: Optional[str] = None,

@@ -24,6 +24,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from geocell._internal.atomic import atomic_write
+
 GEOESTIMATION_SCENES = ["indoor", "natural", "urban"]
 # Known label sets keep their natural order when a plain manifest stores scene names.
 _KNOWN_SCENE_ORDERS = (GEOESTIMATION_SCENES, ["water", "ice", "coast", "mountains", "desert", "lowland"],
@@ -318,8 +320,7 @@ def write_manifest(manifest: Manifest, path, relative_to=None, relative: bool = 
     if manifest.scene_probs is not None:
         prob_names = list(manifest.scene_names[: manifest.scene_probs.shape[1]])
         header += [f"scene_prob_{n}" for n in prob_names]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
         for i, p in enumerate(manifest.paths):
@@ -337,5 +338,4 @@ def write_manifest(manifest: Manifest, path, relative_to=None, relative: bool = 
             if prob_names:
                 row += [repr(float(v)) for v in manifest.scene_probs[i]]
             w.writerow(row)
-    os.replace(tmp, path)
     return path

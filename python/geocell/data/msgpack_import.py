@@ -60,7 +60,8 @@ def read_records(path, max_record_bytes: int = MAX_RECORD_BYTES):
     size = os.path.getsize(path)
     with open(path, "rb") as f, open(path, "rb") as again:
         # raw=True: GeoEstimation's older files store the JPEG as a msgpack raw string.
-        unpacker = msgpack.Unpacker(f, raw=True, max_buffer_size=max_record_bytes)
+        # strict_map_key=False: a record with an integer key is one record, not the end of the file
+        unpacker = msgpack.Unpacker(f, raw=True, max_buffer_size=max_record_bytes, strict_map_key=False)
         start = 0
         while True:
             try:

@@ -20,13 +20,16 @@ line per sample of ``<ext> <data offset> <size> <member name>`` groups.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import re
+import shutil
 import struct
 import tarfile
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,8 @@ from typing import Optional
 
 import numpy as np
 
-from geocell.data.images import open_checked, to_rgb8
+from geocell._internal.atomic import DiskFull, atomic_write, disk_full_cause
+from geocell.data.images import exif_orientation, open_checked, to_rgb8, upright
 from geocell.data.manifest import Manifest, read_manifest, write_manifest
 
 INDEX_VERSION = "v1.2"
@@ -76,7 +80,9 @@ def _encode(source, shorter_side: Optional[int], max_side: Optional[int], qualit
     from PIL import Image
 
     with _open_source(source) as f, open_checked(f) as img:
-        w, h = img.size
+        orientation = exif_orientation(img)  # shards hold upright pixels (no EXIF is kept)
+        # orientations 5-8 turn a quarter: the size limits apply to the upright sides
+        w, h = img.size if orientation < 5 else img.size[::-1]
         scale = 1.0
         if shorter_side:
             scale = min(scale, shorter_side / min(w, h))
@@ -86,15 +92,15 @@ def _encode(source, shorter_side: Optional[int], max_side: Optional[int], qualit
         # Kept only when no bigger than a JPEG of these pixels can be (no trailing payload).
         size = f.seek(0, io.SEEK_END)
         if (keep_jpeg and scale >= 1.0 and img.format == "JPEG" and img.mode == "RGB"
-                and size <= 2 * 3 * w * h + (1 << 16)):
+                and orientation == 1 and size <= 2 * 3 * w * h + (1 << 16)):
             img.load()  # a truncated or corrupt JPEG fails here, as it would when re-encoded
             f.seek(0)
             return f.read()
         if scale < 1.0:
             # DCT-domain downscaling while decoding JPEGs: the decode stays the only one.
-            img.draft("RGB", target)
+            img.draft("RGB", target if orientation < 5 else target[::-1])
         img.load()
-        img = to_rgb8(img)
+        img = upright(to_rgb8(img), orientation)
         if img.size != target:
             img = img.resize(target, Image.BILINEAR, reducing_gap=3.0)
         buf = io.BytesIO()
@@ -118,8 +124,8 @@ def _pack_shard(task):
      quality, sources, extras, keep_jpeg) = task
     skipped = []
     lines = []
-    tmp_tar = tar_path + ".tmp"
-    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+    # tar_path and idx_path lie in pack's staging folder: a failure here leaves the packed folder as it was
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
         next_id = ids
         for row, path, lat, lng, scene, source, extra in zip(rows, paths, lats, lngs, scenes,
                                                              sources, extras):
@@ -141,16 +147,48 @@ def _pack_shard(task):
                 parts.append(f"{ext} {_add_member(tar, name, data)} {len(data)} {name}")
             lines.append(" ".join(parts))
             next_id += 1
+        tar.fileobj.flush()
+        os.fsync(tar.fileobj.fileno())
     packed = len(lines)
     if packed:
-        with open(idx_path + ".tmp", "w") as f:
+        with atomic_write(idx_path, "w") as f:
             f.write(f"{INDEX_VERSION} {packed}\n")
             f.write("\n".join(lines) + "\n")
-        os.replace(tmp_tar, tar_path)
-        os.replace(idx_path + ".tmp", idx_path)
     else:
-        os.remove(tmp_tar)
+        os.remove(tar_path)
     return packed, skipped
+
+
+def _refuse_own_input(manifest, out_dir: Path) -> None:
+    """Packing into the folder its manifest lies in as ``manifest.csv`` would write the packed
+    manifest over the source one (and its extra columns)."""
+    source = getattr(manifest, "source", None)
+    target = out_dir / "manifest.csv"
+    if source and os.path.isfile(source) and target.exists() and os.path.samefile(source, target):
+        raise ValueError(f"pack: the output folder {out_dir} holds the input manifest {source} as "
+                         "manifest.csv, which packing writes: choose another output folder")
+
+
+def _commit_pack(stage: Path, out_dir: Path, names: list) -> None:
+    """Moves a finished pack from ``stage`` into ``out_dir``. shards.json goes first (the folder
+    stops being a packed dataset) and comes back last, so an interrupted commit leaves a folder
+    that refuses to load rather than one whose shards and manifest disagree. Shards of an
+    earlier pack that this one does not list are removed."""
+    meta = out_dir / SHARDS_META
+    old = []
+    if meta.is_file():
+        try:
+            old = [n for s in shard_meta(out_dir).get("shards", []) for n in (s["tar"], s["index"])]
+        except (OSError, ValueError, KeyError, TypeError):
+            old = []
+        os.remove(meta)
+    for name in names:
+        os.replace(stage / name, out_dir / name)
+    for name in set(old) - set(names):
+        if os.path.basename(name) == name and name.endswith((".tar", ".idx")):
+            with contextlib.suppress(OSError):
+                os.remove(out_dir / name)
+    os.replace(stage / SHARDS_META, meta)
 
 
 def pack(manifest, out_dir, *, shard_size: int = 5000, shorter_side: Optional[int] = 320,
@@ -175,7 +213,29 @@ def pack(manifest, out_dir, *, shard_size: int = 5000, shorter_side: Optional[in
         if not _SPLIT_NAME.fullmatch(name):
             raise ValueError(f"{where} row {i + 1} ({manifest.paths[i]}): split name {name!r} is "
                              "not a plain name (letters, digits, '_' and '-' only)")
+    _refuse_own_input(manifest, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".pack-", dir=out_dir))
+    try:
+        summary = _pack_into(manifest, split, stage, shard_size, shorter_side, max_side, quality,
+                             workers, progress, sources, extra_json, keep_jpeg)
+        names = [n for s in summary["shards"] for n in (s["tar"], s["index"])]
+        names += ["manifest.csv", "ids.npy", "pack_report.csv"]
+        _commit_pack(stage, out_dir, names)
+    except OSError as exc:
+        full = disk_full_cause(exc)
+        if full is None or isinstance(exc, DiskFull):
+            raise
+        raise DiskFull(full.errno, f"disk full: cannot pack into {out_dir} ({os.strerror(full.errno)}); "
+                                   "the folder's previous pack, if any, is unchanged") from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+def _pack_into(manifest, split, out_dir, shard_size, shorter_side, max_side, quality, workers,
+               progress, sources, extra_json, keep_jpeg) -> dict:
+    n = len(manifest)
     # Shards hold one split each, so a split of a packed dataset is a set of whole shards.
     groups = []
     for name in sorted(set(split.tolist())):
@@ -226,15 +286,16 @@ def pack(manifest, out_dir, *, shard_size: int = 5000, shorter_side: Optional[in
     packed_manifest = manifest.subset(np.array(keep_rows, dtype=np.int64))
     packed_manifest.report = []
     write_manifest(packed_manifest, out_dir / "manifest.csv", relative=False)
-    np.save(out_dir / "ids.npy", np.array(ids, dtype=np.int64))
-    with open(out_dir / "pack_report.csv", "w", newline="") as f:
+    with atomic_write(out_dir / "ids.npy", "wb") as f:
+        np.save(f, np.array(ids, dtype=np.int64))
+    with atomic_write(out_dir / "pack_report.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["manifest_row", "path", "reason"])
         w.writerows(sorted(skipped))
     summary = {"format": "geocell-webdataset", "version": 1, "count": len(keep_rows),
                "skipped": len(skipped), "shorter_side": shorter_side, "max_side": max_side,
                "quality": quality, "scene_names": list(manifest.scene_names), "shards": shards}
-    with open(out_dir / SHARDS_META, "w") as f:
+    with atomic_write(out_dir / SHARDS_META, "w") as f:
         json.dump(summary, f, indent=1)
     summary["skipped_rows"] = sorted(skipped)
     return summary

@@ -103,18 +103,21 @@ class Calibration:
         return 1.0 if rank > n else float(min(1.0, max(scores[rank - 1], 1e-6)))
 
     def check(self, n_partitions: int) -> "Calibration":
+        """Every stored field within its range (a stored kernel of 1e300 km made lat = nan)."""
         if len(self.weights) != n_partitions:
             raise ValueError(f"calibration has {len(self.weights)} weights for {n_partitions} partitionings")
-        if not all(math.isfinite(w) and w >= 0 for w in self.weights) or not any(self.weights):
-            raise ValueError(f"calibration weights must be finite, >= 0 and not all 0, got {self.weights}")
-        if not (math.isfinite(self.kernel_km) and self.kernel_km >= 0):
-            raise ValueError(f"calibration kernel_km must be finite and >= 0, got {self.kernel_km}")
+        if not all(math.isfinite(w) and 0 <= w <= MAX_PARAMETER for w in self.weights) or not any(self.weights):
+            raise ValueError(f"calibration weights must be in [0, {MAX_PARAMETER:g}] and not all 0, got {self.weights}")
+        if self.kernel_km != 0:
+            _check_kernel("calibration kernel_km (0: none)", self.kernel_km)
         if self.region_scores and not _sorted_masses(self.region_scores):
             raise ValueError("calibration region_scores must be sorted masses in [0, 1]")
         check_region_groups(self.region_edges, self.region_group_scores)
         w, k = self.background_weight, self.background_kernel_km
         if not (math.isfinite(w) and 0 <= w < 1) or (w > 0 and not (math.isfinite(k) and k > 0)):
             raise ValueError(f"calibration background: weight must be in [0, 1) and its kernel_km > 0, got {w}, {k}")
+        if w > 0:
+            _check_kernel("calibration background_kernel_km", k)
         return self
 
     def to_dict(self) -> dict:
@@ -176,6 +179,18 @@ def region_groups(masses: np.ndarray, top_similarity: np.ndarray, groups: int = 
     out["region_edges"] = tuple(float(e) for e in edges)
     out["region_group_scores"] = tuple(tuple(np.sort(masses[member == g]).tolist()) for g in range(groups))
     return out
+
+
+# Ranges of stored parameters: a kernel between 10 m and half the Earth's circumference (a
+# vMF's concentration (R / kernel)^2 stays finite and positive); other fitted numbers bounded.
+KERNEL_KM_RANGE = (0.01, 20_016.0)
+MAX_PARAMETER = 1e3
+
+
+def _check_kernel(name: str, km: float) -> None:
+    lo, hi = KERNEL_KM_RANGE
+    if not (math.isfinite(km) and lo <= km <= hi):
+        raise ValueError(f"{name} must be in [{lo:g}, {hi:g}] km, got {km}")
 
 
 def check_region_groups(edges, group_scores) -> None:
@@ -501,6 +516,7 @@ def fit_calibration(logits, hierarchy, centroids, true_latlng, *, fitted_on: str
 
 HYBRID_KINDS = ("uniform", "softmax", "gated")
 RETRIEVAL_K = 16
+MAX_NEIGHBOURS = 10_000  # a stored k beyond this is damage, not a fit
 # Where the hybrid's parameters act: past these the likelihood is flat or meaningless
 # (similarities closer than 1e-4 differ by float16 noise; a sigmoid past +-30 is 0 or 1), and
 # unbounded, LBFGS could run off to infinity on a small fold (the gated kind's did).
@@ -544,10 +560,14 @@ class HybridFit:
         numbers = (self.weight, *self.gate, self.temperature, self.kernel_km, self.kernel_slope)
         if not all(math.isfinite(v) for v in numbers) or len(self.gate) != 2:
             raise ValueError(f"retrieval: parameters must be finite numbers, got {self.to_dict()}")
-        if not 0.0 <= self.weight <= 1.0 or self.temperature <= 0 or self.kernel_km <= 0 or self.k < 1 \
-                or self.kernel_slope < 0:
-            raise ValueError("retrieval: needs 0 <= weight <= 1, temperature > 0, kernel_km > 0, "
-                             "kernel_slope >= 0, k >= 1")
+        t_lo, t_hi = TEMPERATURE_RANGE
+        if not 0.0 <= self.weight <= 1.0 or not t_lo * (1 - 1e-9) <= self.temperature <= t_hi * (1 + 1e-9) \
+                or not 1 <= self.k <= MAX_NEIGHBOURS or not 0 <= self.kernel_slope <= MAX_PARAMETER \
+                or not all(abs(g) <= MAX_PARAMETER for g in self.gate):
+            raise ValueError(f"retrieval: needs 0 <= weight <= 1, temperature in [{t_lo:g}, {t_hi:g}], "
+                             f"kernel_slope in [0, {MAX_PARAMETER:g}], |gate| <= {MAX_PARAMETER:g}, "
+                             f"1 <= k <= {MAX_NEIGHBOURS}, got {self.to_dict()}")
+        _check_kernel("retrieval kernel_km", self.kernel_km)
         if not (math.isfinite(self.point_radius_km) and 0.0 <= self.point_radius_km <= 20000.0):
             raise ValueError(f"retrieval: point_radius_km must be in [0, 20000], got {self.point_radius_km}")
         return self

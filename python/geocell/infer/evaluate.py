@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import geocell
+from geocell._internal.atomic import atomic_write
 from geocell.data.splits import min_distance_km
 from geocell.infer.calibration import (
     Calibration,
@@ -398,8 +399,11 @@ def plot_error_cdf(errors_km: dict[str, np.ndarray], path, title: str | None = N
     ax.grid(alpha=0.3, which="major")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb", suffix=os.path.splitext(os.fspath(path))[1]) as f:
+            fig.savefig(f, format=os.path.splitext(os.fspath(path))[1][1:] or "png")
+    finally:
+        plt.close(fig)
     return os.fspath(path)
 
 
@@ -410,7 +414,7 @@ def write_predictions_csv(ev: Evaluation, path) -> None:
     for name in ev.names:
         header += [f"{name}_lat", f"{name}_lng", f"{name}_error_km"]
     header.append("error")
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
         for i, image in enumerate(ev.paths):
@@ -424,6 +428,20 @@ def write_predictions_csv(ev: Evaluation, path) -> None:
             w.writerow(row + [""])
         for image, reason in ev.skipped:
             w.writerow([image] + [""] * (len(header) - 2) + [reason])
+
+
+def check_outputs(ap: argparse.ArgumentParser, args) -> None:
+    """--out and --cdf are checked before the evaluation, not after it (exit 2, the flag named)."""
+    from geocell.infer.predict import _writable_folder
+
+    for flag, target in (("--out", args.out), ("--cdf", args.cdf)):
+        if not target:
+            continue
+        if os.path.isdir(target):
+            ap.error(f"argument {flag}: {target} is a folder")
+        why = _writable_folder(os.path.dirname(target))
+        if why:
+            ap.error(f"argument {flag}: {why}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if any(not 0.0 < m < 1.0 for m in args.mass):
         build_parser().error(f"argument --mass: each mass must be in (0, 1), got {args.mass}")
+    check_outputs(build_parser(), args)
 
     try:
         geo = Geolocator.from_checkpoint(args.checkpoint, device=args.device, index=args.index,

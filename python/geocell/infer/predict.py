@@ -26,6 +26,7 @@ import torch
 
 import geocell
 from geocell._internal.geometry import unit_vectors
+from geocell._internal.atomic import atomic_write
 from geocell.data.images import decode_rgb
 from geocell.infer.calibration import (Calibration, HybridFit, Mixture, background_for, combined_log_probs,
                                        hybrid_mode, region_groups_from_dict)
@@ -131,19 +132,73 @@ def _to_pil(image):
     raise TypeError(f"cannot read an image from {type(image).__name__}")
 
 
-def expand_inputs(inputs: Iterable[str]) -> list[str]:
-    """Files as given; folders replaced by the image files under them (recursively, sorted)."""
-    paths = []
+HEIF_EXTENSIONS = (".heic", ".heif")
+
+
+def _heif_enabled() -> bool:
+    """Whether HEIC/HEIF photos can be read: with pillow-heif installed, its Pillow opener."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _kind(st_mode: int) -> str:
+    import stat
+
+    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(st_mode):
+            return name
+    return "not a regular file"
+
+
+def list_inputs(inputs: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(files to predict, [(file, why it is not predicted)]): files as given; folders replaced
+    by the image files under them (recursively, sorted). Every other file under a folder is
+    named with its reason (HEIC without pillow-heif, another extension, a named pipe...): only
+    regular files are opened, so a pipe cannot hang the run."""
+    import stat
+
+    heif = None
+    paths, passed = [], []
     for item in inputs:
-        if os.path.isdir(item):
-            found = []
-            for root, dirs, files in os.walk(item):
-                dirs.sort()
-                found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-            paths += sorted(found)
-        else:
-            paths.append(item)  # a missing file is reported as unreadable, not dropped
-    return paths
+        if not os.path.isdir(item):
+            paths.append(item)  # a missing or special file is reported by the decoder, not dropped
+            continue
+        found = []
+        for root, dirs, files in os.walk(item):
+            dirs.sort()
+            for f in files:
+                path = os.path.join(root, f)
+                ext = os.path.splitext(f)[1].lower()
+                try:
+                    mode = os.stat(path).st_mode
+                except OSError as exc:
+                    found.append((path, f"cannot be read ({exc.strerror or exc})"))
+                    continue
+                if not stat.S_ISREG(mode):
+                    found.append((path, f"{_kind(mode)}, not a photo file"))
+                elif ext in IMAGE_EXTENSIONS:
+                    found.append((path, None))
+                elif ext in HEIF_EXTENSIONS:
+                    heif = _heif_enabled() if heif is None else heif
+                    found.append((path, None if heif else
+                                  "HEIC/HEIF photo: install pillow-heif (pip install pillow-heif) to "
+                                  "read it, or convert it to JPEG"))
+                else:
+                    found.append((path, f"not a photo extension ({', '.join(IMAGE_EXTENSIONS)})"))
+        for path, why in sorted(found):
+            (paths.append(path) if why is None else passed.append((path, why)))
+    return paths, passed
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[str]:
+    """The files ``list_inputs`` predicts."""
+    return list_inputs(inputs)[0]
 
 
 # ----------------------------------------------------------------------------- the predictor
@@ -396,13 +451,21 @@ class Geolocator:
                 else:
                     names.append(f"<image {start + j}>")
                     tensors.append(transform(_to_pil(item)))
-            probs, hier, scenes, nbs = self._distributions(torch.stack(tensors), tta_combine)
-            for j, name in enumerate(names):
-                results.append(self.describe(
-                    name, [p[j] for p in probs], hier[j], None if scenes is None else scenes[j],
-                    top_k=top_k, mass=mass, keep_probs=keep_probs,
-                    neighbours=None if nbs is None else (nbs[0][j], nbs[1][j])))
+            results += self.predict_inputs(names, torch.stack(tensors), top_k, mass=mass,
+                                           tta_combine=tta_combine, keep_probs=keep_probs)
         return results[0] if single else results
+
+    def predict_inputs(self, names: Sequence[str], inputs: torch.Tensor, top_k: int = 5, *,
+                       mass: float = 0.9, tta_combine: str = "max", keep_probs: bool = False
+                       ) -> list[Prediction]:
+        """Predictions for network inputs already made by ``self.transform(tta)`` (a batch, one
+        per name): ``serve`` makes them while decoding, so a waiting request holds the small
+        input rather than the decoded photo."""
+        probs, hier, scenes, nbs = self._distributions(inputs, tta_combine)
+        return [self.describe(name, [p[j] for p in probs], hier[j], None if scenes is None else scenes[j],
+                              top_k=top_k, mass=mass, keep_probs=keep_probs,
+                              neighbours=None if nbs is None else (nbs[0][j], nbs[1][j]))
+                for j, name in enumerate(names)]
 
     def predict_files(self, paths: Sequence[str], top_k: int = 5, *, mass: float = 0.9,
                       tta: str = "none", tta_combine: str = "max", batch_size: int = 16,
@@ -605,7 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     for note in geo.notes:
         print(f"geocell predict: {note}", file=sys.stderr)
 
-    paths = expand_inputs(args.images)
+    paths, passed_over = list_inputs(args.images)
+    for path, why in passed_over:
+        print(f"geocell predict: not predicted {display_name(path)}: {why}", file=sys.stderr)
     if not paths:
         print("geocell predict: no images found", file=sys.stderr)
         return 1
@@ -615,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
 
         map_paths = numbered_map_paths(args.map, len(paths), names=paths)
 
-    records, skipped, csv_rows = [], [], []
+    records, skipped = [], list(passed_over)  # the files not predicted are in every output
+    csv_rows = [csv_row(path, None, why, args.top_k) for path, why in passed_over]
     show_text = not args.json and not args.out
     progress = not args.no_progress and len(paths) > 1 and sys.stderr.isatty()
     for i, (path, pred, error) in enumerate(geo.predict_files(
@@ -649,17 +715,17 @@ def main(argv: list[str] | None = None) -> int:
         # os.fsencode turns back into the bytes). CSV: display names; backslashreplace also
         # covers a non-UTF-8 name inside an error message.
         if args.out.lower().endswith(".json"):
-            with open(args.out, "w", encoding="utf-8") as f:
+            with atomic_write(args.out, "w", encoding="utf-8") as f:
                 json.dump(document, f, indent=1, ensure_ascii=True)
         else:
-            with open(args.out, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            with atomic_write(args.out, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
                 writer = csv.writer(f)
                 writer.writerow(csv_header(args.top_k))
                 writer.writerows(csv_rows)
     if args.json:
         json.dump(document, sys.stdout, indent=1)
         sys.stdout.write("\n")
-    summary = f"predicted {len(records)} of {len(paths)} images"
+    summary = f"predicted {len(records)} of {len(paths) + len(passed_over)} images"
     if skipped:
         summary += f"; skipped {len(skipped)} unreadable"
     if args.out:

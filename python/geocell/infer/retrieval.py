@@ -31,10 +31,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from geocell._internal.atomic import atomic_write
 
 INDEX_FORMAT = "geocell-retrieval"
 INDEX_VERSION = 1
@@ -114,21 +115,11 @@ class RetrievalIndex:
 
     def save(self, path) -> None:
         """Write atomically (a temporary file in the same folder, then renamed)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-retrieval-", suffix=".npz", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, format=np.array(INDEX_FORMAT), version=np.array(INDEX_VERSION),
-                         fingerprint=np.array(self.fingerprint), source=np.array(self.source),
-                         fit=np.array(json.dumps(self.fit, sort_keys=True)), embeddings=self.embeddings,
-                         lat=self.lat, lng=self.lng, digest=np.array(self.digest()))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path, "wb", prefix=".tmp-retrieval-", suffix=".npz") as f:
+            np.savez(f, format=np.array(INDEX_FORMAT), version=np.array(INDEX_VERSION),
+                     fingerprint=np.array(self.fingerprint), source=np.array(self.source),
+                     fit=np.array(json.dumps(self.fit, sort_keys=True)), embeddings=self.embeddings,
+                     lat=self.lat, lng=self.lng, digest=np.array(self.digest()))
 
     @classmethod
     def load(cls, path, fingerprint: str | None = None) -> "RetrievalIndex":
@@ -137,8 +128,9 @@ class RetrievalIndex:
         if not os.path.isfile(path):
             raise RetrievalError(f"{path}: no such retrieval index")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                fields = {k: z[k] for k in z.files}
+            fields = _read_npz(path)
+        except RetrievalError:
+            raise
         except Exception as exc:  # not a zip, truncated, pickled objects...
             raise RetrievalError(f"{path}: not a readable retrieval index ({type(exc).__name__}: {exc})") from exc
         if str(fields.get("format", "")) != INDEX_FORMAT:
@@ -177,6 +169,44 @@ class RetrievalIndex:
 
 
 # ----------------------------------------------------------------------------- search
+
+
+# np.savez stores members uncompressed; a member may inflate to this many times its stored bytes
+# (plus MEMBER_SLACK_BYTES) before the index is refused, unread.
+MAX_INFLATION = 4
+MEMBER_SLACK_BYTES = 1 << 20
+
+
+def _read_npz(path: str) -> dict:
+    """The arrays of an .npz, each member's size checked before it is inflated: its declared
+    size against its stored size (MAX_INFLATION), and the array its .npy header announces
+    against the member's declared size (zipfile never returns more than that)."""
+    import zipfile
+
+    fields = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename[:-4]
+            if info.file_size > MAX_INFLATION * info.compress_size + MEMBER_SLACK_BYTES:
+                raise RetrievalError(f"{path}: member {name!r} inflates from {info.compress_size:,} to "
+                                     f"{info.file_size:,} bytes, over the limit of {MAX_INFLATION}x; "
+                                     "refused unread (geocell index build writes uncompressed members)")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                if dtype.hasobject:
+                    raise RetrievalError(f"{path}: member {name!r} holds Python objects")
+                need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if need > info.file_size:
+                    raise RetrievalError(f"{path}: member {name!r} announces {need:,} bytes of data "
+                                         f"but holds {info.file_size:,}")
+            with zf.open(info) as f:
+                fields[name] = np.lib.format.read_array(f, allow_pickle=False)
+    return fields
 
 
 def _faiss():

@@ -14,7 +14,9 @@ the best guess and the credible region are the hybrid's (``--no-retrieval``: the
 
 Errors are JSON ``{"error": "..."}`` with a 4xx status. The model is loaded once; every
 prediction runs in a worker thread, one at a time under a lock, so the event loop stays free
-and concurrent requests cannot mix results.
+and concurrent requests cannot mix results. At most ``MAX_DECODES`` uploads are decoded at
+once, each straight into the network's small input: a decoded photo (up to about 600 MB on the
+way for 50 Mpx) is never held by a request waiting for the model.
 """
 
 
@@ -33,6 +35,7 @@ MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 FORM_SLACK_BYTES = 64 * 1024          # room for the other form fields and multipart headers
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_DECODES = 2                       # uploads decoded at the same time (each up to ~700 MB at 50 Mpx)
 
 
 class UploadError(Exception):
@@ -101,14 +104,29 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS):
         except Exception:  # no GPS block, or EXIF the reader does not understand
             truth = None
         try:
-            from geocell.data.images import to_rgb8
+            from geocell.data.images import exif_orientation, to_rgb8, upright
 
+            orientation = exif_orientation(im)
             im.load()
-            rgb = to_rgb8(im)
+            rgb = upright(to_rgb8(im), orientation)
             rgb = rgb.copy() if rgb is im else rgb
         except Exception as exc:  # truncated or corrupt pixel data
             raise UploadError(400, f"cannot decode the image: {type(exc).__name__}: {exc}") from None
     return rgb, truth
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed blocks under its dynamic mmap threshold (which grows to 32 MB) in each
+    thread's heap: Pillow's 16 MB image blocks then stay mapped after every decode, a few
+    hundred MB per request thread. A fixed 1 MB threshold hands large frees back at once."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: its allocator's own policy
+        pass
 
 
 def _map_title(name: str, pred) -> str:
@@ -138,6 +156,9 @@ class Service:
         self.max_pixels = int(max_pixels)
         self._model_lock = threading.Lock()
         self._map_lock = threading.Lock()  # pyplot is not thread-safe
+        self._decode_slots = threading.BoundedSemaphore(MAX_DECODES)
+        _return_freed_memory()
+        self._transform = self.geo.transform("none")
         # fill the lazy per-cell caches now, not inside the first requests
         for p in range(len(self.geo.partitions)):
             self.geo.tokens(p)
@@ -153,9 +174,28 @@ class Service:
                 "retrieval": len(self.geo.retrieval) if self.geo.hybrid is not None else None,
                 "max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels}
 
+    def prepare(self, data: bytes):
+        """(the network's input, EXIF (lat, lng) or None) of an upload; at most MAX_DECODES at
+        once, and the decoded photo is freed before the slot is."""
+        with self._decode_slots:
+            rgb, truth = decode_image(data, self.max_pixels)
+            try:
+                return self._transform(rgb), truth
+            except ImageTooLarge as exc:
+                raise UploadError(413, str(exc)) from None
+            finally:
+                rgb.close()
+
     def predict(self, name: str, image, top_k: int, mass: float, keep_probs: bool = False):
+        """``image``: an input from ``prepare`` (a (3, S, S) tensor) or anything Geolocator.predict takes."""
+        import torch
+
         with self._model_lock:
-            pred = self.geo.predict(image, top_k=top_k, mass=mass, keep_probs=keep_probs)
+            if isinstance(image, torch.Tensor) and image.ndim == 3 and image.dtype == torch.float32:
+                pred = self.geo.predict_inputs([name], image[None], top_k, mass=mass,
+                                               keep_probs=keep_probs)[0]
+            else:
+                pred = self.geo.predict(image, top_k=top_k, mass=mass, keep_probs=keep_probs)
         pred.image = name
         return pred
 
@@ -447,7 +487,7 @@ def app(checkpoint_path=None, *, device=None, max_upload_bytes: int = MAX_UPLOAD
             name = os.path.basename(upload.filename or "upload")[:200] or "upload"
         finally:
             await form.close()
-        image, truth = await run_in_threadpool(decode_image, data, service.max_pixels)
+        image, truth = await run_in_threadpool(service.prepare, data)
         return name, image, truth, top_k, mass
 
     @api.get("/", response_class=HTMLResponse)

@@ -3,7 +3,8 @@ scene helper, by :class:`geocell.Geolocator` and stored in every checkpoint.
 
 Evaluation: the shorter side resized to ``resize_size`` (antialiased bilinear), then the
 centre ``image_size`` square, normalized with ``mean``/``std`` (ImageNet's by default).
-Training: a random-resized crop (area fraction in ``crop_scale``, aspect ratio in ``crop_ratio``)
+Every path first turns the photo upright by its EXIF Orientation (``orientation``, the rule of
+``geocell.data.images``). Training: a random-resized crop (area fraction in ``crop_scale``, aspect ratio in ``crop_ratio``)
 and a horizontal flip with probability ``hflip``, drawn per sample by the loaders. ImageNet's crop
 (0.08-1 of the area) can keep a tenth of a photo's context; the 2018 geolocation recipe kept
 0.66-1. A mirror turns a place into one that exists nowhere, which matters for imagery whose
@@ -35,6 +36,7 @@ class Preprocess:
     crop_scale: tuple = field(default=SCALE)   # training crop: area fraction range
     crop_ratio: tuple = field(default=RATIO)   # training crop: aspect ratio range
     hflip: float = 0.5                         # training: probability of a horizontal mirror
+    orientation: str = "exif"                  # EXIF Orientation applied (geocell.data.images)
 
     def __post_init__(self):
         if int(self.image_size) <= 0:
@@ -50,6 +52,11 @@ class Preprocess:
             raise ValueError(f"preprocess: crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {scale}")
         if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"preprocess: crop_ratio must be (lo, hi) with 0 < lo <= hi, got {ratio}")
+        from geocell.data.images import ORIENTATION
+
+        if self.orientation != ORIENTATION:
+            raise ValueError(f"preprocess: orientation {self.orientation!r} is not this geocell's rule "
+                             f"({ORIENTATION!r}: the EXIF Orientation tag is applied)")
         if not 0.0 <= float(self.hflip) <= 1.0:
             raise ValueError(f"preprocess: hflip is a probability in [0, 1], got {self.hflip}")
         object.__setattr__(self, "crop_scale", scale)
@@ -63,7 +70,8 @@ class Preprocess:
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "resize_size": self.resize_size,
                 "mean": list(self.mean), "std": list(self.std), "crop_scale": list(self.crop_scale),
-                "crop_ratio": list(self.crop_ratio), "hflip": self.hflip}
+                "crop_ratio": list(self.crop_ratio), "hflip": self.hflip,
+                "orientation": self.orientation}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Preprocess":
@@ -79,8 +87,14 @@ class Preprocess:
         (the torch loader's, and the reference the DALI loader's kernel is tested against)."""
         import torchvision.transforms.v2.functional as F
 
-        image = F.resize(image, [self.resize_size], antialias=True)
+        image = F.resize(self._check_resize(image), [self.resize_size], antialias=True)
         return F.center_crop(image, [self.image_size, self.image_size])
+
+    def _check_resize(self, image):
+        from geocell.data.images import check_resized
+
+        check_resized(image.shape[-1], image.shape[-2], self.resize_size)
+        return image
 
     def five_crops(self, image):
         """uint8 (3, H, W) -> uint8 (5, 3, S, S): the four corner crops and the centre crop of the
@@ -88,7 +102,7 @@ class Preprocess:
         import torch
         import torchvision.transforms.v2.functional as F
 
-        image = F.resize(image, [self.resize_size], antialias=True)
+        image = F.resize(self._check_resize(image), [self.resize_size], antialias=True)
         return torch.stack(list(F.five_crop(image, [self.image_size, self.image_size])))
 
     def normalize(self, images_uint8):

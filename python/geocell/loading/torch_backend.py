@@ -55,7 +55,8 @@ def _decode_cpu(data: bytes) -> torch.Tensor:
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     ctx = _quiet()
     try:
-        return decode_jpeg(buf, mode=ImageReadMode.RGB)
+        # the EXIF orientation, as decode_rgb and DALI apply it (geocell.data.images.ORIENTATION)
+        return decode_jpeg(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     finally:
         ctx.__exit__(None, None, None)
 

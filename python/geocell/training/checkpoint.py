@@ -16,11 +16,11 @@ import logging
 import os
 import re
 import socket
-import tempfile
 
 import numpy as np
 import torch
 
+from geocell._internal.atomic import atomic_write
 from geocell.infer.calibration import Calibration
 from geocell.loading.preprocess import Preprocess
 
@@ -98,7 +98,8 @@ def clean_state_dict(state: dict) -> dict:
 
 
 def save_checkpoint(path, **fields) -> None:
-    """Write a checkpoint atomically (temporary file in the same folder, then os.replace).
+    """Write a checkpoint atomically (``atomic_write``: a full disk is a ``DiskFull`` naming the
+    file, and the previous checkpoint stays).
 
     Expected fields: arch, model (state_dict), num_classes, scene_names, partitions (list of dicts
     from partition_to_dict, or Partition objects with ``partition_names``), hierarchy, preprocess,
@@ -124,18 +125,8 @@ def save_checkpoint(path, **fields) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     remove_orphan_temporaries(folder)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{_host()}-{os.getpid()}-", suffix=".pt",
-                               dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb", prefix=f"{_TMP_PREFIX}{_host()}-{os.getpid()}-", suffix=".pt") as f:
+        torch.save(payload, f)
 
 
 # Temporary files of save_checkpoint: .tmp-<host>-<pid>-<random>.pt. A writer killed before its
