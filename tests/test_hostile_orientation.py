@@ -100,3 +100,21 @@ def test_pack_stores_the_photo_upright(photo, tmp_path):
     with Image.open(io.BytesIO(read_sample(tars[tar_of[0]], offset[0], size[0]))) as im:
         assert im.size == (48, 64)
         assert np.abs(np.asarray(im.convert("RGB"), np.int16) - upright).mean() < 3
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_gpu_decodes_turn_is_pils_exif_transpose(orientation):
+    # nvJPEG decodes the stored pixels; the GPU path turns the tensor itself. PIL is the oracle.
+    from PIL import ImageOps
+
+    from geocell.loading.torch_backend import upright_tensor
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(_stored()).save(buf, format="PNG", exif=exif)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        want = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        stored = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    got = upright_tensor(stored, orientation).permute(1, 2, 0).numpy()
+    assert got.shape == want.shape and np.array_equal(got, want)

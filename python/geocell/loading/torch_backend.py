@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from geocell.loading.preprocess import Preprocess
 from geocell.loading.base import RATIO, SCALE, Loader, crop_params, epoch_rows, sample_rng, shard_range
-from geocell.data.images import decode_rgb, open_checked
+from geocell.data.images import decode_rgb, exif_orientation, open_checked
 from geocell.data.shards import read_sample, sample_locations
 
 
@@ -211,12 +211,13 @@ class TorchLoader(Loader):
         tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
         is_jpeg = [b[:3] == b"\xff\xd8\xff" for b in blobs]
         decoded = [None] * len(blobs)
-        jpeg_idx = []
+        jpeg_idx, orientation = [], {}
         for i, j in enumerate(is_jpeg):
             if not j:
                 continue
             try:
-                open_checked(blobs[i]).close()  # the declared size, before nvJPEG allocates it
+                with open_checked(blobs[i]) as header:  # the declared size, before nvJPEG allocates it
+                    orientation[i] = exif_orientation(header)  # nvJPEG decodes the pixels as stored
                 jpeg_idx.append(i)
             except Exception as e:
                 is_jpeg[i] = None  # neither decoded here nor below
@@ -226,12 +227,13 @@ class TorchLoader(Loader):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 out = decode_jpeg([tensors[i] for i in jpeg_idx], device=self.device, mode=_rgb())
             for i, img in zip(jpeg_idx, out):
-                decoded[i] = img
+                decoded[i] = upright_tensor(img, orientation[i])
         except Exception:
             # Find the bad image(s) one by one so the rest of the batch survives.
             for i in jpeg_idx:
                 try:
-                    decoded[i] = decode_jpeg(tensors[i], device=self.device, mode=_rgb())
+                    decoded[i] = upright_tensor(decode_jpeg(tensors[i], device=self.device, mode=_rgb()),
+                                                orientation[i])
                 except Exception as e:
                     self._count_bad([(int(rows[i]), f"{type(e).__name__}: {e}")])
         for i, j in enumerate(is_jpeg):
@@ -247,6 +249,27 @@ class TorchLoader(Loader):
         images = _augment_batch([decoded[i] for i in keep], rngs, self.image_size, self.resize_size,
                                 (self.crop_scale, self.crop_ratio, self.hflip))
         return images, rows[keep]
+
+
+def upright_tensor(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A (C, H, W) image turned by EXIF ``orientation``: the transposes of
+    geocell.data.images.upright (PIL's exif_transpose), on the tensor's device."""
+    o = int(orientation)
+    if o == 2:
+        return image.flip(-1)
+    if o == 3:
+        return image.flip(-1).flip(-2)
+    if o == 4:
+        return image.flip(-2)
+    if o == 5:
+        return image.transpose(-1, -2)
+    if o == 6:
+        return torch.rot90(image, -1, dims=(-2, -1))
+    if o == 7:
+        return image.transpose(-1, -2).flip(-1).flip(-2)
+    if o == 8:
+        return torch.rot90(image, 1, dims=(-2, -1))
+    return image
 
 
 def _augment_batch(images, rngs, image_size: int, resize_size: int, aug=(SCALE, RATIO, 0.5)) -> torch.Tensor:
