@@ -400,3 +400,43 @@ def test_no_dataclasses_backport_shadows_the_standard_library():
                          env=dict(os.environ, PYTHONPATH=site))
     assert out.returncode == 0, out.stderr
     assert os.path.dirname(out.stdout.strip()) == sysconfig.get_paths()["stdlib"], out.stdout
+
+
+def _group_members(pgid: int) -> list:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[2]) == pgid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process groups from /proc (Linux)")
+def test_a_rerun_ends_what_a_killed_download_left_running(server, tmp_path):
+    # kill -9 of the download leaves img2dataset's logger and resource tracker (and workers)
+    # running in its process group; the next run into the same folder ends them.
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,lat,lng\n" + "".join(f"{server.url}/slow.jpg,{i},{i}\n" for i in range(8)))
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "geocell", "data", "download", str(urls), *_args(out, "--threads", "1")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(_group_members(p.pid)) < 3:
+            time.sleep(0.2)
+        assert len(_group_members(p.pid)) >= 3, "img2dataset did not start its processes"
+        p.kill()
+        p.wait(timeout=10)
+        time.sleep(0.5)
+        left = _group_members(p.pid)
+        assert left, "nothing outlived the killed download (the case this test is about)"
+        code, _, err = _download([str(urls), *_args(out, "--threads", "1")])
+        assert "ended" in err and "left behind by a download" in err, err
+        assert not _group_members(p.pid)
+    finally:
+        for pid in _group_members(p.pid):
+            os.kill(pid, signal.SIGKILL)

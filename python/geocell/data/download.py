@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Optional
 
 from geocell._internal.atomic import atomic_write
-from geocell.data.fetch import bounded_img2dataset
+from geocell.data.fetch import MAX_IMAGE_PIXELS as _MAX_IMAGE_PIXELS, bounded_img2dataset
 from geocell.data.manifest import _LAT_COLUMNS, _LNG_COLUMNS, _find
 from geocell.data.metadata import KeyedMetadata, read_keyed_metadata
 from geocell.data.shards import pack, shard_meta, SHARDS_META
@@ -52,8 +52,6 @@ DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 USER_AGENT_TOKEN = "geocell"
 _URL_COLUMNS = ("url", "image_url", "photo_url", "download_url")
 _ID_COLUMNS = ("image_id", "img_id", "id", "key", "path", "image", "photo_id")
-# Decoding a hostile "image" must not allocate gigabytes: OpenCV's own limit is 2**30 pixels.
-_MAX_IMAGE_PIXELS = 2**27
 
 
 @dataclass
@@ -325,6 +323,55 @@ class _Progress(threading.Thread):
         self.bar.close()
 
 
+def _process_start(pid: int):
+    """(process group, start time in clock ticks since boot) of a live process, from /proc; None
+    when it is gone (or this is not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[2]), int(fields[19])  # pgrp, starttime (fields 5 and 22 of stat)
+
+
+def _end_stale_workers(owner_path: Path) -> int:
+    """img2dataset's processes (its logger, multiprocessing's resource tracker, pool workers)
+    outlive a download killed with SIGKILL: they keep the killed run's process group. The run
+    recorded its process id, group and start time in ``owner_path``; if that run is gone, the
+    processes of its group started after it are ended (SIGTERM, then SIGKILL). A group id used
+    again by another program since is told apart by the start times. Returns how many ended."""
+    try:
+        owner = json.loads(owner_path.read_text())
+        pid, pgrp, started = int(owner["pid"]), int(owner["pgrp"]), int(owner["start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    if pid == os.getpid():
+        return 0
+    alive = _process_start(pid)
+    if alive is not None and alive[1] == started:
+        raise ValueError(f"another download into {owner_path.parent.parent} is running (process {pid}); "
+                         "wait for it or stop it first")
+    if pgrp == os.getpgrp():
+        return 0
+    stale = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit() and int(entry) != os.getpid():
+            info = _process_start(int(entry))
+            if info is not None and info[0] == pgrp and info[1] >= started:
+                stale.append(int(entry))
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for p in stale:
+            try:
+                os.kill(p, signum)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 3
+        while signum == signal.SIGTERM and time.monotonic() < deadline and any(
+                _process_start(p) is not None and _process_start(p)[0] == pgrp for p in stale):
+            time.sleep(0.1)
+    return len(stale)
+
+
 def _run_img2dataset(url_table: Path, folder: Path, log_path: Path, *, shorter_side, quality,
                      processes, threads, timeout, retries, distributor, per_shard, progress_total,
                      progress: bool):
@@ -338,13 +385,18 @@ def _run_img2dataset(url_table: Path, folder: Path, log_path: Path, *, shorter_s
             import ray  # noqa: F401
         except ImportError:  # img2dataset would silently do nothing
             raise ValueError("--distributor ray needs ray (pip install ray)") from None
-    # Set before img2dataset starts its processes, which inherit the environment.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
-    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(_MAX_IMAGE_PIXELS))
-    os.environ.setdefault("WANDB_MODE", "disabled")
     from img2dataset import download as img2dataset_download
 
     done_before = set(_stats_files(folder))
+    owner_path = log_path.parent / "owner.json"
+    ended = _end_stale_workers(owner_path)
+    if ended:
+        print(f"ended {ended} processes left behind by a download into the same folder that was killed",
+              file=sys.stderr)
+    me = _process_start(os.getpid())
+    if me is not None:
+        with atomic_write(owner_path, "w") as f:
+            json.dump({"pid": os.getpid(), "pgrp": me[0], "start": me[1]}, f)
     previous_sigint = signal.getsignal(signal.SIGINT)
     # img2dataset's processes import wandb, which makes temporary folders at import and leaves
     # them behind when the pool terminates its workers: they go to a folder removed after.
@@ -401,6 +453,9 @@ def _run_img2dataset(url_table: Path, folder: Path, log_path: Path, *, shorter_s
             shutil.rmtree(scratch, ignore_errors=True)
             if bar is not None:
                 bar.close()
+            # img2dataset returned (or raised) with its processes ended: nothing left to clean up
+            with contextlib.suppress(OSError):
+                owner_path.unlink()
 
 
 # --- collecting and packing --------------------------------------------------------------

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import time
 import urllib.request
+
+# Decoding a hostile "image" must not allocate gigabytes: OpenCV's own limit is 2**30 pixels.
+MAX_IMAGE_PIXELS = 2**27  # what img2dataset (and OpenCV, which it decodes with) may decode
+
+# Set before img2dataset is imported (below), which imports albumentations and OpenCV, and
+# before it starts its processes, which inherit the environment.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 MAX_URL_BYTES = 40 * 1024 * 1024  # one photo; a larger body is refused, not stored
 _CHUNK = 1 << 16
