@@ -169,3 +169,4 @@ def test_a_second_run_reuses_the_scene_helper_of_the_first(earth_dir, tmp_path, 
     # other helper options are another helper
     assert run.main([*args, "--helper-lr", "0.02", "-o", str(tmp_path / "c")]) == 0
     assert "the one trained by an earlier run" not in capsys.readouterr().out
+

@@ -342,6 +342,13 @@ def train_one_epoch(model, criterion, loader, state, info: DistInfo, options: Ep
 # A short measurement of the machine in hand (for --time-budget)
 
 
+def evaluation_channels_last(channels_last: bool, device) -> bool:
+    """Whether evaluation and the index run in channels_last too. On a CPU they keep the NCHW
+    layout of geocell evaluate and Geolocator (the layouts' results differ in the last float
+    digits), so a run's tables are the ones those commands reproduce."""
+    return bool(channels_last) and torch.device(device).type == "cuda"
+
+
 def probe_rates(model, criterion, loaders: dict, *, info: DistInfo, amp_dtype, channels_last_options=(False,),
                 warmup: int = 2, steps: int = 6, eval_batches: int = 3) -> tuple:
     """Times real training steps on copies of ``model`` (the run's model, optimiser and RNG are
@@ -349,7 +356,7 @@ def probe_rates(model, criterion, loaders: dict, *, info: DistInfo, amp_dtype, c
     that follows is the run without the probe): ``warmup`` untimed and ``steps`` timed steps
     for each training loader of ``loaders`` ({backend: loader}) and each memory format in
     ``channels_last_options``, then ``eval_batches`` forward passes in evaluation mode (full
-    precision, as evaluation runs) with the fastest pair. Returns ({(backend, channels_last):
+    precision and layout, as evaluation runs) with the fastest loader. Returns ({(backend, channels_last):
     training images/s over all ranks}, evaluation images/s over all ranks, the fastest pair);
     the same on every rank."""
     import copy
@@ -392,8 +399,9 @@ def probe_rates(model, criterion, loaders: dict, *, info: DistInfo, amp_dtype, c
         if rate > best_rate:
             fastest, best_rate = (backend, cl), rate
         del trial, optimizer, it
+    eval_cl = evaluation_channels_last(fastest[1], device)
     trial = copy.deepcopy(model).eval()
-    if fastest[1]:
+    if eval_cl:
         trial = trial.to(memory_format=torch.channels_last)
     seconds, images_seen, it = 0.0, 0, batches(loaders[fastest[0]])
     with torch.no_grad():
@@ -403,7 +411,7 @@ def probe_rates(model, criterion, loaders: dict, *, info: DistInfo, amp_dtype, c
             except StopIteration:
                 break
             t0 = time.perf_counter()
-            if fastest[1]:
+            if eval_cl:
                 images = images.contiguous(memory_format=torch.channels_last)
             geo_logits, _ = trial(images)
             if geo_logits:

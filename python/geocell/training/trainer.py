@@ -17,6 +17,7 @@ with 0 and 2 workers and DALI on the CPU); exception: DALI over packed shards (s
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import functools
@@ -259,10 +260,8 @@ def split_loader(cfg: TrainConfig, partitions, manifest, info, is_train: bool):
 
 
 def make_loaders(cfg: TrainConfig, partitions, train, val, test, info):
-    def loader(manifest, is_train):
-        return split_loader(cfg, partitions, manifest, info, is_train)
-
-    return loader(train, True), loader(val, False), (loader(test, False) if test is not None else None)
+    return (split_loader(cfg, partitions, train, info, True), split_loader(cfg, partitions, val, info, False),
+            split_loader(cfg, partitions, test, info, False) if test is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,8 +457,18 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
     options = engine.EpochOptions(steps=steps_per_epoch, amp_dtype=amp_dtype, scaler=state.scaler,
                                   channels_last=channels_last, stop_after_steps=cfg.stop_after_steps,
                                   log_every=cfg.log_every, show_progress=cfg.progress)
-    evaluate = functools.partial(evaluate_loader, ddp_model, partitions=partitions, hierarchy=hierarchy,
-                                 device=info.device, amp=eval_amp_dtype, names=names, channels_last=channels_last)
+    eval_channels_last = engine.evaluation_channels_last(channels_last, info.device)
+
+    def eval_net(net):
+        # the weights in the layout evaluation reads them in (a copy, when training uses another)
+        if channels_last == eval_channels_last:
+            return net
+        return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+
+    def evaluate(loader, **kw):
+        return evaluate_loader(eval_net(ddp_model), loader, partitions=partitions, hierarchy=hierarchy,
+                               device=info.device, amp=eval_amp_dtype, names=names, channels_last=eval_channels_last,
+                               **kw)
 
     logger = engine.MetricLogger(run_dir, info.is_main, cfg.tensorboard)
     checkpoints = RunCheckpoints(run_dir, info, cfg, model, partitions, names, hierarchy, scene_names)
@@ -527,8 +536,8 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
         result.update(finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader,
                              test_loader, state, index_loader=index_loader,
                              scene_helper=helper["summary"] if helper else None, clock=clock,
-                             embed=functools.partial(embed_loader, model, device=info.device, amp=eval_amp_dtype,
-                                                     channels_last=channels_last)))
+                             embed=lambda loader: embed_loader(eval_net(model), loader, device=info.device,
+                                                               amp=eval_amp_dtype, channels_last=eval_channels_last)))
     logger.close()
     report_skipped(info, checkpoints.path("skipped_images.csv"),
                    {"train": train_loader, "val": val_loader, "test": test_loader})
