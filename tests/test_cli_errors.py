@@ -130,3 +130,39 @@ def test_a_bug_says_so_and_keeps_its_traceback_behind_debug(monkeypatch, capsys)
     monkeypatch.setenv("GEOCELL_DEBUG", "1")
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["boom"])
+
+
+def test_a_full_disk_at_checkpoint_time_is_one_line_from_train_run_py(tmp_path):
+    # train/run.py goes through the geocell command: the checkpoint's EFBIG (a file-size limit
+    # stands in for a full disk) reads "disk full" and names the file, with no traceback.
+    import resource
+
+    pytest.importorskip("torch")
+    run_py = os.path.join(os.path.dirname(__file__), "..", "train", "run.py")
+    limit = 8 * 1024 * 1024  # a ResNet-18 checkpoint is about 45 MB; the rest of the run writes less
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    from geocell.data.earth import build_earth
+
+    earth = build_earth(tmp_path / "earth", n=240, size=32, seed=0, progress=False, workers=1)
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, run_py, "--manifest", str(earth), "--image-size", "32",
+                        "--batch-size", "16", "--epochs", "1", "--workers", "0",
+                        "--device", "cpu", "--no-progress", "--no-tensorboard", "--no-retrieval", "-o", str(out)],
+                       capture_output=True, text=True, timeout=LIMIT_S, preexec_fn=small_files)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("geocell train:") and "disk full" in last and ".pt" in last, last
+
+
+def test_too_few_photos_for_a_partitioning_is_one_line(inputs):
+    # 24 photos with tau_min 1 and tau_max 40: the coarse partitioning is a single cell
+    code, out, err = _run("", ["train", "--manifest", str(inputs / "m.csv"), "--image-size", "32",
+                               "--batch-size", "4", "--epochs", "1", "--workers", "0", "--taus", "1/40",
+                               "--device", "cpu", "--no-progress", "--no-tensorboard", "-o",
+                               str(inputs / "few")])
+    assert code == 2 and "Traceback" not in err, err
+    assert "fewer than two cells" in err.strip().splitlines()[-1] and "--taus" in err

@@ -6,7 +6,8 @@ built-in Earth dataset in ./data/earth and trains the default recipe on it.
 
 import sys
 
-from geocell.training.trainer import main
+from geocell.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # through the geocell command, so its errors read as geocell train's (--debug for a traceback)
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bug(name, exc)
         print(needs_extra_message(name, exc, extra), file=sys.stderr)
         return 2
-    except (ValueError, OSError) as exc:  # bad input or environment; the message names the file
+    # bad input or environment, the message naming the file; a loss gone to NaN names its remedy
+    except (ValueError, OSError, FloatingPointError) as exc:
         if debug:
             raise
         print(f"geocell {name}: {_one_line(exc) or type(exc).__name__} "

@@ -248,6 +248,10 @@ def build_partitions(cfg: TrainConfig, train, info):
         log(info, f"partitionings from {len(train)} training locations, (tau_min, tau_max) = "
                   + ", ".join(f"{a}/{b}" for a, b in taus))
         partitions = geocell.partitions(train.lat, train.lng, [tuple(t) for t in taus])
+    empty = [f"{name} ({len(p)} cells)" for name, p in zip(partition_names(len(partitions)), partitions) if len(p) < 2]
+    if empty:
+        raise ValueError(f"{len(train)} training photos give partitionings with fewer than two cells: "
+                         f"{', '.join(empty)}; lower tau_min (--taus MIN/MAX, --tau-scale) or give more photos")
     return partitions
 
 
