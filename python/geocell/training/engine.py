@@ -368,15 +368,13 @@ def probe_rates(model, criterion, loaders: dict, *, info: DistInfo, amp_dtype, c
         for images, targets in loader:
             yield images.to(device, non_blocking=True), {k: v.to(device, non_blocking=True) for k, v in targets.items()}
 
-    paths = [(backend, cl) for backend in loaders for cl in channels_last_options]
-    train_rates, fastest, best_rate = {}, paths[0], -1.0
-    for backend, cl in paths:
-        trial = copy.deepcopy(model).train()
+    def images_per_s(loader, net, cl: bool, untimed: int, timed: int, make_step) -> float:
+        # ``make_step(net)(images, targets)`` timed over ``timed`` batches after ``untimed`` ones
         if cl:
-            trial = trial.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(trial.parameters(), lr=1e-3, momentum=0.9)
-        seconds, images_seen, it = 0.0, 0, batches(loaders[backend])
-        for k in range(warmup + steps):
+            net = net.to(memory_format=torch.channels_last)
+        step = make_step(net)
+        seconds, seen, it = 0.0, 0, batches(loader)
+        for k in range(untimed + timed):
             try:
                 images, targets = next(it)
             except StopIteration:
@@ -384,40 +382,39 @@ def probe_rates(model, criterion, loaders: dict, *, info: DistInfo, amp_dtype, c
             t0 = time.perf_counter()
             if cl:
                 images = images.contiguous(memory_format=torch.channels_last)
+            step(images, targets)
+            if k >= untimed:
+                seconds, seen = seconds + time.perf_counter() - t0, seen + images.shape[0]
+        rate = seen / seconds if seconds > 0 else 0.0
+        return all_reduce_mean({"rate": rate}, info)["rate"] * info.world
+
+    def train_step(net):
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+
+        def step(images, targets):
             with autocast_context(device, amp_dtype):
-                geo_logits, scene_logits = trial(images)
+                geo_logits, scene_logits = net(images)
             loss, _ = criterion(geo_logits, scene_logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             float(loss.detach())  # waits for the device
-            if k >= warmup:
-                seconds, images_seen = seconds + time.perf_counter() - t0, images_seen + images.shape[0]
-        rate = images_seen / seconds if seconds > 0 else 0.0
-        rate = all_reduce_mean({"rate": rate}, info)["rate"] * info.world
-        train_rates[backend, cl] = rate
-        if rate > best_rate:
-            fastest, best_rate = (backend, cl), rate
-        del trial, optimizer, it
-    eval_cl = evaluation_channels_last(fastest[1], device)
-    trial = copy.deepcopy(model).eval()
-    if eval_cl:
-        trial = trial.to(memory_format=torch.channels_last)
-    seconds, images_seen, it = 0.0, 0, batches(loaders[fastest[0]])
-    with torch.no_grad():
-        for k in range(1 + eval_batches):
-            try:
-                images, _ = next(it)
-            except StopIteration:
-                break
-            t0 = time.perf_counter()
-            if eval_cl:
-                images = images.contiguous(memory_format=torch.channels_last)
-            geo_logits, _ = trial(images)
+        return step
+
+    def eval_step(net):
+        @torch.no_grad()
+        def step(images, targets):
+            geo_logits, _ = net(images)
             if geo_logits:
                 float(geo_logits[0].sum())  # waits for the device
-            if k:  # the first pass warms up
-                seconds, images_seen = seconds + time.perf_counter() - t0, images_seen + images.shape[0]
-    eval_rate = images_seen / seconds if seconds > 0 else best_rate
-    eval_rate = all_reduce_mean({"rate": eval_rate}, info)["rate"] * info.world
+        return step
+
+    train_rates = {(backend, cl): images_per_s(loaders[backend], copy.deepcopy(model).train(), cl, warmup, steps,
+                                               train_step)
+                   for backend in loaders for cl in channels_last_options}
+    fastest = max(train_rates, key=train_rates.get)
+    # the first pass warms up; evaluation in the layout evaluation runs in
+    eval_rate = images_per_s(loaders[fastest[0]], copy.deepcopy(model).eval(),
+                             evaluation_channels_last(fastest[1], device), 1, eval_batches, eval_step)
+    eval_rate = eval_rate or train_rates[fastest]
     return train_rates, eval_rate, fastest
