@@ -50,6 +50,10 @@ def inputs(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
         lines.append(f"{i}.jpg,{-60 + 5 * i},{-170 + 14 * i}")
     (d / "m.csv").write_text("\n".join(lines) + "\n")
+    # the same photos at two places, a few hundred km across each: enough for partitionings
+    near = [f"{i}.jpg,{(10, -30)[i % 2] + rng.uniform(-2, 2):.4f},{(10, 100)[i % 2] + rng.uniform(-2, 2):.4f}"
+            for i in range(24)]
+    (d / "two_places.csv").write_text("path,lat,lng\n" + "\n".join(near) + "\n")
     (d / "urls.csv").write_text("id,url,lat,lng\na,http://127.0.0.1:9/a.jpg,1,2\n")
     (d / "msgpack").mkdir()
     (d / "msgpack" / "shard_0.msg").write_bytes(b"\x90")
@@ -78,7 +82,7 @@ def _cases(d):
         (TRAIN, ["index", "build", "--checkpoint", str(d / "ckpt.pt"), "--manifest", m, "-o", o], "train"),
         (TRAIN, ["serve", "--checkpoint", str(d / "ckpt.pt")], "train"),
         ("fastapi,uvicorn,starlette,multipart", ["serve", "--checkpoint", str(d / "ckpt.pt")], "serve"),
-        ("nvidia", ["train", "--manifest", m, "--backend", "dali", *tiny], "dali"),
+        ("nvidia", ["train", "--manifest", str(d / "two_places.csv"), "--backend", "dali", *tiny], "dali"),
     ]
 
 
