@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from geocell.training import engine  # noqa: E402
 from geocell.training.losses import MultitaskLoss  # noqa: E402
-from geocell.training.model import GeoModel  # noqa: E402
+from geocell.model.network import GeoModel  # noqa: E402
 
 SIZE = 64
 BATCH = 32

@@ -27,7 +27,7 @@ from geocell.loading.base import dali_available, make_loader  # noqa: E402
 from geocell.loading.labels import LabelTable  # noqa: E402
 from geocell.training import engine  # noqa: E402
 from geocell.training.losses import MultitaskLoss  # noqa: E402
-from geocell.training.model import GeoModel  # noqa: E402
+from geocell.model.network import GeoModel  # noqa: E402
 
 N_IMAGES = int(os.environ.get("GEOCELL_BENCH_IMAGES", 1280))
 BATCH, CROP, CLASSES = 64, 64, [106, 235, 443]  # the default run's partitionings

@@ -21,7 +21,7 @@ pytest.importorskip("timm")
 from bench_train_paths import BATCH, CLASSES, CROP, _cpu_flags  # noqa: E402
 from geocell.training import engine  # noqa: E402
 from geocell.training.losses import MultitaskLoss  # noqa: E402
-from geocell.training.model import GeoModel  # noqa: E402
+from geocell.model.network import GeoModel  # noqa: E402
 
 STEPS = int(os.environ.get("GEOCELL_BENCH_STEPS", 5))
 RATES: dict = {}

@@ -9,7 +9,7 @@ Three measurements in one run, same model and optimiser step:
 
 It writes its own JPEG dataset (random smooth images, ~400x300) to a temporary folder and prints a
 JSON summary. Only torch, torchvision, PIL and numpy are needed; the model is loaded from
-python/geocell/training/model.py of this checkout.
+python/geocell/model/network.py of this checkout.
 
     python bench/gpu_train.py                       # on the GPU machine
     python bench/gpu_train.py --compile

@@ -20,7 +20,7 @@ import torch
 import geocell
 from geocell.data.manifest import read_manifest
 from geocell.infer.retrieval import RetrievalIndex, Searcher, embed_paths, normalise
-from geocell.training.checkpoint import load_checkpoint, model_from_checkpoint
+from geocell.model.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def report(name, locations, neighbours, true):

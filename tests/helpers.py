@@ -41,8 +41,8 @@ def make_tiny_checkpoint(path, seed: int = 0, scene_names=TINY_SCENES) -> str:
     (none when it is empty)."""
     import torch
 
-    from geocell.training.checkpoint import save_checkpoint
-    from geocell.training.model import GeoModel
+    from geocell.model.checkpoint import save_checkpoint
+    from geocell.model.network import GeoModel
 
     parts, hier = tiny_partitions(seed)
     torch.manual_seed(seed)

@@ -95,7 +95,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
 from geocell.training import trainer as run  # noqa: E402
-from geocell.training.checkpoint import load_checkpoint  # noqa: E402
+from geocell.model.checkpoint import load_checkpoint  # noqa: E402
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend", "torch", "--threads", "1",
         "--no-progress", "--no-tensorboard", "--log-every", "2", "--no-retrieval", "--helper-epochs", "1",

@@ -12,8 +12,10 @@ torch = pytest.importorskip("torch")
 
 from geocell._internal.geometry import unit_vectors  # noqa: E402
 from geocell.cells import EARTH_RADIUS_KM, great_circle_km  # noqa: E402
-from geocell.infer.calibration import (  # noqa: E402
-    Calibration, Mixture, combined_log_probs, expected_calibration_error, fit_calibration, region_groups)
+from geocell.model.records import Calibration  # noqa: E402
+from geocell.infer.mixture import Mixture, combined_log_probs, fit_calibration  # noqa: E402
+from geocell.infer.metrics import expected_calibration_error  # noqa: E402
+from geocell.infer.conformal import region_groups  # noqa: E402
 
 R = EARTH_RADIUS_KM
 
@@ -38,7 +40,7 @@ def _synthetic(n, temperature, spread_km, seed=0, images_seed=0):
     p = np.exp(z0 - z0.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     cls = np.array([rng.choice(30, p=row) for row in p])
-    from geocell.infer.calibration import _sample_vmf
+    from geocell.infer.mixture import _sample_vmf
 
     from geocell._internal.geometry import unit_to_latlng
 
@@ -124,7 +126,7 @@ def test_checkpoint_carries_the_calibration(tmp_path):
     from helpers import make_tiny_checkpoint
 
     from geocell.infer.predict import Geolocator
-    from geocell.training.checkpoint import load_checkpoint, save_checkpoint
+    from geocell.model.checkpoint import load_checkpoint, save_checkpoint
 
     old = make_tiny_checkpoint(tmp_path / "old.pt")        # written without a calibration
     geo_old = Geolocator.from_checkpoint(old, device="cpu")
@@ -241,7 +243,7 @@ def test_conformal_regions_repair_an_overconfident_mixture():
 
 @pytest.mark.parametrize("factor", [1.0, 2.0, 4.0])
 def test_fixed_ratios_keep_the_weighted_products_top_cell(factor):
-    from geocell.infer.calibration import level_ratios
+    from geocell.infer.mixture import level_ratios
 
     assert level_ratios(3, 2.0) == (4.0, 2.0, 1.0) and level_ratios(3, 1.0) == (1.0, 1.0, 1.0)
     rng = np.random.default_rng(4)
@@ -274,7 +276,7 @@ def test_best_guess_by_mass_within_a_radius():
     # The top cell A holds 0.4; three cells around B hold 0.6 together. The densest candidate is
     # A's centroid; the candidate with the most mass within 750 km is the neighbour next to B,
     # the best point for "within 750 km". Neighbours with no weight are only candidates.
-    from geocell.infer.calibration import NeighbourKernels, choose_point_radius, hybrid_points
+    from geocell.infer.hybrid import NeighbourKernels, choose_point_radius, hybrid_points
 
     cells = np.array([[0.0, 0.0], [40.0, 40.0], [40.5, 40.0], [40.0, 40.6]])
     log_q = np.log([0.4, 0.2, 0.2, 0.2])
@@ -303,7 +305,7 @@ def test_background_density_and_mass_by_hand():
     and (0, 90) with 1, a 2,000 km kernel and 20 % of the mass. At (0, 90), 10,008 km from the cell,
     the density is the background's; without it, almost 0, so every draw is denser and the
     smallest region holding the point is the whole mixture."""
-    from geocell.infer.calibration import Background
+    from geocell.infer.mixture import Background
 
     far = 2 * math.pi * R / 4
     cell = unit_vectors(np.array([0.0]), np.array([0.0]))
@@ -326,7 +328,7 @@ def test_background_density_and_mass_by_hand():
 def test_fit_background_by_hand():
     """Images whose truth the mixture put far from every guess want a background; images whose
     truth it covered well do not. The score is the mean log density, checked by hand."""
-    from geocell.infer.calibration import fit_background
+    from geocell.infer.mixture import fit_background
 
     centroids, counts = np.array([[0.0, 0.0], [10.0, 20.0]]), np.array([1, 3])
     truth = np.array([[0.0, 0.0], [5.0, 5.0], [10.0, 20.0], [0.0, 10.0]])

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
-from geocell.training.checkpoint import (  # noqa: E402
+from geocell.model.checkpoint import (  # noqa: E402
     DIGEST_KEY, CheckpointError, InvalidCheckpoint, load_checkpoint, payload_digest,
     remove_orphan_temporaries, save_checkpoint, _host)
 from helpers import make_tiny_checkpoint, run_cli, write_jpegs  # noqa: E402
@@ -180,7 +180,7 @@ def test_bit_flip_is_caught_by_the_checksum(good, tmp_path):
 def test_checkpoint_without_checksum_loads_with_a_warning(good, tmp_path, caplog):
     _, payload = good
     path = _write(payload, tmp_path / "old.pt", digest=False)
-    with caplog.at_level(logging.WARNING, logger="geocell.training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="geocell.model.checkpoint"):
         ckpt = load_checkpoint(path)
     assert DIGEST_KEY not in ckpt and ckpt["arch"] == "resnet18"
     assert "no checksum" in caplog.text and "old.pt" in caplog.text
@@ -195,7 +195,7 @@ def test_saved_checkpoint_round_trips_with_its_checksum(good):
 
 _KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
-    from geocell.training import checkpoint
+    from geocell.model import checkpoint
     # Dies between writing the temporary file and renaming it, as a killed trainer would.
     checkpoint.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
     checkpoint.save_checkpoint(sys.argv[1], arch="x", model={}, num_classes=[], scene_names=[],

@@ -221,7 +221,7 @@ def test_checkpoint_on_a_full_disk_says_disk_full_and_keeps_the_previous_one(tmp
     r = _child(_CHECKPOINT_CHILD, tmp_path)
     assert "failed: DiskFull" in r.stdout and "disk full" in r.stdout and "best.pt" in r.stdout, \
         (r.stdout, r.stderr[-2000:])
-    from geocell.training.checkpoint import load_checkpoint
+    from geocell.model.checkpoint import load_checkpoint
 
     load_checkpoint(str(tmp_path / "best.pt"))  # the previous checkpoint, whole
     assert os.listdir(tmp_path) == ["best.pt"]
@@ -328,7 +328,7 @@ def test_a_named_pipe_given_by_path_is_refused_not_opened(tmp_path):
 @pytest.mark.parametrize("field, value", [("kernel_km", 1e300), ("kernel_km", 1e-300),
                                           ("background_kernel_km", 1e300), ("weights", [1e300, 1.0])])
 def test_stored_calibration_values_out_of_range_are_refused_by_name(field, value):
-    from geocell.infer.calibration import Calibration
+    from geocell.model.records import Calibration
 
     d = {"weights": [1.0, 1.0], "kernel_km": 50.0, "background_weight": 0.1, "background_kernel_km": 4000.0}
     Calibration.from_dict(d, 2)  # the sane one loads

@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("torchvision")
 
 import geocell
-from geocell.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from geocell.training.model import GeoModel, PretrainedWeightsError
+from geocell.model.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from geocell.model.network import GeoModel, PretrainedWeightsError
 
 
 def test_heads_and_shapes():

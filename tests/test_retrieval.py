@@ -17,7 +17,10 @@ pytest.importorskip("torchvision")
 
 from geocell._internal.geometry import unit_vectors  # noqa: E402
 from geocell.cells import EARTH_RADIUS_KM  # noqa: E402
-from geocell.infer.calibration import HybridFit, Mixture, NeighbourKernels, fit_retrieval  # noqa: E402
+from geocell.model.records import HybridFit  # noqa: E402
+from geocell.infer.mixture import Mixture  # noqa: E402
+from geocell.infer.hybrid import (NeighbourKernels, fit_retrieval, mix_weights, neighbour_kernels,  # noqa: E402
+                                  neighbour_kernels_km)
 from geocell.infer.retrieval import (  # noqa: E402
     RetrievalError,
     RetrievalIndex,
@@ -151,7 +154,7 @@ def test_hybrid_is_a_distribution_and_its_regions_hold_what_they_should():
 
 
 def test_hybrid_best_guess_falls_back_to_the_top_cell():
-    from geocell.infer.calibration import hybrid_mode
+    from geocell.infer.hybrid import hybrid_mode
 
     # two overlapping cells: their mixture is densest between them, where the neighbours are
     centroids = unit_vectors(np.array([0.0, 0.0]), np.array([0.0, 3.0]))
@@ -188,13 +191,13 @@ def test_fit_retrieval_uses_neighbours_only_where_they_help():
     log_q, cent, sims, nb, true = _synthetic_validation(informative=True)
     fit = fit_retrieval(log_q, cent, 300.0, sims, nb, true, fitted_on="synthetic")
     assert fit.kind == "gated" and fit.metrics["nll_cv_gated"] < fit.metrics["nll_cells"]
-    lam, w = fit.mix(np.array([[0.9] * 16, [0.3] * 16]))
+    lam, w = mix_weights(fit, np.array([[0.9] * 16, [0.3] * 16]))
     assert lam[0] > 0.8 and lam[1] < 0.2 and np.allclose(w.sum(1), 1.0)
     assert HybridFit.from_dict(fit.to_dict()) == fit
     # unrelated neighbours: the fit gives them (almost) no weight, whichever kind wins
     log_q, cent, sims, nb, true = _synthetic_validation(informative=False, seed=1)
     fit = fit_retrieval(log_q, cent, 300.0, sims, nb, true, kinds=("uniform", "softmax"))
-    assert fit.mix(sims)[0].max() < 0.05
+    assert mix_weights(fit, sims)[0].max() < 0.05
     with pytest.raises(ValueError, match="unknown kind"):
         HybridFit(kind="nearest").check()
     # the best guess's radius: an older fit without one is the densest point; a bad one is refused
@@ -211,7 +214,8 @@ def test_fit_retrieval_stays_finite_when_similarities_crowd_near_one(seed):
     # the true place only above 0.995. Unbounded, the gated kind's sharpest fit ran its
     # parameters off to 1e31 on one fold and scored NaN; each kind must score a finite
     # likelihood, keep its parameters in their ranges, and give the same mixture once stored.
-    from geocell.infer.calibration import NEIGHBOUR_KERNEL_RANGE_KM, TEMPERATURE_RANGE
+    from geocell.infer.hybrid import NEIGHBOUR_KERNEL_RANGE_KM
+    from geocell.model.records import TEMPERATURE_RANGE
 
     rng = np.random.default_rng(seed)
     log_q, cent, _, _, true = _synthetic_validation(n=400, seed=seed)
@@ -226,14 +230,15 @@ def test_fit_retrieval_stays_finite_when_similarities_crowd_near_one(seed):
     assert NEIGHBOUR_KERNEL_RANGE_KM[0] <= fit.kernel_km <= NEIGHBOUR_KERNEL_RANGE_KM[1]
     assert fit.metrics[f"nll_cv_{fit.kind}"] < fit.metrics["nll_cells"]  # the near photos help
     again = HybridFit.from_dict(fit.to_dict())
-    assert all(np.allclose(a, b) for a, b in zip(again.mix(sims), fit.mix(sims)))
+    assert all(np.allclose(a, b) for a, b in zip(mix_weights(again, sims), mix_weights(fit, sims)))
 
 
 def test_neighbour_kernel_widens_as_the_similarity_drops():
     # Neighbours land at the truth with an error of 20 km * exp(30 (1 - s)): a near-duplicate
     # (s = 1) is 20 km off, one of s = 0.9 about 400 km. The fit must recover the width and the
     # slope, and the stored fit must give each neighbour its own width.
-    from geocell.infer.calibration import KERNEL_SLOPE_UNIT, _kappa, _log_norm
+    from geocell.infer.hybrid import KERNEL_SLOPE_UNIT
+    from geocell.infer.mixture import _kappa, _log_norm
 
     rng = np.random.default_rng(3)
     n = 600
@@ -257,7 +262,7 @@ def test_neighbour_kernel_widens_as_the_similarity_drops():
     assert fit_retrieval(log_q, cent, 300.0, sims[:, :1], nb[:, :1], true, kinds=("uniform",)).kernel_slope == 0.0
     fit = fit_retrieval(log_q, cent, 300.0, sims[:, :1], nb[:, :1], true, kinds=("uniform",), widening=True)
     assert 16.0 <= fit.kernel_km <= 25.0 and 26.0 <= fit.kernel_slope <= 34.0, fit
-    widths = fit.neighbour_kernels_km(sims[0])
+    widths = neighbour_kernels_km(fit, sims[0])
     assert np.allclose(widths, fit.kernel_km * np.exp(fit.kernel_slope * (1.0 - sims[0])))
     assert HybridFit.from_dict(fit.to_dict()) == fit
     old = {k: v for k, v in fit.to_dict().items() if k != "kernel_slope"}
@@ -265,7 +270,7 @@ def test_neighbour_kernel_widens_as_the_similarity_drops():
     with pytest.raises(ValueError, match="kernel_slope"):
         HybridFit.from_dict({**old, "kernel_slope": -1.0})
     # the mixture uses each neighbour's own width: its density by hand
-    kernels = fit.kernels(sims[0], nb[0])
+    kernels = neighbour_kernels(fit, sims[0], nb[0])
     mixture = Mixture(log_q[0], unit_vectors(cent[:, 0], cent[:, 1]), 300.0, neighbours=kernels, samples=10)
     x = tu[:1]
     k = min(64, log_q.shape[1])
@@ -310,8 +315,8 @@ def _run(main, argv):
 
 def test_trainer_writes_the_index_and_the_hybrid(trained):
     from geocell.data.manifest import read_manifest
-    from geocell.infer.retrieval import checkpoint_fingerprint
-    from geocell.training.checkpoint import load_checkpoint
+    from geocell.model.checkpoint import checkpoint_fingerprint
+    from geocell.model.checkpoint import load_checkpoint
 
     manifest, run, printed = trained
     ckpt = load_checkpoint(run / "best.pt")
@@ -351,8 +356,8 @@ def test_geolocator_with_and_without_retrieval(trained, tmp_path):
 
 def test_index_build_cli_and_evaluate_rows(trained, tmp_path):
     from geocell.cli import main as geocell_main
-    from geocell.infer.retrieval import checkpoint_fingerprint
-    from geocell.training.checkpoint import load_checkpoint
+    from geocell.model.checkpoint import checkpoint_fingerprint
+    from geocell.model.checkpoint import load_checkpoint
 
     manifest, run, _ = trained
     out = tmp_path / "built.retrieval.npz"

@@ -24,7 +24,7 @@ from PIL import Image  # noqa: E402
 
 from geocell.infer import serve  # noqa: E402
 from geocell.infer.predict import Geolocator  # noqa: E402
-from geocell.training.checkpoint import FORMAT_VERSION  # noqa: E402
+from geocell.model.checkpoint import FORMAT_VERSION  # noqa: E402
 from helpers import make_tiny_checkpoint, write_jpegs  # noqa: E402
 
 

@@ -16,7 +16,7 @@ import geocell  # noqa: E402
 
 from geocell.training import trainer as run
 from geocell.data.terrain import SCENE_NAMES
-from geocell.training.checkpoint import load_checkpoint
+from geocell.model.checkpoint import load_checkpoint
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend", "torch", "--threads", "1",
         "--no-progress", "--no-tensorboard", "--arch", "resnet18", "--log-every", "2"]
@@ -386,38 +386,3 @@ def test_training_autocast_follows_the_hardware(monkeypatch):
     for native, expected in ((True, torch.bfloat16), (False, None)):
         monkeypatch.setattr(torch_util, "cpu_has_native_bf16", lambda native=native: native)
         assert torch_util.training_autocast_dtype(cpu, "auto") is expected
-
-
-def test_calibration_weights_are_chosen_by_the_validation_hierarchy():
-    # The fine head is sure of itself and, for 40 % of the images, wrong by a continent; the
-    # coarse head is right but less sure. The chosen weights must give a hierarchy at least as
-    # good on the validation images as the plain product and as the free likelihood fit, and
-    # here let the coarse head decide the continent.
-    import types
-
-    from geocell.infer.calibration import Calibration, combined_log_probs, fit_calibration
-    from geocell.infer.metrics import HIERARCHY_ROW, accuracy_table
-    from geocell.training.engine import DistInfo
-
-    rng = np.random.default_rng(0)
-    n_val = 600
-    cent = np.array([[lat, lng] for lat in (-40.0, 0.0, 40.0) for lng in (-150.0, -60.0, 30.0, 120.0)])
-    h = np.stack([np.arange(12) // 4, np.arange(12) // 2, np.arange(12)], 1)  # 3, 6, 12 cells
-    t = rng.integers(0, 12, n_val)
-    wrong = (t + 4 * rng.integers(1, 3, n_val)) % 12  # another coarse cell
-    fine_says = np.where(rng.random(n_val) < 0.4, wrong, t)
-    logits = [2.0 * np.eye(3)[h[t, 0]] + rng.normal(scale=0.5, size=(n_val, 3)),
-              1.0 * np.eye(6)[h[t, 1]] + rng.normal(scale=0.5, size=(n_val, 6)),
-              6.0 * np.eye(12)[fine_says] + rng.normal(scale=0.5, size=(n_val, 12))]
-    truth = cent[t] + rng.normal(scale=1.0, size=(n_val, 2))
-    val = types.SimpleNamespace(logits=logits, true_latlng=truth)
-
-    def score(cal):
-        top = combined_log_probs([torch.as_tensor(z) for z in logits], h, cal).argmax(dim=1).numpy()
-        return run.select_score({HIERARCHY_ROW: accuracy_table(cent[top], truth)})
-
-    chosen = run.choose_calibration(DistInfo(), val, h, cent)
-    free = fit_calibration(logits, h, cent, truth)
-    assert score(chosen) >= max(score(Calibration.identity(3)), score(free))
-    assert chosen.weights[0] > chosen.weights[-1]  # the coarse head weighs more than the fine one
-    assert score(chosen) > score(Calibration.identity(3)) + 0.05

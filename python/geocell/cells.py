@@ -26,7 +26,7 @@ import numbers
 import numpy as np
 import numpy.typing as npt
 
-from . import _core
+from geocell import _core
 
 ArrayLike = npt.ArrayLike
 

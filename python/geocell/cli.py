@@ -61,7 +61,7 @@ def _one_line(text: str) -> str:
 
 
 def _usage() -> str:
-    from . import __version__
+    from geocell._version import __version__
 
     width = max(map(len, COMMANDS))
     lines = [
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] == "--version":
-        from . import __version__
+        from geocell._version import __version__
 
         print(f"geocell {__version__}")
         return 0

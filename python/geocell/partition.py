@@ -27,7 +27,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _core
+from geocell import _core
 from .cells import MAX_THREADS
 
 __all__ = ["Partition", "partition", "partitions", "hierarchy"]

@@ -2,7 +2,7 @@
 
 Rows: each partitioning's own top-1, the hierarchical top-1, with a retrieval index the hybrid
 (the mode of the cells' mixture joined by the nearest training photos, see
-:mod:`geocell.infer.calibration`) and the most-frequent-cell baseline; columns: the share of images within 1/25/200/750/2500 km and the median error. For a
+:mod:`geocell.infer.hybrid`) and the most-frequent-cell baseline; columns: the share of images within 1/25/200/750/2500 km and the median error. For a
 calibrated model also: how often each credible region holds the true location, the regions'
 median area and the expected calibration error of the top-1 cell.
 The manifest may be the GeoEstimation test metadata as published (im2gps_places365.csv,
@@ -21,29 +21,23 @@ import numpy as np
 
 import torch
 
-import geocell
+from geocell.cells import cell_to_token
 from geocell._internal.atomic import atomic_write
 from geocell.data.splits import min_distance_km
-from geocell.infer.calibration import (
-    Calibration,
-    HybridFit,
-    Mixture,
-    _unit,
-    background_for,
-    combined_log_probs,
-    expected_calibration_error,
-    hybrid_mode,
-)
+from geocell._internal.geometry import latlng_to_unit
+from geocell._internal.torch_util import autocast_context
+from geocell.infer.hybrid import hybrid_mode, neighbour_kernels
+from geocell.infer.mixture import Mixture, background_for, combined_log_probs
 from geocell.infer.metrics import (
     BASELINE_ROW,
     HIERARCHY_ROW,
     HYBRID_ROW,
     INTERVAL_BLOCK_LEVEL,
     THRESHOLDS_KM,
-    _gather_concat,
-    _reduce_counts,
+    gather_concat,
+    reduce_counts,
     accuracy_from_errors,
-    autocast_context,
+    expected_calibration_error,
     baseline_latlng,
     baseline_row,
     best_row_difference,
@@ -53,9 +47,9 @@ from geocell.infer.metrics import (
     format_table,
     great_circle_errors_km,
     location_blocks,
-    partition_names,
 )
 from geocell.infer.retrieval import forward_with_embeddings
+from geocell.model.records import Calibration, HybridFit, partition_names
 from geocell.loading.files import stream_files
 
 REGION_MASSES = (0.5, 0.9)  # the credible regions whose coverage an evaluation reports
@@ -119,7 +113,7 @@ class Evaluator:
         self.hybrid = hybrid if self.calibration.calibrated else None
         self.mixture_samples = mixture_samples
         self.centroids = [np.asarray(p.centroids, dtype=np.float64) for p in self.partitions]
-        self.fine_unit = _unit(self.centroids[-1])
+        self.fine_unit = latlng_to_unit(self.centroids[-1])
         self.background = background_for(self.calibration, self.centroids[0], self.partitions[0].counts)
         self.fine_tokens = None
         rows = self.names + ([HIERARCHY_ROW] if len(self.names) > 1 else []) + ([HYBRID_ROW] if self.hybrid else [])
@@ -156,7 +150,7 @@ class Evaluator:
         # draws: for the regions, and for a best guess by mass within a radius
         draws = self.region_masses or (self.hybrid is not None and self.hybrid.point_radius_km > 0)
         for i in range(len(true) if (self.region_masses or self.hybrid) else 0):
-            kernels = self.hybrid.kernels(neighbours[0][i], neighbours[1][i]) if self.hybrid else None
+            kernels = neighbour_kernels(self.hybrid, neighbours[0][i], neighbours[1][i]) if self.hybrid else None
             mixture = Mixture(log_q[i].numpy(), self.fine_unit, self.calibration.kernel_km,
                               samples=self.mixture_samples if draws else 1, seed=i, neighbours=kernels,
                               background=self.background)
@@ -184,18 +178,18 @@ class Evaluator:
         torch.distributed (False when every rank was fed the same, already gathered, images)."""
         def cat(chunks, shape):
             joined = np.concatenate(chunks) if chunks else np.zeros(shape)
-            return _gather_concat(joined) if gather else joined
+            return gather_concat(joined) if gather else joined
 
         true = cat(self._truth, (0, 2))
         best = cat(self._best, (0,)).astype(np.int64)
         if self.fine_tokens is None:
-            self.fine_tokens = np.asarray(geocell.cell_to_token(np.asarray(self.partitions[-1].cells, np.uint64)))
+            self.fine_tokens = np.asarray(cell_to_token(np.asarray(self.partitions[-1].cells, np.uint64)))
         truth_cell = self.partitions[-1].assign(true[:, 0], true[:, 1]) if len(true) else np.zeros(0, np.int64)
         logits = None
         if self.keep_logits:
             logits = [cat([b[p] for b in self._logits], (0, len(self.partitions[p])))
                       for p in range(len(self.partitions))]
-        scene_hits, scene_total = (_reduce_counts(self.scene_hits, self.scene_total) if gather
+        scene_hits, scene_total = (reduce_counts(self.scene_hits, self.scene_total) if gather
                                    else (self.scene_hits, self.scene_total))
         embeddings = cat(self._emb, (0, 0)) if self.keep_embeddings else None
         return Evaluation(

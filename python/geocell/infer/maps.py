@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geocell.cells import cell_to_boundary
+
 _POLE_EPS_DEG = 1e-9
 
 
@@ -98,12 +100,10 @@ def ring_to_plot_polygons(quad_latlng: np.ndarray, step_deg: float = 1.0) -> lis
 
 def cell_plot_polygons(cells) -> tuple[list[np.ndarray], np.ndarray]:
     """Polygons for many cells: (polygons, owner) where owner[i] is the cell index of polygon i."""
-    import geocell
-
     cells = np.atleast_1d(np.asarray(cells, dtype=np.uint64))
     if cells.size == 0:
         return [], np.zeros(0, dtype=np.int64)
-    boundaries = geocell.cell_to_boundary(cells)
+    boundaries = cell_to_boundary(cells)
     polygons, owner = [], []
     for i, quad in enumerate(boundaries):
         for poly in ring_to_plot_polygons(quad):

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from geocell._internal.torch_util import autocast_context  # noqa: F401  (used by the loop)
 from geocell.cells import great_circle_km, latlng_to_cell
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
@@ -25,17 +24,10 @@ HYBRID_ROW = "hybrid (retrieval)"  # the hierarchy's cells mixed with the retrie
 INTERVAL_BLOCK_LEVEL = 3
 
 
-def partition_names(n: int) -> list[str]:
-    """Default row names for n partitionings, coarsest first."""
-    return {1: ["fine"], 2: ["coarse", "fine"], 3: ["coarse", "middle", "fine"]}.get(
-        n, [f"p{i}" for i in range(n)]
-    )
-
-
 def hierarchical_log_probs(log_probs: Sequence[torch.Tensor], hierarchy, weights=None) -> torch.Tensor:
     """The one hierarchical combiner: sum over partitionings p of w_p * log p_p(hierarchy[r, p])
     for each fine cell r (w_p = 1 unless ``weights`` are given, e.g. a fitted
-    :class:`~geocell.infer.calibration.Calibration`); -1 (no containing cell) adds 0. Not
+    :class:`~geocell.model.records.Calibration`); -1 (no containing cell) adds 0. Not
     renormalised."""
     h = torch.as_tensor(np.asarray(hierarchy), dtype=torch.int64, device=log_probs[-1].device)
     out = None
@@ -213,7 +205,7 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def _gather_concat(array: np.ndarray) -> np.ndarray:
+def gather_concat(array: np.ndarray) -> np.ndarray:
     # Evaluation shards differ in length; all_gather_object handles that (both gloo and NCCL).
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return array
@@ -222,7 +214,7 @@ def _gather_concat(array: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=0)
 
 
-def _reduce_counts(*counts: int) -> tuple:
+def reduce_counts(*counts: int) -> tuple:
     """Integer counts summed over the ranks (as they are without torch.distributed)."""
     if not (dist.is_available() and dist.is_initialized()):
         return tuple(int(c) for c in counts)
@@ -243,3 +235,25 @@ def baseline_row(finest_partition, true_latlng) -> dict:
     """Always predict the finest partition's most frequent training cell."""
     true_latlng = np.asarray(true_latlng, dtype=np.float64).reshape(-1, 2)
     return accuracy_table(baseline_latlng(finest_partition, len(true_latlng)), true_latlng)
+
+
+def expected_calibration_error(confidence, correct, bins: int = 15) -> float:
+    """The usual ECE: |accuracy - mean confidence| per equal-width confidence bin, weighted by
+    the bin's share of images."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    if confidence.size == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(ece)
+
+
+def select_score(rows: dict) -> float:
+    """Model selection score: mean accuracy over the five radii of the final prediction row."""
+    return mean_accuracy(rows.get(HIERARCHY_ROW) or next(v for k, v in rows.items() if k != BASELINE_ROW))

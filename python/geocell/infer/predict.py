@@ -24,17 +24,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import geocell
+from geocell.cells import cell_to_token
 from geocell._internal.geometry import unit_vectors
 from geocell._internal.atomic import atomic_write
 from geocell.data.images import decode_rgb
-from geocell.infer.calibration import (Calibration, HybridFit, Mixture, background_for, combined_log_probs,
-                                       hybrid_mode, region_groups_from_dict)
+from geocell.infer.hybrid import hybrid_mode, neighbour_kernels
+from geocell.infer.mixture import Mixture, background_for, combined_log_probs
 from geocell.infer.regions import MAX_TOP_K, credible_region
-from geocell.infer.retrieval import (RetrievalIndex, checkpoint_fingerprint, forward_with_embeddings, index_path_for,
-                                     normalise)
+from geocell.infer.retrieval import RetrievalIndex, forward_with_embeddings, index_path_for, normalise
 from geocell.loading.files import TTA_MODES, make_transform, stream_files
 from geocell.loading.preprocess import Preprocess
+from geocell.model.checkpoint import CheckpointError, checkpoint_fingerprint, load_checkpoint, model_from_checkpoint
+from geocell.model.records import Calibration, HybridFit, region_groups_from_dict
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 TTA_COMBINE = ("max", "mean")
@@ -252,26 +253,25 @@ class Geolocator:
         self.notes: list[str] = []   # why retrieval is off although an index was given
         self.retrieval, self.hybrid = None, None
         if retrieval is not None:
-            fit = hybrid or retrieval.fit or self.calibration.retrieval
+            own = hybrid or retrieval.fit  # a fit of its own (index build --fit-split), else the checkpoint's
+            fit = HybridFit.from_dict(own) if own else self.calibration.hybrid
             if not self.calibration.calibrated:
                 self.notes.append("retrieval off: the checkpoint is not calibrated")
-            elif not fit:
+            elif fit is None:
                 self.notes.append("retrieval off: no fitted hybrid in the index or the checkpoint "
                                   "(geocell index build --fit-split val)")
             else:
-                self.retrieval, self.hybrid = retrieval, HybridFit.from_dict(fit)
-                if fit.get("region_scores"):  # a fit of its own (index build --fit-split): its regions too
+                self.retrieval, self.hybrid = retrieval, fit
+                if own and own.get("region_scores"):  # the index's fit brings its regions too
                     self.calibration = dataclasses.replace(self.calibration,
-                                                           region_scores=tuple(fit["region_scores"]),
-                                                           **region_groups_from_dict(fit))
+                                                           region_scores=tuple(own["region_scores"]),
+                                                           **region_groups_from_dict(own))
 
     @classmethod
     def from_checkpoint(cls, path, device=None, *, index=None, retrieval: bool = True) -> "Geolocator":
         """Load a checkpoint safely (tensors and plain data only; nothing is executed). With
         ``retrieval``, the index ``index`` or else ``<checkpoint stem>.retrieval.npz`` when it
         exists; an index made by another checkpoint is refused (RetrievalError)."""
-        from geocell.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-
         ckpt = load_checkpoint(path, map_location="cpu")
         if not ckpt.get("partitions"):
             raise CheckpointError(f"{os.fspath(path)}: no partitionings (a scene-only checkpoint "
@@ -295,9 +295,7 @@ class Geolocator:
 
     def tokens(self, p: int) -> np.ndarray:
         if self._tokens is None:
-            import geocell
-
-            self._tokens = [np.asarray(geocell.cell_to_token(np.asarray(q.cells, dtype=np.uint64)))
+            self._tokens = [np.asarray(cell_to_token(np.asarray(q.cells, dtype=np.uint64)))
                             for q in self.partitions]
         return self._tokens[p]
 
@@ -400,7 +398,7 @@ class Geolocator:
         if self.calibration.calibrated:
             # the highest-density region of the calibrated mixture (with retrieval: the hybrid's)
             log_q = np.log(np.maximum(hier, 1e-300))
-            kernels = self.hybrid.kernels(*neighbours) if self.hybrid is not None and neighbours else None
+            kernels = neighbour_kernels(self.hybrid, *neighbours) if self.hybrid is not None and neighbours else None
             mixture = Mixture(log_q, self._fine_unit(), self.calibration.kernel_km, neighbours=kernels,
                               background=background_for(self.calibration, self.partitions[0].centroids,
                                                         self.partitions[0].counts))
@@ -426,7 +424,7 @@ class Geolocator:
             per_partitioning={self.partition_names[p]: self._top(p, probs[p], top_k)
                               for p in range(len(self.partitions))},
             region_mass=float(mass), region_covered=covered, region_area_km2=area,
-            region_cells=[str(t) for t in geocell.cell_to_token(region_ids)],
+            region_cells=[str(t) for t in cell_to_token(region_ids)],
             scenes=scene_list, retrieval=found,
             fine_probs=hier.copy() if keep_probs else None,
             region_cell_ids=region_ids if keep_probs else None)

@@ -19,13 +19,12 @@ Search is by inner product (cosine similarity of unit vectors) through faiss:
 Without faiss a blocked numpy product finds the same exact neighbours in bounded memory
 (slower; meant for small indexes and for machines without faiss).
 
-How the neighbours join the cells' distribution: :mod:`geocell.infer.calibration` (the hybrid).
+How the neighbours join the cells' distribution: :mod:`geocell.infer.hybrid`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -52,20 +51,6 @@ def index_path_for(checkpoint_path) -> str:
     """Where a checkpoint's own index lies: ``runs/x/best.pt`` -> ``runs/x/best.retrieval.npz``."""
     root, _ = os.path.splitext(os.fspath(checkpoint_path))
     return root + ".retrieval.npz"
-
-
-def model_fingerprint(state_dict: dict, arch: str, preprocess: dict | None) -> str:
-    """sha256 of what decides the embeddings: the weights, the architecture and the preprocessing."""
-    from geocell.training.checkpoint import _feed, clean_state_dict
-
-    h = hashlib.sha256()
-    _feed(h, {"arch": str(arch), "model": clean_state_dict(state_dict),
-              "preprocess": json.dumps(preprocess or {}, sort_keys=True)})
-    return h.hexdigest()
-
-
-def checkpoint_fingerprint(ckpt: dict) -> str:
-    return model_fingerprint(ckpt["model"], ckpt["arch"], ckpt.get("preprocess"))
 
 
 # ----------------------------------------------------------------------------- the index file
@@ -394,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from geocell.data.manifest import read_manifest
-    from geocell.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from geocell.infer.fitting import describe_fit
+    from geocell.model.checkpoint import checkpoint_fingerprint, load_checkpoint, model_from_checkpoint
+    from geocell.model.records import HybridFit
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -430,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FloatingPointError) as exc:
             print(f"geocell index: cannot fit the hybrid: {exc}", file=sys.stderr)
             return 1
-        print(f"hybrid fitted on {args.fit_split}: {describe_fit(index.fit)}; its credible regions refitted on "
+        print(f"hybrid fitted on {args.fit_split}: {describe_fit(HybridFit.from_dict(index.fit))}; its credible regions refitted on "
               f"the same {len(index.fit['region_scores'])} images")
     index.save(args.output)
     print(f"wrote {args.output}: {len(index)} photos, {index.dim}-d {args.dtype} embeddings "
@@ -441,18 +428,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, device, batch_size, num_workers,
                     progress, name) -> dict:
-    """The hybrid fitted on held-out rows of a manifest (their logits and neighbours in ``index``)."""
+    """The hybrid fitted on held-out rows of a manifest (their logits and neighbours in
+    ``index``), with the best guess's rule and the conformal regions refitted on the same rows:
+    the checkpoint's were made with its own fit (or none) and would not keep the regions'
+    promise. The checkpoint's cells and background stay, as predictions with this index use them
+    too. Returns the index's stored fit (the hybrid's fields and the regions')."""
     import torch
 
-    from geocell.infer.calibration import (POINT_RADII_KM, RETRIEVAL_K, Calibration, background_for,
-                                           choose_point_radius, combined_log_probs, fit_retrieval, region_groups,
-                                           validation_draws)
+    from geocell.infer import fitting
     from geocell.loading.files import make_transform, stream_files
+    from geocell.model.records import Calibration
 
     cal = Calibration.from_dict(ckpt.get("calibration"), len(partitions))
     if not cal.calibrated:
         raise ValueError("the checkpoint is not calibrated (its cells have no kernel to mix with)")
-    log_q, emb, true = [], [], []
+    logits, emb, true = [], [], []
     model = model.to(device).eval()
     with torch.inference_mode():
         for images, indices, _failed in stream_files(manifest.paths, make_transform(ckpt.get("preprocess")),
@@ -460,40 +450,19 @@ def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, devi
             if images is None:
                 continue
             geo, _, embeddings = forward_with_embeddings(model, images.to(device))
-            log_q.append(combined_log_probs([g.float().cpu() for g in geo], hierarchy, cal).numpy())
+            logits.append([g.double().cpu().numpy() for g in geo])
             emb.append(embeddings)
             true.append(np.stack([manifest.lat[indices], manifest.lng[indices]], axis=1))
-    if not log_q:
+    if not logits:
         raise ValueError("no held-out image could be read")
-    log_q, true = np.concatenate(log_q), np.concatenate(true)
-    sims, nb = index.neighbours(np.concatenate(emb), RETRIEVAL_K)
-    fit = fit_retrieval(log_q, partitions[-1].centroids, cal.kernel_km, sims, nb, true,
-                        fitted_on=f"{name}, {len(true)} images")
-    # the best guess's rule chosen and the conformal regions refitted on the same rows: the
-    # checkpoint's were made with its own fit (or none) and would not keep the regions' promise;
-    # the checkpoint's background stays, as predictions with this index use it too
-    masses, points = validation_draws(log_q, partitions[-1].centroids, cal.kernel_km, true, fit,
-                                      (sims[:, :fit.k], nb[:, :fit.k]), POINT_RADII_KM,
-                                      background=background_for(cal, partitions[0].centroids, partitions[0].counts))
-    radius, _ = choose_point_radius(points, true)
-    fit = dataclasses.replace(fit, point_radius_km=float(radius))
-    regions = dataclasses.replace(cal, **region_groups(masses, sims[:, 0])).to_dict()
-    return {**fit.to_dict(), **{k: v for k, v in regions.items() if k.startswith("region_")}}
-
-
-def describe_fit(fit: dict, best_guess: bool = True) -> str:
-    from geocell.infer.calibration import describe_point_rule
-
-    m = fit.get("metrics", {})
-    kind = fit["kind"]
-    share = (f"weight {fit['weight']:.3f}" if kind != "gated"
-             else f"weight sigmoid({fit['gate'][0]:.2f} + {fit['gate'][1]:.2f} x top similarity)")
-    study = ", ".join(f"{k[7:]} {v:.3f}" for k, v in m.items() if k.startswith("nll_cv_"))
-    kernel = f"neighbour kernel {fit['kernel_km']:.1f} km" + (
-        f" x exp({fit['kernel_slope']:.1f} x (1 - similarity))" if fit.get("kernel_slope") else "")
-    return (f"{kind} ({share}, {kernel}, temperature {fit['temperature']:.3g}); "
-            f"held-out NLL cells alone {m.get('nll_cells', float('nan')):.3f}, two-fold: {study}"
-            + (f"; best guess: {describe_point_rule(fit.get('point_radius_km', 0.0))}" if best_guess else ""))
+    held_out = fitting.HeldOut([np.concatenate(z) for z in zip(*logits)], np.concatenate(true),
+                               np.concatenate(emb), name=name)
+    notes = []
+    fitted = fitting.fit(held_out, partitions, hierarchy, index=index, calibration=cal, log=notes.append)
+    if fitted.calibration.hybrid is None:  # the fit said why
+        raise ValueError(notes[-1] if notes else f"no hybrid fitted on {held_out.fitted_on}")
+    regions = {k: v for k, v in fitted.calibration.to_dict().items() if k.startswith("region_")}
+    return {**fitted.calibration.hybrid.to_dict(), **regions}
 
 
 if __name__ == "__main__":

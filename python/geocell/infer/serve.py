@@ -143,7 +143,7 @@ class Service:
     def __init__(self, checkpoint_path, *, device=None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                  max_pixels: int = MAX_PIXELS, index=None, retrieval: bool = True):
         from geocell.infer.predict import Geolocator
-        from geocell.training.checkpoint import FORMAT_VERSION
+        from geocell.model.checkpoint import FORMAT_VERSION
 
         self.checkpoint_path = os.fspath(checkpoint_path)
         self.checkpoint_name = os.path.basename(self.checkpoint_path)
@@ -165,7 +165,7 @@ class Service:
         self.geo.fine_areas_km2  # noqa: B018
 
     def health(self) -> dict:
-        from geocell import __version__
+        from geocell._version import __version__
 
         return {"status": "ok", "checkpoint": self.checkpoint_name,
                 "format_version": self.format_version, "geocell_version": str(__version__),

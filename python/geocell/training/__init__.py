@@ -1,2 +1,3 @@
-"""Training the multitask network: model, losses, configuration, the training loop and its
-state, checkpoints, and the scene helper network. Needs the ``train`` extra (torch)."""
+"""Training the multitask network: losses, configuration, the time budget, the training loop and
+its state, and the scene helper network (the network and its checkpoints: :mod:`geocell.model`).
+Needs the ``train`` extra (torch)."""

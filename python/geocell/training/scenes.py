@@ -27,9 +27,9 @@ import torch
 from geocell._internal.torch_util import autocast_context
 from geocell.loading.preprocess import Preprocess
 from geocell.training import engine
-from geocell.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from geocell.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from geocell.training.losses import MultitaskLoss
-from geocell.training.model import ARCHS, GeoModel, PretrainedWeightsError
+from geocell.model.network import ARCHS, GeoModel, PretrainedWeightsError
 from geocell.training.state import TrainState
 
 

@@ -30,55 +30,36 @@ import time
 import numpy as np
 import torch
 
-import geocell
+from geocell.partition import Partition, hierarchy as cell_hierarchy, partitions as adaptive_partitions
 from geocell._internal.torch_util import training_autocast_dtype
 from geocell.data.manifest import read_manifest
 from geocell.data.splits import held_out_split, min_distance_km, validation_rows
-from geocell.infer.calibration import (
-    BACKGROUND_KERNELS_KM,
-    POINT_RADII_KM,
-    Calibration,
-    background_for,
-    choose_point_radius,
-    HIERARCHY_FACTORS,
-    describe_point_rule,
-    validation_draws,
-    combined_log_probs,
-    fit_background,
-    fit_calibration,
-    fit_retrieval,
-    level_ratios,
-    region_groups,
-    RETRIEVAL_K,
-    truth_densities,
-)
-from geocell.infer.evaluate import (REGION_MASSES, Evaluator, accuracy_rows, evaluate_loader, format_calibration,
+from geocell.infer import fitting
+from geocell.infer.evaluate import (REGION_MASSES, accuracy_rows, evaluate_loader, format_calibration,
                                     format_intervals)
 from geocell.infer.metrics import (
-    BASELINE_ROW,
     HIERARCHY_ROW,
     HYBRID_ROW,
-    _gather_concat,
+    gather_concat,
     accuracy_from_errors,
-    accuracy_table,
     bootstrap_interval,
     format_interval_table,
     format_table,
-    great_circle_errors_km,
     location_blocks,
-    mean_accuracy,
-    partition_names,
+    select_score,
 )
-from geocell.infer.retrieval import RetrievalIndex, forward_with_embeddings, index_path_for, model_fingerprint
+from geocell.model.records import Calibration, partition_names
+from geocell.infer.retrieval import RetrievalIndex, forward_with_embeddings, index_path_for
 from geocell.loading.base import make_loader
 from geocell.loading.labels import LabelTable
 from geocell.loading.preprocess import Preprocess
 from geocell.training import engine
 from geocell.training.budget import DEFAULT_BUDGET_S, Rates, StageClock, parse_budget, plan_steps
-from geocell.training.checkpoint import CheckpointError, load_checkpoint, partition_from_dict, save_checkpoint
+from geocell.model.checkpoint import (CheckpointError, load_checkpoint, model_fingerprint, partition_from_dict,
+                                     save_checkpoint)
 from geocell.training.config import TrainConfig, add_arguments, resolve, save_yaml, scaled_taus
 from geocell.training.losses import MultitaskLoss
-from geocell.training.model import GeoModel, PretrainedWeightsError
+from geocell.model.network import GeoModel, PretrainedWeightsError
 from geocell.training.state import TrainState, gather_rng
 
 
@@ -242,12 +223,12 @@ def propagate_scenes(cfg: TrainConfig, info, run_dir: str, splits: dict, resume:
 
 def build_partitions(cfg: TrainConfig, train, info):
     if cfg.partitions:
-        partitions = [geocell.Partition.read_csv(p) for p in cfg.partitions]
+        partitions = [Partition.read_csv(p) for p in cfg.partitions]
     else:
         taus = scaled_taus(cfg.taus, len(train), cfg.tau_scale)
         log(info, f"partitionings from {len(train)} training locations, (tau_min, tau_max) = "
                   + ", ".join(f"{a}/{b}" for a, b in taus))
-        partitions = geocell.partitions(train.lat, train.lng, [tuple(t) for t in taus])
+        partitions = adaptive_partitions(train.lat, train.lng, [tuple(t) for t in taus])
     empty = [f"{name} ({len(p)} cells)" for name, p in zip(partition_names(len(partitions)), partitions) if len(p) < 2]
     if empty:
         raise ValueError(f"{len(train)} training photos give partitionings with fewer than two cells: "
@@ -358,11 +339,6 @@ def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, loaders
     return backend, ("true" if channels_last else "false"), plan.total_steps, plan.epoch_count
 
 
-def select_score(rows: dict) -> float:
-    """Model selection score: mean accuracy over the five radii of the final prediction row."""
-    return mean_accuracy(rows.get(HIERARCHY_ROW) or next(v for k, v in rows.items() if k != BASELINE_ROW))
-
-
 def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
     """One training run (``resume``: the loaded checkpoint to continue). Returns {"rows" (the
     final table), "val_rows", "extras", "run_dir", "model", "seconds", "stopped"} on every rank."""
@@ -404,7 +380,7 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
         partitions = [partition_from_dict(d) for d in resume["partitions"]]
     else:
         partitions = build_partitions(cfg, train_set, info)
-    hierarchy = geocell.hierarchy(partitions)
+    hierarchy = cell_hierarchy(partitions)
     names = partition_names(len(partitions))
     log(info, f"{len(train_set)} training / {len(val_set)} validation images; classes per partitioning: "
               + ", ".join(f"{n} {len(p)}" for n, p in zip(names, partitions)))
@@ -566,19 +542,20 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
     val = evaluate(val_loader, keep_logits=True, keep_embeddings=index_loader is not None)
     val_rows = accuracy_rows(val, partitions[-1])
     extras = {"scene_helper": scene_helper} if scene_helper else {}
-    checkpoints.calibration = choose_calibration(info, val, geocell.hierarchy(partitions), partitions[-1].centroids)
-    mark("validation pass and calibration")
+    mark("validation pass")
+    say = functools.partial(log, info)
     index = hybrid = None
+    held_out = fitting.HeldOut(val.logits, val.true_latlng, val.embeddings, name="validation split")
     if index_loader is not None:
-        index, hybrid = build_retrieval(info, checkpoints, index_loader, embed, val, partitions,
-                                        widening=cfg.retrieval_widening)
-        mark("retrieval index and hybrid")
-    if checkpoints.calibration is not None:
-        checkpoints.calibration, truth_mass, hybrid_errors, hybrid = fit_regions(
-            info, val, partitions, checkpoints.calibration, hybrid, index)
+        index = build_retrieval(info, checkpoints, index_loader, embed)
+        mark("retrieval index")
+    fitted = fitting.fit(held_out, partitions, cell_hierarchy(partitions), index=index,
+                         widening=cfg.retrieval_widening, log=say)
+    checkpoints.calibration = fitted.calibration if fitted is not None else None
+    if fitted is not None:
+        cal, truth_mass, hybrid = fitted.calibration, fitted.truth_mass, fitted.calibration.hybrid
         if hybrid is not None:
-            val_rows[HYBRID_ROW] = accuracy_from_errors(hybrid_errors)
-        cal = checkpoints.calibration
+            val_rows[HYBRID_ROW] = accuracy_from_errors(fitted.hybrid_errors_km)
         log(info, "calibration fitted on the validation split: weights "
                   + ", ".join(f"{w:.2f}" for w in cal.weights) + f", kernel {cal.kernel_km:.0f} km; "
                   + ", ".join(f"the {100 * m:g}% region is the mixture's {100 * cal.region_mass(m):.1f}% "
@@ -594,7 +571,7 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
         checkpoints.save("best.pt")
         checkpoints.save("last.pt", state)
         extras["calibration"] = cal.to_dict()
-        mark("credible regions and best guess")
+    mark("calibration, hybrid and credible regions")
     split, loader = ("test", test_loader) if test_loader is not None else ("validation", val_loader)
     final = evaluate(loader, calibration=checkpoints.calibration, region_masses=REGION_MASSES,
                      retrieval=index, hybrid=hybrid)
@@ -630,7 +607,7 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
 def embed_loader(model, loader, *, device, amp, channels_last):
     """(unit trunk embeddings (N, D) float16, locations (N, 2)) of every image of ``loader``,
     gathered from all ranks."""
-    from geocell.infer.metrics import autocast_context
+    from geocell._internal.torch_util import autocast_context
 
     was_training = model.training
     model.eval()
@@ -646,57 +623,12 @@ def embed_loader(model, loader, *, device, amp, channels_last):
     if was_training:
         model.train()
     dim = getattr(model, "feature_dim", 0)
-    return (_gather_concat(np.concatenate(emb) if emb else np.zeros((0, dim), np.float16)),
-            _gather_concat(np.concatenate(latlng) if latlng else np.zeros((0, 2))))
+    return (gather_concat(np.concatenate(emb) if emb else np.zeros((0, dim), np.float16)),
+            gather_concat(np.concatenate(latlng) if latlng else np.zeros((0, 2))))
 
 
-def choose_calibration(info, val, hierarchy, fine_centroids):
-    """The calibration fitted on the validation split, with the weights that give the better
-    hierarchy on it (select_score): one free weight per partitioning, or weights in which each
-    partitioning counts g times the next finer one, g from HIERARCHY_FACTORS (1: the plain
-    product), times one fitted scale. The likelihood alone favours the finest head, which costs
-    the hierarchy the coarse heads' continental sense. The top cell does not depend on the
-    scale, so each g is scored before any fit and only the best is fitted. None when neither
-    fit succeeds."""
-    centroids, n = np.asarray(fine_centroids), np.asarray(hierarchy).shape[1]
-    logits = [torch.as_tensor(z) for z in val.logits]
-
-    def score(cal):
-        top = combined_log_probs(logits, hierarchy, cal).argmax(dim=1).numpy()
-        return select_score({HIERARCHY_ROW: accuracy_table(centroids[top], val.true_latlng)})
-
-    def fit(**kw):
-        try:
-            return fit_calibration(val.logits, hierarchy, centroids, val.true_latlng,
-                                   fitted_on=f"validation split, {len(val.true_latlng)} images", **kw)
-        except (ValueError, FloatingPointError) as exc:
-            log(info, f"no calibration with {kw or 'free weights'}: {exc}")
-            return None
-
-    fits, scores = {}, {}
-    free = fit()
-    if free is not None:
-        fits["per partitioning"], scores["per partitioning"] = free, score(free)
-    if n > 1:
-        by_factor = {g: score(Calibration(weights=level_ratios(n, g))) for g in HIERARCHY_FACTORS}
-        g = max(by_factor, key=lambda k: (by_factor[k], -k))  # ties: the smaller factor
-        log(info, "hierarchy on the validation split with each coarser partitioning weighing g times more: "
-                  + ", ".join(f"g {k:g} {100 * v:.1f}" for k, v in by_factor.items()))
-        tied = fit(ratios=level_ratios(n, g))
-        if tied is not None:
-            fits[f"g {g:g}"], scores[f"g {g:g}"] = tied, by_factor[g]
-    if not fits:
-        return None
-    kind = max(scores, key=scores.get)
-    log(info, "calibration weights on the validation split: " + ", ".join(
-        f"{k} {', '.join(f'{w:.2f}' for w in fits[k].weights)} (hierarchy score {100 * v:.1f})"
-        for k, v in scores.items()) + f"; {kind} chosen")
-    return fits[kind]
-
-
-def build_retrieval(info, checkpoints, index_loader, embed, val, partitions, *, widening=False):
-    """best.retrieval.npz: the training photos embedded by the best weights; with a calibration,
-    the hybrid fitted on the validation split (stored in the calibration). (index, fit or None)."""
+def build_retrieval(info, checkpoints, index_loader, embed):
+    """best.retrieval.npz: the training photos embedded by the best weights."""
     t0 = time.perf_counter()
     emb, latlng = embed(index_loader())
     fields = checkpoints.fields
@@ -707,56 +639,7 @@ def build_retrieval(info, checkpoints, index_loader, embed, val, partitions, *, 
         index.save(index_path_for(checkpoints.path("best.pt")))
     log(info, f"retrieval index of {len(index)} training photos ({index.dim}-d) in "
               f"{time.perf_counter() - t0:.0f} s: {index_path_for(checkpoints.path('best.pt'))}")
-    cal = checkpoints.calibration
-    if cal is None or len(val.true_latlng) < 4:
-        log(info, "no hybrid: it needs a calibration and at least four validation images")
-        return index, None
-    sims, nb = index.neighbours(val.embeddings, RETRIEVAL_K)
-    log_q = combined_log_probs([torch.as_tensor(z) for z in val.logits], geocell.hierarchy(partitions), cal)
-    try:
-        hybrid = fit_retrieval(log_q, partitions[-1].centroids, cal.kernel_km, sims, nb, val.true_latlng,
-                               fitted_on=f"validation split, {len(val.true_latlng)} images", widening=widening)
-    except (ValueError, FloatingPointError) as exc:
-        log(info, f"no hybrid: {exc}")
-        return index, None
-    from geocell.infer.retrieval import describe_fit
-
-    log(info, f"hybrid fitted on the validation split: {describe_fit(hybrid.to_dict(), best_guess=False)}")
-    checkpoints.calibration = dataclasses.replace(cal, retrieval=hybrid.to_dict())
-    return index, hybrid
-
-
-def fit_regions(info, val, partitions, calibration, hybrid, index):
-    """The validation split once more, from its kept logits (and embeddings): the background's
-    share and width (:func:`fit_background`), then the mass of the smallest region that held each
-    true location, from which the calibration's conformal regions are fitted, and the hybrid's best guesses by each rule (POINT_RADII_KM), of which the one with
-    the best mean accuracy is kept. (calibration with region_scores and the hybrid, the truth
-    masses, the validation hybrid row's errors or None, hybrid)."""
-    log_q = combined_log_probs([torch.as_tensor(z) for z in val.logits], geocell.hierarchy(partitions),
-                               calibration).numpy()
-    neighbours = index.neighbours(val.embeddings, hybrid.k) if hybrid is not None else None
-    coarse = partitions[0]
-    weight, kernel, scores = fit_background(
-        truth_densities(log_q, partitions[-1].centroids, calibration.kernel_km, val.true_latlng, hybrid, neighbours),
-        val.true_latlng, coarse.centroids, coarse.counts)
-    log(info, f"background (the training photos' density, {len(coarse)} cells) on the validation split: "
-              + (f"{100 * weight:g}% of each mixture, kernel {kernel:g} km" if weight > 0 else "none")
-              + f"; mean log density of the true locations {max(scores.values()):.3f}, "
-              + f"without it {scores[(0.0, BACKGROUND_KERNELS_KM[0])]:.3f}")
-    calibration = dataclasses.replace(calibration, background_weight=weight, background_kernel_km=kernel)
-    masses, points = validation_draws(log_q, partitions[-1].centroids, calibration.kernel_km, val.true_latlng,
-                                      hybrid, neighbours, POINT_RADII_KM,
-                                      background=background_for(calibration, coarse.centroids, coarse.counts))
-    errors = None
-    if hybrid is not None:
-        radius, scores = choose_point_radius(points, val.true_latlng)
-        log(info, "the hybrid's best guess on the validation split (mean accuracy over the radii): " + ", ".join(
-            f"{describe_point_rule(r)} {100 * v:.1f}" for r, v in scores.items()) + f"; {describe_point_rule(radius)} chosen")
-        hybrid = dataclasses.replace(hybrid, point_radius_km=float(radius))
-        calibration = dataclasses.replace(calibration, retrieval=hybrid.to_dict())
-        errors = great_circle_errors_km(points[radius], val.true_latlng)
-    top_similarity = neighbours[0][:, 0] if neighbours is not None else None
-    return dataclasses.replace(calibration, **region_groups(masses, top_similarity)), masses, errors, hybrid
+    return index
 
 
 def report_skipped(info, path: str, loaders: dict) -> None:

@@ -12,6 +12,7 @@ is refused with a message naming the file and what is wrong, instead of predicti
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -21,14 +22,14 @@ import numpy as np
 import torch
 
 from geocell._internal.atomic import atomic_write
-from geocell.infer.calibration import Calibration
+from geocell.model.records import Calibration, partition_names
 from geocell.loading.preprocess import Preprocess
 
 FORMAT = "geocell-checkpoint"
 FORMAT_VERSION = 1
 DIGEST_KEY = "sha256"
 
-log = logging.getLogger("geocell.training.checkpoint")
+log = logging.getLogger("geocell.model.checkpoint")
 
 
 class CheckpointError(RuntimeError):
@@ -41,7 +42,7 @@ class InvalidCheckpoint(CheckpointError, ValueError):
 
 def _geocell_version() -> str:
     try:
-        from geocell import __version__
+        from geocell._version import __version__
 
         return str(__version__)
     except Exception:
@@ -61,7 +62,7 @@ def partition_to_dict(partition, name: str) -> dict:
 
 
 def partition_from_dict(d: dict):
-    from geocell import Partition
+    from geocell.partition import Partition
 
     cells = d["cells"].numpy().astype(np.int64, copy=False).view(np.uint64)
     tau_min = d.get("tau_min", -1)
@@ -92,7 +93,7 @@ def to_safe(obj):
 
 def clean_state_dict(state: dict) -> dict:
     """Weights keyed without DDP (module.) or torch.compile (_orig_mod.) prefixes, on the CPU."""
-    from geocell.training.model import strip_wrapper_prefixes
+    from geocell.model.network import strip_wrapper_prefixes
 
     return {key: value.detach().cpu() for key, value in strip_wrapper_prefixes(state).items()}
 
@@ -109,8 +110,6 @@ def save_checkpoint(path, **fields) -> None:
     names = fields.pop("partition_names", None)
     parts = fields.get("partitions", [])
     if parts and not isinstance(parts[0], dict):
-        from geocell.infer.metrics import partition_names
-
         names = names or partition_names(len(parts))
         fields["partitions"] = [partition_to_dict(p, n) for p, n in zip(parts, names)]
     if "model" in fields:
@@ -195,6 +194,18 @@ def _feed(h, obj) -> None:
         h.update(data)
     else:  # numbers, bool, None, dtypes: repr is exact and stable
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def model_fingerprint(state_dict: dict, arch: str, preprocess: dict | None) -> str:
+    """sha256 of what decides the embeddings: the weights, the architecture and the preprocessing."""
+    h = hashlib.sha256()
+    _feed(h, {"arch": str(arch), "model": clean_state_dict(state_dict),
+              "preprocess": json.dumps(preprocess or {}, sort_keys=True)})
+    return h.hexdigest()
+
+
+def checkpoint_fingerprint(ckpt: dict) -> str:
+    return model_fingerprint(ckpt["model"], ckpt["arch"], ckpt.get("preprocess"))
 
 
 def payload_digest(payload: dict) -> str:
@@ -314,7 +325,7 @@ def _int_or_none(v):
 
 def model_from_checkpoint(ckpt):
     """(GeoModel with the stored weights in eval mode, partitions: list[geocell.Partition], hierarchy ndarray)."""
-    from geocell.training.model import GeoModel
+    from geocell.model.network import GeoModel
 
     if isinstance(ckpt, (str, os.PathLike)):
         ckpt = load_checkpoint(ckpt)
