@@ -52,6 +52,7 @@ from geocell.infer.calibration import (
     RETRIEVAL_K,
     truth_densities,
 )
+from geocell.infer.bands import band_section
 from geocell.infer.evaluate import (REGION_MASSES, Evaluator, accuracy_rows, evaluate_loader, format_calibration,
                                     format_intervals)
 from geocell.infer.metrics import (
@@ -617,6 +618,7 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
         log(info, ("credible regions of the hybrid:\n" if hybrid is not None else "") + format_calibration(summary))
     if info.is_main:
         log(info, format_intervals(final))
+        log(info, band_section(final, train_set.lat, train_set.lng, names=[HIERARCHY_ROW, HYBRID_ROW]))
     extras.update(n=len(final.true_latlng), scene_acc=final.scene_acc, calibration_summary=summary,
                   nearest_training_ceiling={str(k): v for k, v in ceiling.items()})
     if info.is_main:
