@@ -184,7 +184,8 @@ def test_accuracy_and_coverage_by_band_by_hand():
     assert [b["coverage"][0.9] for b in report.values()] == [0.5, 0.5, 1.0]
     assert [b["coverage"][0.5] for b in report.values()] == [0.5, 0.0, 0.0]
     text = format_bands(report)
-    assert "nearest training photo 25-200 km (2 images):" in text and "nearest training photo > 200 km (1 image):" in text
+    assert "nearest training photo 25-200 km (2 images):" in text
+    assert "nearest training photo > 200 km (1 image):" in text
     assert "credible regions holding the true location: 50% region 50.0%, 90% region 50.0%" in text
     assert "50% region 0.0%, 90% region 100.0%" in text
     # an empty band: counted, no table; a row the evaluation lacks is left out

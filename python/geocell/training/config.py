@@ -197,7 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"images of the Earth scene dataset, for the scene helper (default {d.earth_scenes})")
     g.add_argument("--earth-far", type=int,
                    help=f"far places (drawn over the land, away from every training photo) added to the Earth "
-                        f"val and test splits (default {default_far(d.earth_n)}, as many per image for other --earth-n)")
+                        f"val and test splits (default {default_far(d.earth_n)}, as many per image for other "
+                        "--earth-n)")
     g.add_argument("--earth-split", choices=SPLIT_RULES,
                    help="Earth val/test: 'held-out' places never seen in training, in blocks of 15 to 1,000 km "
                         "(default); 'remote': 1,000 km blocks, no patch overlapping a training one; 'random'")
