@@ -112,12 +112,15 @@ def test_place_column_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def far_build(tmp_path_factory):
+    from geocell.data.cli import main as data_main
     from geocell.data.earth import build_earth
 
     root = tmp_path_factory.mktemp("far")
-    with_far = build_earth(root / "far", n=60, size=32, seed=3, progress=False, workers=1, n_far=14)
+    # the command's --far flag builds the one with far places
+    assert data_main(["earth", "-o", str(root / "far"), "--n", "60", "--scenes", "0", "--far", "14", "--size", "32",
+                      "--seed", "3", "--workers", "1", "-q"]) == 0
     plain = build_earth(root / "plain", n=60, size=32, seed=3, progress=False, workers=1)
-    return read_manifest(with_far), read_manifest(plain), root
+    return read_manifest(root / "far" / "manifest.csv"), read_manifest(plain), root
 
 
 def test_earth_far_places_in_val_and_test_only(far_build):
@@ -141,20 +144,12 @@ def test_earth_far_places_in_val_and_test_only(far_build):
     assert built_with(root / "plain") == build_recipe(60, 32, 3, "held-out")
 
 
-def test_earth_command_far_flag(tmp_path):
-    from geocell.data.cli import main as data_main
-    from geocell.data.earth import DEFAULT_N, DEFAULT_N_FAR, build_recipe, built_with, default_far
+def test_default_far_count_and_a_negative_one(tmp_path):
+    from geocell.data.earth import DEFAULT_N, DEFAULT_N_FAR, build_earth, default_far
 
     assert default_far(DEFAULT_N) == DEFAULT_N_FAR == 1500 and default_far(60) == 5
     with pytest.raises(ValueError, match="n_far must be >= 0"):
-        from geocell.data.earth import build_earth
-
         build_earth(tmp_path / "bad", n=10, size=16, progress=False, n_far=-1)
-    assert data_main(["earth", "-o", str(tmp_path / "e"), "--n", "30", "--scenes", "0", "--far", "6",
-                      "--size", "16", "--workers", "1", "-q"]) == 0
-    m = read_manifest(tmp_path / "e" / "manifest.csv")
-    assert (m.place == "far").sum() == 6 and built_with(tmp_path / "e") == build_recipe(30, 16, 0, "held-out",
-                                                                                        n_far=6)
 
 
 def _evaluation(true, pred, holds):
