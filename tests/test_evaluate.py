@@ -161,22 +161,3 @@ def test_intervals_of_an_evaluation_by_hand():
                                        top1_correct=np.zeros(0, dtype=bool))) == ""
 
 
-def test_accuracy_by_distance_to_the_nearest_training_photo_by_hand():
-    import numpy as np
-
-    from geocell.infer.evaluate import Evaluation, accuracy_by_coverage, format_coverage
-
-    # Training photos on the equator at lng 0; test photos at 10, 50, 200 and 1000 km east of it
-    # (1 degree of longitude on the equator = 111.19 km), predicted 5 km, 5 km, 500 km, 5 km off.
-    km_per_deg = 6371.0088 * np.pi / 180
-    east = np.array([10.0, 50.0, 200.0, 1000.0]) / km_per_deg
-    true = np.column_stack([np.zeros(4), east])
-    pred = true + np.column_stack([np.zeros(4), np.array([5.0, 5.0, 500.0, 5.0]) / km_per_deg])
-    ev = Evaluation(names=["fine"], paths=list("abcd"), true_latlng=true, pred_latlng={"fine": pred},
-                    cells=np.array(["x"] * 4), probability=np.ones(4), top1_correct=np.ones(4, bool))
-    by_bin = accuracy_by_coverage(ev, np.zeros(3), np.zeros(3))
-    counts = [rows["fine"]["n"] for rows in by_bin.values()]
-    assert counts == [1, 1, 1, 1]  # (0, 25], (25, 100], (100, 300], (300, inf)
-    assert [rows["fine"]["acc_25km"] for rows in by_bin.values()] == [1.0, 1.0, 0.0, 1.0]
-    text = format_coverage(by_bin)
-    assert "nearest training photo 100-300 km (1 image):" in text

@@ -393,7 +393,7 @@ def test_index_build_cli_and_evaluate_rows(trained, tmp_path):
     code, table, err = _run(evaluate_main, [*args, "--index", str(out)])
     assert code == 0, err
     assert "hierarchy" in table and "hybrid (retrieval)" in table and "retrieval over" in table
-    assert "nearest training photo <= 25 km" in table and "nearest training photo > 300 km" in table
+    assert "nearest training photo <= 25 km" in table and "nearest training photo > 200 km" in table
     code, table, err = _run(evaluate_main, [*args, "--no-retrieval"])
     assert code == 0 and "hierarchy" in table and "hybrid (retrieval)" not in table
     code, _, err = _run(geocell_main, ["index", "build", "--checkpoint", str(run / "best.pt"), "--manifest",

@@ -13,6 +13,13 @@ within 5 km of a training location: see ``build_earth``'s ``split_rule``), and a
 (``scenes.csv``, ``scene_images/``) at other training-pool locations, the one the scene helper
 network learns from. The GPS dataset keeps its true scene labels in its ``scene`` column so that
 the helper's propagated labels can be checked against them; the main job withholds them.
+
+The GPS dataset's val and test splits also hold far places (``n_far``, marked ``far`` in the
+manifest's ``place`` column, the photos' rows ``photo``): places drawn uniformly over the land
+(Antarctica aside), at least the split rule's buffer from every training location, half in val
+and half in test by whole S2 blocks (:mod:`geocell.data.places`). The photo pool alone cannot
+give them: its held-out places are where photos cluster, near training photos, while users ask
+about any place.
 """
 
 from __future__ import annotations
@@ -33,12 +40,17 @@ import numpy as np
 from geocell.data.splits import MAX_BLOCK_SHARE, held_out_split, min_distance_km
 from geocell.data.terrain import (FOOTPRINT_KM, KM_PER_DEG, SCENE_NAMES, basemap_file, footprint_boxes, pad_sphere,
                                   scene_labels)
-from geocell.data.manifest import _find, _LAT_COLUMNS, _LNG_COLUMNS, _parse_coord, Manifest, write_manifest
+from geocell.data.manifest import (PLACE_FAR, PLACE_PHOTO, _find, _LAT_COLUMNS, _LNG_COLUMNS, _parse_coord, Manifest,
+                                   write_manifest)
+from geocell.data.places import MIN_LAND, SOUTH_LIMIT_DEG, SPLIT_BLOCK_LEVEL, land_places, split_places
 
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train
 # The default build (geocell data earth, and the main job): 14,400 train + 1,800 val + 1,800 test
 # patches, five epochs of which fit the 10-minute budget, and a scene dataset of a fifth of that.
 DEFAULT_N, DEFAULT_N_SCENES = 18000, 3600
+# Far places of the default build: 1,500 (about 750 in val, 750 in test, beside 1,800 photos in
+# each), enough for a few hundred per distance band; a build of n photos gets the same share.
+DEFAULT_N_FAR = 1500
 JPEG_QUALITY = 90
 
 
@@ -172,6 +184,28 @@ def _held_out_locations(n: int, rng: np.random.Generator, seed: int, levels, buf
     return latlng[keep], split[keep].astype(str), unused
 
 
+def default_far(n: int) -> int:
+    """The far places a build of ``n`` photo patches gets by default: DEFAULT_N_FAR for DEFAULT_N."""
+    return int(round(int(n) * DEFAULT_N_FAR / DEFAULT_N))
+
+
+# The far places draw from their own stream of the seed, so the photo rows (and the scene
+# dataset) are the same whatever n_far is.
+_FAR_STREAM = 26
+
+
+def _far_places(n_far: int, seed: int, latlng, split, unused, buffer_km: float, footprint_km: float):
+    """(latlng (n_far, 2), split "val"/"test") of the far places: on land, at least ``buffer_km``
+    from every training location (the training rows and the unused training-pool locations, where
+    the scene dataset's patches come from)."""
+    ref = latlng[split == "train"]
+    if unused is not None and len(unused):
+        ref = np.concatenate([ref, unused])
+    rng = np.random.default_rng([int(seed), _FAR_STREAM])
+    far = land_places(n_far, rng, away_from=ref, min_km=buffer_km, footprint_km=footprint_km)
+    return far, split_places(far, rng)
+
+
 def _assign_splits(n: int, rng: np.random.Generator) -> np.ndarray:
     """The random split (``split="random"``): val/test patches overlap training ones."""
     split = np.full(n, "train", dtype=object)
@@ -186,9 +220,18 @@ def _assign_splits(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locations=None,
                 progress: bool = True, workers: Optional[int] = None,
-                footprint_km: float = FOOTPRINT_KM, split_rule: str = "held-out", n_scenes: int = 0) -> Path:
+                footprint_km: float = FOOTPRINT_KM, split_rule: str = "held-out", n_scenes: int = 0,
+                n_far: int = 0) -> Path:
     """Writes ``out_dir/images/NNNNNN.jpg`` and ``out_dir/manifest.csv``
-    (``path,lat,lng,scene,split``); returns the manifest path.
+    (``path,lat,lng,scene,split``, and ``place`` for the default locations); returns the manifest path.
+
+    ``n_far`` > 0 (default locations only) adds that many far places to val and test (about half
+    each, by whole S2 level-3 blocks; rows after the photos', ``place`` = ``far``): drawn
+    area-uniformly over the land north of 60 deg S (at least half of each footprint on land, see
+    :func:`geocell.data.places.land_places`), none within the split rule's buffer of a training
+    location (5 km for "held-out" and "random", the footprint for "remote"). The photo rows are
+    the same whatever ``n_far`` is. ``geocell data earth`` and the main job add
+    :func:`default_far` of ``n`` (1,500 for the default 18,000).
 
     ``n_scenes`` > 0 (default locations only) also writes the scene dataset:
     ``out_dir/scene_images/NNNNNN.jpg`` and ``out_dir/scenes.csv`` (splits train and val, 90/10),
@@ -213,7 +256,9 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     rng = np.random.default_rng(seed)
     if split_rule not in SPLIT_RULES:
         raise ValueError(f"split_rule must be one of {', '.join(SPLIT_RULES)}, not {split_rule!r}")
-    unused = None
+    unused, place = None, None
+    if n_far < 0:
+        raise ValueError(f"n_far must be >= 0, got {n_far}")
     if locations is None:
         if split_rule == "random":
             latlng = _sample_locations(int(n), rng)
@@ -229,6 +274,14 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     else:
         latlng = np.asarray(locations, dtype=np.float64).reshape(-1, 2)
         split = np.full(len(latlng), "test")
+    if locations is None:
+        place = np.full(len(latlng), PLACE_PHOTO, dtype=object)
+        if n_far > 0:
+            buffer_km = HELD_OUT_RULES[split_rule if split_rule in HELD_OUT_RULES else "held-out"][1]
+            far, far_split = _far_places(int(n_far), seed, latlng, split, unused,
+                                         footprint_km if buffer_km is None else buffer_km, footprint_km)
+            latlng, split = np.concatenate([latlng, far]), np.concatenate([split, far_split]).astype(str)
+            place = np.concatenate([place, np.full(len(far), PLACE_FAR, dtype=object)])
     n_gps = len(latlng)
     names = _image_names(img_dir, n_gps)
     scene_split = None
@@ -263,7 +316,8 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     bar.close()
 
     manifest = Manifest(paths=names[:n_gps], lat=latlng[:n_gps, 0], lng=latlng[:n_gps, 1], scene=scene[:n_gps],
-                        scene_names=list(SCENE_NAMES), split=split, source=str(out_dir / "manifest.csv"))
+                        scene_names=list(SCENE_NAMES), split=split, source=str(out_dir / "manifest.csv"),
+                        place=place)
     path = write_manifest(manifest, out_dir / "manifest.csv")
     if scene_split is not None:
         write_manifest(Manifest(paths=names[n_gps:], lat=latlng[n_gps:, 0], lng=latlng[n_gps:, 1],
@@ -273,7 +327,7 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
         (out_dir / SCENES_FILE).unlink()  # a scene set of an earlier build would not match this one
     if locations is None:
         (out_dir / BUILD_FILE).write_text(
-            json.dumps(build_recipe(n, size, seed, split_rule, footprint_km, n_scenes)) + "\n")
+            json.dumps(build_recipe(n, size, seed, split_rule, footprint_km, n_scenes, n_far)) + "\n")
     return path
 
 
@@ -295,14 +349,16 @@ BUILD_FILE = "build.json"
 
 
 def build_recipe(n: int, size: int, seed: int, split_rule: str, footprint_km: float = FOOTPRINT_KM,
-                 n_scenes: int = 0) -> dict:
+                 n_scenes: int = 0, n_far: int = 0) -> dict:
     """What a default-locations build depends on, saved beside its manifest (``build.json``), so a
     folder built by other settings (or by an older split rule) is rebuilt rather than reused."""
     levels, buffer_km = HELD_OUT_RULES.get(split_rule, ((), None))
     return {"n": int(n), "size": int(size), "seed": int(seed), "split_rule": split_rule,
             "block_levels": list(levels), "buffer_km": buffer_km,
             "max_block_share": MAX_BLOCK_SHARE if levels else None, "footprint_km": float(footprint_km),
-            "n_scenes": int(n_scenes), "scenes": list(SCENE_NAMES)}
+            "n_scenes": int(n_scenes), "scenes": list(SCENE_NAMES),
+            # the far places' rule: (count, land share, southern limit, val/test block level)
+            "n_far": int(n_far), "far_rule": [MIN_LAND, SOUTH_LIMIT_DEG, SPLIT_BLOCK_LEVEL]}
 
 
 def built_with(out_dir) -> dict | None:

@@ -5,8 +5,10 @@ Two layouts are read:
 - GeoEstimation metadata, as published with MP-16 / Im2GPS3k:
   ``IMG_ID,LAT,LON,S3_Label,S16_Label,S365_Label,Prob_indoor,Prob_natural,Prob_urban``
   (``IMG_ID`` relative to an image root; ``S3_Label`` 0/1/2 = indoor/natural/urban).
-- plain: ``path,lat,lng[,scene][,split][,scene_prob_<name>...]`` (``lon``/``longitude``,
-  ``latitude`` and ``image``/``img_id`` are accepted as column names).
+- plain: ``path,lat,lng[,scene][,split][,place][,scene_prob_<name>...]`` (``lon``/``longitude``,
+  ``latitude`` and ``image``/``img_id`` are accepted as column names). ``place`` says where a
+  row's location comes from: ``photo`` (a photo's location) or ``far`` (a far place of the
+  Earth dataset's val/test splits, see :mod:`geocell.data.places`).
 
 Rows that cannot be used (missing file, unparsable or out-of-range coordinates, unknown scene)
 are left out and listed in ``Manifest.report`` as ``(line_number, reason)``; the header is
@@ -34,6 +36,7 @@ _KNOWN_SCENE_ORDERS = (GEOESTIMATION_SCENES, ["water", "ice", "coast", "mountain
 _PATH_COLUMNS = ("path", "image", "img_id", "file", "filename")
 _LAT_COLUMNS = ("lat", "latitude")
 _LNG_COLUMNS = ("lng", "lon", "long", "longitude")
+PLACE_PHOTO, PLACE_FAR = "photo", "far"  # the values of a manifest's place column
 # Integer scene ids index a name list built as range(max + 1): a bound keeps a hostile id
 # (e.g. 999999999) from allocating a list of a billion names.
 MAX_SCENE_ID = 100_000
@@ -58,6 +61,7 @@ class Manifest:
     # sample id in its tars.
     shards: Optional[str] = None
     ids: Optional[np.ndarray] = None
+    place: Optional[np.ndarray] = None  # PLACE_PHOTO / PLACE_FAR per row, when the file has the column
 
     def __post_init__(self):
         n = len(self.paths)
@@ -66,10 +70,12 @@ class Manifest:
         self.scene = np.asarray(self.scene, dtype=np.int64)
         if self.split is not None:
             self.split = np.asarray(self.split, dtype=str)
+        if self.place is not None:
+            self.place = np.asarray(self.place, dtype=str)
         if self.scene_probs is not None:
             self.scene_probs = np.asarray(self.scene_probs, dtype=np.float64)
         for name, arr in (("lat", self.lat), ("lng", self.lng), ("scene", self.scene),
-                          ("split", self.split), ("scene_probs", self.scene_probs)):
+                          ("split", self.split), ("place", self.place), ("scene_probs", self.scene_probs)):
             if arr is not None and len(arr) != n:
                 raise ValueError(f"Manifest.{name} has {len(arr)} rows, paths has {n}")
 
@@ -97,6 +103,7 @@ class Manifest:
             source=self.source,
             shards=self.shards,
             ids=None if self.ids is None else np.asarray(self.ids)[idx],
+            place=None if self.place is None else self.place[idx],
         )
 
     def with_split(self, name: str) -> "Manifest":
@@ -205,9 +212,10 @@ def _read_plain(path: Path, root: Path, check_files: bool) -> Manifest:
             prob_cols = [(i, h[len("scene_prob_"):]) for i, h in enumerate(header)
                          if h.lower().startswith("scene_prob_")]
         i_split = _find(header, ("split",))
+        i_place = _find(header, ("place",))
         prob_names = [n for _, n in prob_cols]
 
-        paths, lats, lngs, scenes_raw, splits, probs, lines, report = [], [], [], [], [], [], [], []
+        paths, lats, lngs, scenes_raw, splits, places, probs, lines, report = [], [], [], [], [], [], [], [], []
         while True:
             try:
                 row = next(reader)
@@ -252,6 +260,7 @@ def _read_plain(path: Path, root: Path, check_files: bool) -> Manifest:
             lngs.append(lng)
             scenes_raw.append(scene_text)
             splits.append(row[i_split].strip() if i_split is not None else "")
+            places.append(row[i_place].strip() if i_place is not None else "")
             probs.append(prob_row)
 
     # Scene labels: integers index the name list; names are mapped through it.
@@ -289,6 +298,7 @@ def _read_plain(path: Path, root: Path, check_files: bool) -> Manifest:
         scene=scene,
         scene_names=scene_names,
         split=np.array(splits, dtype=str) if i_split is not None else None,
+        place=np.array(places, dtype=str) if i_place is not None else None,
         scene_probs=np.array(probs, dtype=np.float64).reshape(len(probs), len(prob_cols)) if prob_cols else None,
         report=report,
         source=str(path),
@@ -305,7 +315,7 @@ def _is_int(text: str) -> bool:
 
 
 def write_manifest(manifest: Manifest, path, relative_to=None, relative: bool = True) -> Path:
-    """Writes the plain layout ``path,lat,lng,scene[,split][,scene_prob_<name>...]``.
+    """Writes the plain layout ``path,lat,lng,scene[,split][,place][,scene_prob_<name>...]``.
 
     Image paths under the manifest's folder (or ``relative_to``) are written relative to it,
     so a dataset folder can be moved as a whole.
@@ -316,6 +326,8 @@ def write_manifest(manifest: Manifest, path, relative_to=None, relative: bool = 
     header = ["path", "lat", "lng", "scene"]
     if manifest.split is not None:
         header.append("split")
+    if manifest.place is not None:
+        header.append("place")
     prob_names = []
     if manifest.scene_probs is not None:
         prob_names = list(manifest.scene_names[: manifest.scene_probs.shape[1]])
@@ -335,6 +347,8 @@ def write_manifest(manifest: Manifest, path, relative_to=None, relative: bool = 
                    manifest.scene_names[s] if s >= 0 else ""]
             if manifest.split is not None:
                 row.append(manifest.split[i])
+            if manifest.place is not None:
+                row.append(manifest.place[i])
             if prob_names:
                 row += [repr(float(v)) for v in manifest.scene_probs[i]]
             w.writerow(row)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ import torch
 
 from geocell.cells import cell_to_token
 from geocell._internal.atomic import atomic_write
-from geocell.data.splits import min_distance_km
 from geocell._internal.geometry import latlng_to_unit
 from geocell._internal.torch_util import autocast_context
 from geocell.infer.hybrid import hybrid_mode, neighbour_kernels
@@ -79,6 +79,28 @@ class Evaluation:
     def errors_km(self) -> dict[str, np.ndarray]:
         return {name: great_circle_errors_km(pred, self.true_latlng)
                 for name, pred in self.pred_latlng.items()}
+
+    def subset(self, rows) -> "Evaluation":
+        """The per-image results of the images selected by a boolean mask or an index array (the
+        scene counts, totals over all images, and the skipped list are not kept)."""
+        n = len(self.true_latlng)
+        sel = np.asarray(rows)
+        idx = np.flatnonzero(sel) if sel.dtype == bool else sel.astype(np.int64).reshape(-1)
+        if sel.dtype == bool and len(sel) != n:
+            raise ValueError(f"mask has {len(sel)} entries, the evaluation has {n} images")
+
+        def take(a):  # arrays of one entry per image; others (not kept) as they are
+            return a[idx] if a is not None and len(a) == n else a
+
+        return dataclasses.replace(
+            self, paths=[self.paths[i] for i in idx] if len(self.paths) == n else [],
+            true_latlng=self.true_latlng[idx], pred_latlng={k: v[idx] for k, v in self.pred_latlng.items()},
+            cells=take(self.cells), probability=take(self.probability), top1_correct=take(self.top1_correct),
+            skipped=[], scene_hits=0, scene_total=0,
+            region_holds={m: take(h) for m, h in self.region_holds.items()},
+            region_area_km2={m: take(a) for m, a in self.region_area_km2.items()},
+            truth_mass=take(self.truth_mass), embeddings=take(self.embeddings),
+            logits=None if self.logits is None else [take(z) for z in self.logits])
 
     @property
     def scene_acc(self) -> float | None:
@@ -285,39 +307,6 @@ def accuracy_rows(ev: Evaluation, finest_partition, *, countries: bool = False) 
     return rows
 
 
-# Distance from a test photo to its nearest training photo: well-covered places and remote ones
-# are helped differently by retrieval, and real test sets mix both.
-COVERAGE_BINS_KM = ((0.0, 25.0), (25.0, 100.0), (100.0, 300.0), (300.0, np.inf))
-
-
-def coverage_bin_label(lo: float, hi: float) -> str:
-    return f"nearest training photo <= {hi:g} km" if lo == 0 else \
-        (f"nearest training photo > {lo:g} km" if np.isinf(hi) else f"nearest training photo {lo:g}-{hi:g} km")
-
-
-def accuracy_by_coverage(ev: Evaluation, train_lat, train_lng, names=None) -> dict[str, dict[str, dict]]:
-    """{bin label: {prediction row: accuracy dict}} with the images binned by the distance to
-    their nearest training photo (COVERAGE_BINS_KM; the bin's bounds are (lo, hi])."""
-
-    near = min_distance_km(ev.true_latlng[:, 0], ev.true_latlng[:, 1], train_lat, train_lng)
-    errors = ev.errors_km()
-    names = [n for n in (names or errors) if n in errors]
-    out = {}
-    for lo, hi in COVERAGE_BINS_KM:
-        inside = (near > lo) & (near <= hi) if lo > 0 else near <= hi
-        out[coverage_bin_label(lo, hi)] = {n: accuracy_from_errors(errors[n][inside]) for n in names}
-    return out
-
-
-def format_coverage(by_bin: dict[str, dict[str, dict]]) -> str:
-    """One block per bin: its image count, then the accuracy rows."""
-    blocks = []
-    for label, rows in by_bin.items():
-        n = next(iter(rows.values()))["n"] if rows else 0
-        blocks.append(f"{label} ({n} image{'' if n == 1 else 's'}):" + ("\n" + format_table(rows) if n else ""))
-    return "\n".join(blocks)
-
-
 def baseline_errors_km(finest_partition, true_latlng) -> np.ndarray:
     true_latlng = np.asarray(true_latlng, dtype=np.float64).reshape(-1, 2)
     return great_circle_errors_km(baseline_latlng(finest_partition, len(true_latlng)), true_latlng)
@@ -337,16 +326,18 @@ def format_calibration(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def format_intervals(ev: Evaluation, *, seed: int = 0) -> str:
+def format_intervals(ev: Evaluation, *, rows=None, seed: int = 0) -> str:
     """95 % intervals of one evaluation's figures, resampling the S2 blocks of the true locations
     (:func:`geocell.infer.metrics.location_blocks`): photos of one region are not independent
     draws, so a test set of a few dozen regions says less than its image count suggests. Each
-    row's accuracies, the hierarchy against the best single partitioning, the regions' coverage."""
+    row's accuracies (``rows``: only those, of the rows the evaluation has), the hierarchy against
+    the best single partitioning, the regions' coverage."""
     if len(ev.true_latlng) == 0:
         return ""
     blocks = location_blocks(ev.true_latlng)
     errors = ev.errors_km()
-    rows = {name: bootstrap_interval(err[None], blocks=blocks, seed=seed) for name, err in errors.items()}
+    shown = [n for n in (rows or ()) if n in errors] or list(errors)
+    rows = {name: bootstrap_interval(errors[name][None], blocks=blocks, seed=seed) for name in shown}
     counts = np.unique(blocks, return_counts=True)[1]
     # Kish's effective number: as many blocks of equal size would be as informative
     effective = counts.sum() ** 2 / (counts ** 2).sum()
@@ -475,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from geocell.data.manifest import read_manifest
+    from geocell.infer.bands import band_section
     from geocell.infer.predict import Geolocator
 
     if any(not 0.0 < m < 1.0 for m in args.mass):
@@ -527,10 +519,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{os.path.basename(args.manifest)}: {len(ev.paths)} images{tta}"
           + (f", retrieval over {len(geo.retrieval)} photos" if geo.hybrid is not None else ""))
     print(format_table(rows))
-    if geo.retrieval is not None:  # the index holds the training locations
-        print("by the distance to the nearest indexed training photo:")
-        print(format_coverage(accuracy_by_coverage(ev, geo.retrieval.lat, geo.retrieval.lng,
-                                                   names=[HIERARCHY_ROW, HYBRID_ROW])))
     summary = ev.calibration_summary()
     if geo.calibration.calibrated:
         if geo.hybrid is not None:
@@ -541,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
               f"mean probability {summary.get('mean_top1_probability', float('nan')):.3f}, "
               f"expected calibration error {summary.get('ece_top1', float('nan')):.3f})")
     print(format_intervals(ev))
+    if geo.retrieval is not None:  # the index holds the training locations
+        print(band_section(ev, geo.retrieval.lat, geo.retrieval.lng, names=[HIERARCHY_ROW, HYBRID_ROW]))
     if ev.skipped or manifest.report:
         print(f"({len(ev.skipped)} unreadable images skipped, {len(manifest.report)} manifest rows "
               "left out; accuracies are over the images evaluated)")

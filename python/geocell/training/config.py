@@ -8,7 +8,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from geocell.data.earth import DEFAULT_N, DEFAULT_N_SCENES, SPLIT_RULES
+from geocell.data.earth import DEFAULT_N, DEFAULT_N_SCENES, SPLIT_RULES, default_far
 from geocell.training.budget import parse_budget
 
 # Partitionings of the 2018 paper, (tau_min, tau_max), tuned for MP-16's 4.7M training images.
@@ -30,6 +30,7 @@ class TrainConfig:
     earth_n: int = DEFAULT_N  # 14,400 train + 1,800 val + 1,800 test: five epochs fit in the 10-minute budget
     earth_size: int = 128
     earth_scenes: int = DEFAULT_N_SCENES  # the scene dataset built beside it (scenes.csv), for the scene helper
+    earth_far: int | None = None  # far places in its val and test (None: default_far(earth_n), 1,500 by default)
     # "held-out": places never seen, blocks of 15-1,000 km (geocell.data.earth.HELD_OUT_RULES);
     # "remote": 1,000 km blocks, no overlap with a training patch; "random": memorisation
     earth_split: str = "held-out"
@@ -194,6 +195,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--earth-size", type=int, help=f"Earth image size in px (default {d.earth_size})")
     g.add_argument("--earth-scenes", type=int,
                    help=f"images of the Earth scene dataset, for the scene helper (default {d.earth_scenes})")
+    g.add_argument("--earth-far", type=int,
+                   help=f"far places (drawn over the land, away from every training photo) added to the Earth "
+                        f"val and test splits (default {default_far(d.earth_n)}, as many per image for other "
+                        "--earth-n)")
     g.add_argument("--earth-split", choices=SPLIT_RULES,
                    help="Earth val/test: 'held-out' places never seen in training, in blocks of 15 to 1,000 km "
                         "(default); 'remote': 1,000 km blocks, no patch overlapping a training one; 'random'")

@@ -35,6 +35,7 @@ from geocell._internal.torch_util import training_autocast_dtype
 from geocell.data.manifest import read_manifest
 from geocell.data.splits import held_out_split, min_distance_km, validation_rows
 from geocell.infer import fitting
+from geocell.infer.bands import band_section
 from geocell.infer.evaluate import (REGION_MASSES, accuracy_rows, evaluate_loader, format_calibration,
                                     format_intervals)
 from geocell.infer.metrics import (
@@ -90,21 +91,22 @@ def load_data(cfg: TrainConfig, info):
     """(train, val, test) manifests; test is None when there is no test split."""
     manifest_path = cfg.manifest
     if manifest_path is None:
-        from geocell.data.earth import build_earth, build_recipe, built_with
+        from geocell.data.earth import build_earth, build_recipe, built_with, default_far
 
         manifest_path = os.path.join(cfg.data_dir, "manifest.csv")
         found = built_with(cfg.data_dir) if os.path.isfile(manifest_path) else None
-        wanted = build_recipe(cfg.earth_n, cfg.earth_size, 0, cfg.earth_split, n_scenes=cfg.earth_scenes)
+        n_far = default_far(cfg.earth_n) if cfg.earth_far is None else cfg.earth_far
+        wanted = build_recipe(cfg.earth_n, cfg.earth_size, 0, cfg.earth_split, n_scenes=cfg.earth_scenes, n_far=n_far)
         if found != wanted:
             if info.is_main:
                 if os.path.isfile(manifest_path):
                     print(f"{cfg.data_dir} was built with other settings ({found or 'no build.json'}); rebuilding",
                           flush=True)
-                print(f"building the Earth dataset ({cfg.earth_n} images, {cfg.earth_size} px, "
+                print(f"building the Earth dataset ({cfg.earth_n} images and {n_far} far places, {cfg.earth_size} px, "
                       f"{cfg.earth_split} split) in {cfg.data_dir}", flush=True)
                 t0 = time.perf_counter()
                 manifest_path = str(build_earth(os.path.abspath(cfg.data_dir), n=cfg.earth_n, size=cfg.earth_size, seed=0,
-                                                split_rule=cfg.earth_split, n_scenes=cfg.earth_scenes,
+                                                split_rule=cfg.earth_split, n_scenes=cfg.earth_scenes, n_far=n_far,
                                                 progress=cfg.progress))
                 print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
             engine.barrier(info)
@@ -593,6 +595,7 @@ def finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_l
         log(info, ("credible regions of the hybrid:\n" if hybrid is not None else "") + format_calibration(summary))
     if info.is_main:
         log(info, format_intervals(final))
+        log(info, band_section(final, train_set.lat, train_set.lng, names=[HIERARCHY_ROW, HYBRID_ROW]))
     extras.update(n=len(final.true_latlng), scene_acc=final.scene_acc, calibration_summary=summary,
                   nearest_training_ceiling={str(k): v for k, v in ceiling.items()})
     if info.is_main:
