@@ -26,7 +26,7 @@ from geocell.cells import cell_to_token
 from geocell._internal.atomic import atomic_write
 from geocell._internal.geometry import latlng_to_unit
 from geocell._internal.torch_util import autocast_context
-from geocell.infer.hybrid import hybrid_mode, neighbour_kernels
+from geocell.infer.hybrid import best_guess, neighbour_kernels
 from geocell.infer.mixture import Mixture, background_for, combined_log_probs
 from geocell.infer.metrics import (
     BASELINE_ROW,
@@ -177,8 +177,8 @@ class Evaluator:
                               samples=self.mixture_samples if draws else 1, seed=i, neighbours=kernels,
                               background=self.background)
             if kernels is not None:
-                hybrid_pred.append(hybrid_mode(mixture, log_q[i].numpy(), self.fine_unit, kernels,
-                                               self.hybrid.point_radius_km))
+                hybrid_pred.append(best_guess(self.hybrid, mixture, log_q[i].numpy(), self.fine_unit, kernels,
+                                              float(neighbours[0][i][0]))[:2])
             if self.region_masses:
                 self._truth_mass.append(mixture.mass_at(true[i]))
             top_similarity = float(neighbours[0][i][0]) if neighbours is not None else None

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from geocell._internal.geometry import latlng_to_unit
+from geocell.infer.bands import image_bands
 from geocell.infer.conformal import region_groups
-from geocell.infer.hybrid import POINT_RADII_KM, choose_point_radius, describe_point_rule, fit_retrieval, \
-    hybrid_points, neighbour_kernels
+from geocell.infer.hybrid import (POINT_RADII_KM, choose_fallback, choose_point_radius, describe_point_rule,
+                                  fit_retrieval, hybrid_points, neighbour_kernels)
 from geocell.infer.metrics import HIERARCHY_ROW, accuracy_table, great_circle_errors_km, select_score
 from geocell.infer.mixture import (BACKGROUND_KERNELS_KM, HIERARCHY_FACTORS, Background, Mixture, background_for,
                                    combined_log_probs, fit_background, fit_calibration, level_ratios)
@@ -175,9 +176,19 @@ def fit_regions(held_out: HeldOut, calibration: Calibration, partitions, hierarc
         log(f"the hybrid's best guess on the {held_out.name} (mean accuracy over the radii): " + ", ".join(
             f"{describe_point_rule(r)} {100 * v:.1f}" for r, v in scores.items())
             + f"; {describe_point_rule(radius)} chosen")
-        calibration = dataclasses.replace(calibration,
-                                          hybrid=dataclasses.replace(hybrid, point_radius_km=float(radius)))
-        errors = great_circle_errors_km(points[radius], true)
+        # where retrieval is blind (a low top similarity) the cells' guess, if that is better
+        cells_points = np.asarray(fine, dtype=np.float64)[np.argmax(log_q, axis=1)]
+        top = neighbours[0][:, 0]
+        bands = image_bands(true, index.lat, index.lng)
+        threshold, by_threshold = choose_fallback(points[radius], cells_points, top, true, bands)
+        log(f"the best guess falls back to the cells below a top similarity of {threshold:.3f} "
+            f"({100 * np.mean(top < threshold):.1f}% of the {held_out.name}; mean accuracy "
+            f"{100 * by_threshold[threshold]:.1f}, hybrid alone "
+            + (f"{100 * by_threshold[-1.0]:.1f}" if by_threshold[-1.0] is not None else "worse than the cells in a band")
+            + f", cells alone {100 * by_threshold[2.0]:.1f})")
+        calibration = dataclasses.replace(calibration, hybrid=dataclasses.replace(
+            hybrid, point_radius_km=float(radius), fallback_similarity=float(threshold)))
+        errors = great_circle_errors_km(np.where((top < threshold)[:, None], cells_points, points[radius]), true)
     top_similarity = neighbours[0][:, 0] if neighbours is not None else None
     calibration = dataclasses.replace(calibration, **region_groups(masses, top_similarity))
     return Fitted(calibration=calibration, truth_mass=masses, hybrid_errors_km=errors)
@@ -193,7 +204,9 @@ def describe_fit(fit: HybridFit, best_guess: bool = True) -> str:
         f" x exp({fit.kernel_slope:.1f} x (1 - similarity))" if fit.kernel_slope else "")
     return (f"{fit.kind} ({share}, {kernel}, temperature {fit.temperature:.3g}); "
             f"held-out NLL cells alone {m.get('nll_cells', float('nan')):.3f}, two-fold: {study}"
-            + (f"; best guess: {describe_point_rule(fit.point_radius_km)}" if best_guess else ""))
+            + (f"; best guess: {describe_point_rule(fit.point_radius_km)}"
+               + (f", the cells' below a top similarity of {fit.fallback_similarity:.3f}"
+                  if fit.fallback_similarity > -1 else "") if best_guess else ""))
 
 
 def truth_densities(log_q: np.ndarray, fine_centroids: np.ndarray, kernel_km: float, true_latlng: np.ndarray,

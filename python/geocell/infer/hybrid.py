@@ -227,6 +227,48 @@ def hybrid_mode(mixture: Mixture, log_q: np.ndarray, fine_unit: np.ndarray, kern
     """The hybrid's best guess (see :func:`hybrid_points`) for the fit's radius."""
     return hybrid_points(mixture, log_q, fine_unit, kernels, (radius_km,))[0]
 
+def best_guess(fit: HybridFit, mixture: Mixture, log_q: np.ndarray, fine_unit: np.ndarray, kernels,
+               top_similarity: float) -> tuple[float, float, str]:
+    """The prediction's (lat, lng, source): the hybrid's guess by the fit's rule, or the top
+    cell's centroid (source "cells") when the most similar training photo is less similar than
+    the fit trusts (:attr:`HybridFit.fallback_similarity`): there retrieval is blind and the
+    neighbours it finds are anywhere."""
+    if not fit.trusts(top_similarity):
+        lat, lng = unit_to_latlng(fine_unit[int(np.argmax(log_q))][None])
+        return float(lat[0]), float(lng[0]), "cells"
+    lat, lng = hybrid_mode(mixture, log_q, fine_unit, kernels, fit.point_radius_km)
+    return lat, lng, "hybrid"
+
+
+# Candidate thresholds of the fallback: these quantiles of the validation images' top similarity.
+FALLBACK_QUANTILES = tuple(np.linspace(0.0, 1.0, 21)[1:].tolist())
+FALLBACK_CHECKED_KM = (750.0, 2500.0)  # where the default must not lose to the cells, in every band
+MIN_BAND_IMAGES = 20  # a band with fewer validation images is not checked (too noisy to decide by)
+
+
+def choose_fallback(hybrid_latlng, cells_latlng, top_similarity, true_latlng, bands) -> tuple[float, dict]:
+    """The top similarity below which the best guess is the cells' (:func:`best_guess`): among
+    -1 (never), the FALLBACK_QUANTILES of ``top_similarity`` and 2 (always), those whose guesses
+    are within FALLBACK_CHECKED_KM at least as often as the cells' in every distance band
+    (``bands``: each image's band, by its distance to the nearest training photo), the one with
+    the best mean accuracy over the five radii (ties: the lower threshold). "Always" passes by
+    construction, so the rule never does worse than the cells on these images. (threshold,
+    {threshold: mean accuracy or None where a band loses})."""
+    hybrid_latlng, cells_latlng = np.asarray(hybrid_latlng, np.float64), np.asarray(cells_latlng, np.float64)
+    top_similarity, bands = np.asarray(top_similarity, np.float64), np.asarray(bands)
+    cells_table = {b: accuracy_table(cells_latlng[bands == b], true_latlng[bands == b]) for b in np.unique(bands)
+                   if np.sum(bands == b) >= MIN_BAND_IMAGES}
+    candidates = sorted({-1.0, 2.0, *(float(v) for v in np.quantile(top_similarity, FALLBACK_QUANTILES))})
+    scores = {}
+    for t in candidates:
+        guess = np.where((top_similarity < t)[:, None], cells_latlng, hybrid_latlng)
+        holds = all(accuracy_table(guess[bands == b], true_latlng[bands == b])[f"acc_{km:g}km"]
+                    >= table[f"acc_{km:g}km"] - 1e-12 for b, table in cells_table.items() for km in FALLBACK_CHECKED_KM)
+        scores[t] = mean_accuracy(accuracy_table(guess, true_latlng)) if holds else None
+    best = max((t for t in candidates if scores[t] is not None), key=lambda t: (scores[t], -t))
+    return best, scores
+
+
 def choose_point_radius(points: dict, true_latlng: np.ndarray) -> tuple[float, dict]:
     """(the radius whose best guesses have the highest mean accuracy over the five radii, the
     scores by radius); ties go to the smaller radius."""

@@ -28,7 +28,7 @@ from geocell.cells import cell_to_token
 from geocell._internal.geometry import unit_vectors
 from geocell._internal.atomic import atomic_write
 from geocell.data.images import decode_rgb
-from geocell.infer.hybrid import hybrid_mode, neighbour_kernels
+from geocell.infer.hybrid import best_guess, neighbour_kernels
 from geocell.infer.mixture import Mixture, background_for, combined_log_probs
 from geocell.infer.regions import MAX_TOP_K, credible_region
 from geocell.infer.retrieval import RetrievalIndex, forward_with_embeddings, index_path_for, normalise
@@ -79,7 +79,8 @@ class Prediction:
 
     @property
     def best_guess(self) -> tuple[float, float]:
-        """(lat, lng) of the prediction: the hybrid's mode with retrieval, else the top cell."""
+        """(lat, lng) of the prediction: with retrieval the hybrid's guess (the top cell's where the
+        nearest training photo is too unlike the image: ``retrieval["source"]``), else the top cell."""
         if self.retrieval is not None:
             return self.retrieval["lat"], self.retrieval["lng"]
         return self.hierarchical_top1.lat, self.hierarchical_top1.lng
@@ -88,7 +89,8 @@ class Prediction:
         lat, lng = self.best_guess
         return {
             "image": self.image,
-            "best_guess": {"lat": lat, "lng": lng, "source": "hybrid" if self.retrieval is not None else "cells"},
+            "best_guess": {"lat": lat, "lng": lng,
+                           "source": self.retrieval.get("source", "hybrid") if self.retrieval is not None else "cells"},
             "retrieval": self.retrieval,
             "top_k": [g.to_dict() for g in self.top_k],
             "hierarchical_top1": self.hierarchical_top1.to_dict(),
@@ -407,8 +409,9 @@ class Geolocator:
             region = mixture.region(self.calibration.region_mass(mass, top_similarity))
             region_ids, covered, area = region.cells, region.covered, region.area_km2
             if kernels is not None:
-                lat, lng = hybrid_mode(mixture, log_q, self._fine_unit(), kernels, self.hybrid.point_radius_km)
-                found = {"lat": lat, "lng": lng, "weight": kernels.weight,
+                lat, lng, source = best_guess(self.hybrid, mixture, log_q, self._fine_unit(), kernels,
+                                              top_similarity)
+                found = {"lat": lat, "lng": lng, "source": source, "weight": kernels.weight,
                          "neighbours": [{"lat": float(a), "lng": float(b), "similarity": float(sim)}
                                         for sim, (a, b) in zip(neighbours[0], neighbours[1])]}
         else:

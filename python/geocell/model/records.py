@@ -56,6 +56,9 @@ class HybridFit:
     fitted_on: str = ""
     metrics: dict = field(default_factory=dict)
     point_radius_km: float = 0.0  # the best guess's rule (hybrid_points), chosen on the validation split
+    # Below this top similarity the retrieved photos say little and the best guess is the cells'
+    # (the hierarchy's top cell); chosen on the validation split. -1: never (older fits).
+    fallback_similarity: float = -1.0
 
     def check(self) -> "HybridFit":
         if self.kind not in HYBRID_KINDS:
@@ -73,6 +76,8 @@ class HybridFit:
         _check_kernel("retrieval kernel_km", self.kernel_km)
         if not (math.isfinite(self.point_radius_km) and 0.0 <= self.point_radius_km <= 20000.0):
             raise ValueError(f"retrieval: point_radius_km must be in [0, 20000], got {self.point_radius_km}")
+        if not (math.isfinite(self.fallback_similarity) and -1.0 <= self.fallback_similarity <= 2.0):
+            raise ValueError(f"retrieval: fallback_similarity must be in [-1, 2], got {self.fallback_similarity}")
         return self
 
     def to_dict(self) -> dict:
@@ -80,7 +85,8 @@ class HybridFit:
                 "temperature": float(self.temperature), "kernel_km": float(self.kernel_km),
                 "kernel_slope": float(self.kernel_slope), "k": int(self.k),
                 "fitted_on": str(self.fitted_on), "metrics": {k: float(v) for k, v in self.metrics.items()},
-                "point_radius_km": float(self.point_radius_km)}
+                "point_radius_km": float(self.point_radius_km),
+                "fallback_similarity": float(self.fallback_similarity)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "HybridFit":
@@ -88,7 +94,8 @@ class HybridFit:
         # index build --fit-split), which belongs to the calibration and is read by Geolocator
         unknown = set(d) - {"kind", "weight", "gate", "temperature", "kernel_km", "kernel_slope", "k",
                             "fitted_on", "metrics",
-                            "region_scores", "region_edges", "region_group_scores", "point_radius_km"}
+                            "region_scores", "region_edges", "region_group_scores", "point_radius_km",
+                            "fallback_similarity"}
         if unknown:
             raise ValueError(f"retrieval: unknown fields {sorted(unknown)}")
         return cls(kind=str(d["kind"]), weight=float(d.get("weight", 0.0)),
@@ -97,7 +104,13 @@ class HybridFit:
                    kernel_slope=float(d.get("kernel_slope", 0.0)),
                    k=int(d.get("k", RETRIEVAL_K)), fitted_on=str(d.get("fitted_on", "")),
                    metrics=dict(d.get("metrics", {})),
-                   point_radius_km=float(d.get("point_radius_km", 0.0))).check()
+                   point_radius_km=float(d.get("point_radius_km", 0.0)),
+                   fallback_similarity=float(d.get("fallback_similarity", -1.0))).check()
+
+    def trusts(self, top_similarity: float) -> bool:
+        """Whether the best guess is the hybrid's for an image whose most similar training photo
+        has ``top_similarity`` (else it is the cells')."""
+        return float(top_similarity) >= self.fallback_similarity
 
 @dataclass(frozen=True)
 class Calibration:
