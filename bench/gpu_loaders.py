@@ -122,7 +122,7 @@ def main(argv=None) -> int:
 
     from geocell.loading.labels import LabelTable
     from geocell.loading.base import dali_available, make_loader
-    from geocell.data.manifest import read_manifest
+    from geocell.data.dataset import read_dataset
 
     if not torch.cuda.is_available():
         print("no CUDA device: this script is for GPU machines", file=sys.stderr)
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         manifest_path = make_dataset(Path(tmp.name) / "imgs", args.n, min(16, os.cpu_count() or 1))
         print(f"generated {args.n} JPEGs in {time.perf_counter() - t:.1f}s")
-    m = read_manifest(manifest_path)
+    m = read_dataset(manifest_path)
     labels = LabelTable.from_manifest(m, [_Bands(8), _Bands(64)])
     S = args.image_size
     kw = dict(batch_size=args.batch, image_size=S, device=dev)

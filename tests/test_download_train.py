@@ -20,7 +20,7 @@ from PIL import Image
 
 pytest.importorskip("img2dataset")
 
-from geocell.data.manifest import read_manifest  # noqa: E402
+from geocell.data.dataset import read_dataset  # noqa: E402
 from geocell.data.shards import shard_meta  # noqa: E402
 from geocell.loading.base import epoch_rows, make_loader  # noqa: E402
 from geocell.loading.labels import LabelTable  # noqa: E402
@@ -90,7 +90,7 @@ def downloaded(server, tmp_path_factory):
     code, out, err = _geocell(["data", "download", str(base / "urls.csv"), "-o", str(base / "shards"),
                                "--threads", "4", "--timeout", "5", "--workers", "1", "-q"])
     assert code == 0, err
-    assert len(read_manifest(base / "shards")) == N
+    assert len(read_dataset(base / "shards")) == N
     # One split in one shard: the default held-out split must read parts of it.
     assert [s["split"] for s in shard_meta(base / "shards")["shards"]] == ["all"]
     return base / "shards"
@@ -120,7 +120,7 @@ class _Bands:
 
 
 def _subset(folder):
-    m = read_manifest(folder)
+    m = read_dataset(folder)
     keep = np.flatnonzero(np.arange(len(m)) % 5 != 2)  # 96 of the 120 samples of the one shard
     sub = m.subset(keep)
     assert sub.shards == m.shards and len(sub.ids) == len(keep)

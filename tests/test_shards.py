@@ -12,6 +12,7 @@ from PIL import Image
 
 from geocell.data.cli import main as data_main
 from geocell.loading.labels import LabelTable
+from geocell.data.dataset import read_dataset
 from geocell.data.manifest import read_manifest
 from geocell.data.shards import read_index
 
@@ -104,7 +105,7 @@ def test_loaders_read_shards(packed, backend):
     from geocell.loading.base import make_loader
 
     _, out = packed
-    m = read_manifest(out)
+    m = read_dataset(out)
     assert m.shards and len(m) == 12
     labels = LabelTable(geo=np.arange(12)[:, None] * 3, scene=m.scene, latlng=np.stack([m.lat, m.lng], 1))
     val = m.with_split("val")

@@ -33,7 +33,7 @@ import numpy as np
 from geocell.data.splits import MAX_BLOCK_SHARE, held_out_split, min_distance_km
 from geocell.data.terrain import (FOOTPRINT_KM, KM_PER_DEG, SCENE_NAMES, basemap_file, footprint_boxes, pad_sphere,
                                   scene_labels)
-from geocell.data.manifest import _find, _LAT_COLUMNS, _LNG_COLUMNS, _parse_coord, Manifest, write_manifest
+from geocell.data.manifest import LAT_COLUMNS, LNG_COLUMNS, Manifest, find_column, parse_coord, write_manifest
 
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train
 # The default build (geocell data earth, and the main job): 14,400 train + 1,800 val + 1,800 test
@@ -56,16 +56,16 @@ def read_locations(path) -> tuple:
     with opener(path, "rt", newline="") as f:
         reader = csv.reader(f)
         header = next(reader)
-        i_lat, i_lng = _find(header, _LAT_COLUMNS), _find(header, _LNG_COLUMNS)
-        i_split = _find(header, ("split",))
+        i_lat, i_lng = find_column(header, LAT_COLUMNS), find_column(header, LNG_COLUMNS)
+        i_split = find_column(header, ("split",))
         if i_lat is None or i_lng is None:
             raise ValueError(f"{path}: needs lat and lng columns, header is {header}")
         out, splits = [], []
         for row in reader:
             if not row:
                 continue
-            lat, why = _parse_coord(row[i_lat], "latitude", 90.0)
-            lng, why2 = _parse_coord(row[i_lng], "longitude", 180.0)
+            lat, why = parse_coord(row[i_lat], "latitude", 90.0)
+            lng, why2 = parse_coord(row[i_lng], "longitude", 180.0)
             if why or why2:
                 raise ValueError(f"{path} line {reader.line_num}: {why or why2}")
             out.append((lat, lng))

@@ -32,6 +32,7 @@ import torch
 
 import geocell
 from geocell._internal.torch_util import training_autocast_dtype
+from geocell.data.dataset import read_dataset
 from geocell.data.manifest import read_manifest
 from geocell.data.splits import held_out_split, min_distance_km, validation_rows
 from geocell.infer.calibration import (
@@ -127,12 +128,12 @@ def load_data(cfg: TrainConfig, info):
                                                 progress=cfg.progress))
                 print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
             engine.barrier(info)
-    full = read_manifest(manifest_path, image_root=cfg.image_root)
+    full = read_dataset(manifest_path, image_root=cfg.image_root)
     if full.report:
         log(info, f"{manifest_path}: {len(full.report)} unusable rows left out\n{full.format_report()}")
     test = None
     if cfg.val_manifest:
-        val = read_manifest(cfg.val_manifest, image_root=cfg.image_root)
+        val = read_dataset(cfg.val_manifest, image_root=cfg.image_root)
         train = full.subset(full.split == "train") if full.split is not None and (full.split == "train").any() else full
     elif validation_rows(full).any():
         train = full.subset(full.split == "train")
@@ -187,7 +188,7 @@ def propagate_scenes(cfg: TrainConfig, info, run_dir: str, splits: dict, resume:
     if info.is_main and not (resume and os.path.isfile(labels_path)):
         t0 = time.perf_counter()
         source = scene_dataset(cfg)
-        scene_set = read_manifest(source, image_root=None)
+        scene_set = read_dataset(source, image_root=None)
         labelled = scene_set.subset(scene_set.scene >= 0)
         is_val = validation_rows(labelled)
         options = scenes.HelperOptions(arch=cfg.helper_arch, epochs=cfg.helper_epochs, lr=cfg.helper_lr,
