@@ -264,11 +264,12 @@ def _bands(manifest):
 def test_loaders_read_downloaded_shards(downloaded, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    from geocell.loading.base import make_loader
+    from geocell.loading.loaders import make_loader
+    from geocell.loading.preprocess import Preprocess
 
     _, out, _, _ = downloaded
     m = read_dataset(out)
-    ld = make_loader(m, _bands(m), train=False, batch_size=3, image_size=32, backend=backend,
+    ld = make_loader(m, _bands(m), train=False, batch_size=3, preprocess=Preprocess(32), backend=backend,
                      num_workers=1 if backend == "dali" else 0)
     seen = []
     for x, t in ld:

@@ -22,7 +22,9 @@ pytest.importorskip("img2dataset")
 
 from geocell.data.dataset import read_dataset  # noqa: E402
 from geocell.data.shards import shard_meta  # noqa: E402
-from geocell.loading.base import epoch_rows, make_loader  # noqa: E402
+from geocell.loading.base import epoch_rows  # noqa: E402
+from geocell.loading.loaders import make_loader  # noqa: E402
+from geocell.loading.preprocess import Preprocess  # noqa: E402
 from geocell.loading.labels import LabelTable  # noqa: E402
 
 N = 120
@@ -128,7 +130,7 @@ def _subset(folder):
 
 
 def _epoch(m, lt, backend, epoch, skip=0, workers=0):
-    ld = make_loader(m, lt, train=True, batch_size=8, image_size=24, backend=backend, seed=5,
+    ld = make_loader(m, lt, train=True, batch_size=8, preprocess=Preprocess(24), backend=backend, seed=5,
                      num_workers=workers)
     ld.set_epoch(epoch)
     if skip:
@@ -161,6 +163,6 @@ def test_evaluation_reads_exactly_the_subset(downloaded, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     m, lt = _subset(downloaded)
-    ld = make_loader(m, lt, train=False, batch_size=16, image_size=24, backend=backend, num_workers=1)
+    ld = make_loader(m, lt, train=False, batch_size=16, preprocess=Preprocess(24), backend=backend, num_workers=1)
     rows = sorted(sum((t["index"].tolist() for _, t in ld), []))
     assert rows == list(range(len(m)))

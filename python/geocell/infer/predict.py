@@ -230,7 +230,7 @@ class Geolocator:
 
     def __init__(self, model: torch.nn.Module, partitions: Sequence, hierarchy, *,
                  partition_names: Sequence[str] | None = None, scene_names: Sequence[str] = (),
-                 preprocess: dict | None = None, calibration: dict | None = None, device=None,
+                 preprocess: Preprocess | dict | None = None, calibration: dict | None = None, device=None,
                  retrieval=None, hybrid: dict | None = None):
         self.device = torch.device(device if device is not None else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -239,7 +239,8 @@ class Geolocator:
         self.hierarchy = np.asarray(hierarchy, dtype=np.int64)
         self.partition_names = list(partition_names or [f"p{i}" for i in range(len(self.partitions))])
         self.scene_names = list(scene_names)
-        self.preprocess = Preprocess.from_dict(preprocess).to_dict()
+        # one Preprocess (a checkpoint stores its dict): every transform of this locator is its
+        self.preprocess = preprocess if isinstance(preprocess, Preprocess) else Preprocess.from_dict(preprocess)
         # uncalibrated checkpoints: the plain product and regions made of fine cells
         self.calibration = Calibration.from_dict(calibration, len(self.partitions))
         if self.hierarchy.shape != (len(self.partitions[-1]), len(self.partitions)):

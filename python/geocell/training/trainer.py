@@ -71,13 +71,12 @@ from geocell.infer.metrics import (
     partition_names,
 )
 from geocell.infer.retrieval import RetrievalIndex, forward_with_embeddings, index_path_for, model_fingerprint
-from geocell.loading.base import make_loader
+from geocell.loading.loaders import make_loader
 from geocell.loading.labels import LabelTable
-from geocell.loading.preprocess import Preprocess
 from geocell.training import engine
 from geocell.training.budget import DEFAULT_BUDGET_S, Rates, StageClock, parse_budget, plan_steps
 from geocell.training.checkpoint import CheckpointError, load_checkpoint, partition_from_dict, save_checkpoint
-from geocell.training.config import TrainConfig, add_arguments, resolve, save_yaml, scaled_taus
+from geocell.training.config import TrainConfig, add_arguments, preprocess_from_config, resolve, save_yaml, scaled_taus
 from geocell.training.losses import MultitaskLoss
 from geocell.training.model import GeoModel, PretrainedWeightsError
 from geocell.training.state import TrainState, gather_rng
@@ -258,10 +257,9 @@ def build_partitions(cfg: TrainConfig, train, info):
 
 def split_loader(cfg: TrainConfig, partitions, manifest, info, is_train: bool):
     labels = LabelTable.from_manifest(manifest, partitions)
-    return make_loader(manifest, labels, train=is_train, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                       resize_size=cfg.resize_size, backend=cfg.backend, device=info.device,
-                       num_workers=cfg.workers, shard_id=info.rank, num_shards=info.world, seed=cfg.seed,
-                       crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
+    return make_loader(manifest, labels, train=is_train, batch_size=cfg.batch_size,
+                       preprocess=preprocess_from_config(cfg), backend=cfg.backend, device=info.device,
+                       num_workers=cfg.workers, shard_id=info.rank, num_shards=info.world, seed=cfg.seed)
 
 
 def make_loaders(cfg: TrainConfig, partitions, train, val, test, info):
@@ -281,8 +279,7 @@ class RunCheckpoints:
         self.run_dir, self.info, self.cfg, self.model = run_dir, info, cfg, model
         self.fields = dict(arch=cfg.arch, num_classes=[len(p) for p in partitions], scene_names=scene_names,
                            partitions=partitions, partition_names=names, hierarchy=hierarchy,
-                           preprocess=Preprocess(cfg.image_size, cfg.resize_size or 0,
-                                                 crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip).to_dict())
+                           preprocess=preprocess_from_config(cfg).to_dict())
         self.calibration: Calibration | None = None
 
     def path(self, name: str) -> str:
@@ -533,11 +530,7 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
 
     result = {"rows": {}, "val_rows": {}, "extras": {}, "run_dir": run_dir, "model": model, "stopped": stopped}
     if not stopped:
-        index_loader = functools.partial(make_loader, train_set, LabelTable.from_manifest(train_set, partitions),
-                                         train=False, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                                         resize_size=cfg.resize_size, backend=cfg.backend, device=info.device,
-                                         num_workers=cfg.workers, shard_id=info.rank, num_shards=info.world,
-                                         seed=cfg.seed) if cfg.retrieval else None
+        index_loader = functools.partial(split_loader, cfg, partitions, train_set, info, False) if cfg.retrieval else None
         result.update(finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader,
                              test_loader, state, index_loader=index_loader,
                              scene_helper=helper["summary"] if helper else None, clock=clock,
