@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Optional
 
 from geocell._internal.atomic import atomic_write
+from geocell._internal.progress import progress_bar
 from geocell.data.fetch import MAX_IMAGE_PIXELS as _MAX_IMAGE_PIXELS, bounded_img2dataset
 from geocell.data.manifest import LAT_COLUMNS, LNG_COLUMNS, find_column
 from geocell.data.metadata import KeyedMetadata, read_keyed_metadata
@@ -285,10 +286,8 @@ class _Progress(threading.Thread):
 
     def __init__(self, folder: Path, done_before: set, total: int, stream):
         super().__init__(daemon=True)
-        from tqdm import tqdm
-
         self.folder, self.done_before = folder, done_before
-        self.bar = tqdm(total=total, desc="downloading", unit="img", file=stream, smoothing=0.1)
+        self.bar = progress_bar(total, True, "downloading", file=stream, smoothing=0.1)
         self.finished = threading.Event()
 
     def _count(self) -> int:

@@ -30,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 
+from geocell._internal.progress import progress_bar
 from geocell.data.splits import MAX_BLOCK_SHARE, held_out_split, min_distance_km
 from geocell.data.terrain import (FOOTPRINT_KM, KM_PER_DEG, SCENE_NAMES, basemap_file, footprint_boxes, pad_sphere,
                                   scene_labels)
@@ -249,7 +250,7 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)
     workers = max(1, min(workers, len(tasks)))
-    bar = _progress(count, progress, "earth patches")
+    bar = progress_bar(count, progress, "earth patches")
     if workers == 1 or count < 2000:
         for t in tasks:
             bar.update(_render(t))
@@ -311,21 +312,3 @@ def built_with(out_dir) -> dict | None:
         return json.loads((Path(out_dir) / BUILD_FILE).read_text())
     except (OSError, ValueError):
         return None
-
-
-class _NoBar:
-    def update(self, k=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="img")

@@ -27,6 +27,7 @@ import torch
 import geocell
 from geocell._internal.geometry import unit_vectors
 from geocell._internal.atomic import atomic_write
+from geocell._internal.progress import progress_bar
 from geocell.data.images import decode_rgb
 from geocell.infer.calibration import (Calibration, HybridFit, Mixture, background_for, combined_log_probs,
                                        hybrid_mode, region_groups_from_dict)
@@ -476,11 +477,7 @@ class Geolocator:
         unreadable image gives its error and the stream goes on."""
         batches = stream_files(paths, self.transform(tta), batch_size=batch_size,
                                num_workers=num_workers)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(paths), unit="img", file=sys.stderr, dynamic_ncols=True)
+        bar = progress_bar(len(paths), progress, file=sys.stderr, dynamic_ncols=True)
         try:
             for images, indices, failed in batches:
                 out: dict[int, tuple] = {i: (paths[i], None, err) for i, err in failed}
@@ -494,11 +491,9 @@ class Geolocator:
                             neighbours=None if nbs is None else (nbs[0][j], nbs[1][j])), None)
                 for i in sorted(out):
                     yield out[i]
-                if bar is not None:
-                    bar.update(len(indices) + len(failed))
+                bar.update(len(indices) + len(failed))
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
 
 
 # ----------------------------------------------------------------------------- output
