@@ -25,7 +25,8 @@ import pytest
 pytest.importorskip("torch")
 
 from geocell.loading.labels import LabelTable  # noqa: E402
-from geocell.loading.base import dali_available, make_loader  # noqa: E402
+from geocell.loading.loaders import dali_available, make_loader  # noqa: E402
+from geocell.loading.preprocess import Preprocess  # noqa: E402
 from geocell.data.manifest import read_manifest  # noqa: E402
 
 N_IMAGES = int(os.environ.get("GEOCELL_BENCH_IMAGES", 2000))
@@ -78,7 +79,7 @@ class _PilImages:
     def __init__(self, paths):
         import torchvision.transforms as T
 
-        from geocell.loading.base import MEAN, STD
+        from geocell.loading.preprocess import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
 
         self.paths = paths
         self.transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
@@ -109,7 +110,7 @@ def test_loader_throughput(benchmark, dataset, backend):
     if backend == "pil":
         loader = _pil_loader(m)
     else:
-        loader = make_loader(m, labels, train=True, batch_size=BATCH, image_size=224, backend=backend,
+        loader = make_loader(m, labels, train=True, batch_size=BATCH, preprocess=Preprocess(224), backend=backend,
                              num_workers=CORES, seed=0)
     _epoch(loader)  # warm-up: worker start, first allocations
     benchmark.group = "loaders: images/s = batches*64 / time"

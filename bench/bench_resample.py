@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 F = pytest.importorskip("torchvision.transforms.v2.functional")
 
 from geocell import _core  # noqa: E402
-from geocell.loading.base import MEAN, STD, crop_params, sample_rng  # noqa: E402
+from geocell.loading.base import crop_params, sample_rng  # noqa: E402
+from geocell.loading.preprocess import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD  # noqa: E402
 from geocell.loading.resample import BatchWriter  # noqa: E402
 
 N, BATCH, SIZE = 512, 64, 224

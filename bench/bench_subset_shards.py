@@ -19,7 +19,8 @@ pytest.importorskip("torch")
 
 from geocell.data.manifest import read_manifest  # noqa: E402
 from geocell.data.shards import pack, read_shards  # noqa: E402
-from geocell.loading.base import dali_available, make_loader  # noqa: E402
+from geocell.loading.loaders import dali_available, make_loader  # noqa: E402
+from geocell.loading.preprocess import Preprocess  # noqa: E402
 from geocell.loading.labels import LabelTable  # noqa: E402
 
 N_IMAGES = int(os.environ.get("GEOCELL_BENCH_IMAGES", 1000))
@@ -54,7 +55,7 @@ def test_shard_loader_throughput(benchmark, packed, backend, part):
     if backend == "dali" and not dali_available():
         pytest.skip("DALI not installed")
     m = packed[part]
-    loader = make_loader(m, _labels(m), train=True, batch_size=BATCH, image_size=128,
+    loader = make_loader(m, _labels(m), train=True, batch_size=BATCH, preprocess=Preprocess(128),
                          backend=backend, num_workers=WORKERS, seed=0)
     epoch = [0]
 

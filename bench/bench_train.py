@@ -69,12 +69,13 @@ def earth(tmp_path_factory):
 
 
 def test_train_epoch_with_loader(benchmark, earth):
-    from geocell.loading.base import make_loader
+    from geocell.loading.loaders import make_loader
+    from geocell.loading.preprocess import Preprocess
     from geocell.training.state import TrainState
 
     model, optimizer, criterion = _setup()
     m, labels = earth
-    loader = make_loader(m, labels, train=True, batch_size=BATCH, image_size=SIZE, num_workers=1, seed=0)
+    loader = make_loader(m, labels, train=True, batch_size=BATCH, preprocess=Preprocess(SIZE), num_workers=1, seed=0)
     steps = len(loader)
     scheduler = engine.build_scheduler(optimizer, engine.LRSchedule("step", steps, 100))
     info = engine.DistInfo()

@@ -23,7 +23,8 @@ torch = pytest.importorskip("torch")
 
 from geocell._internal.torch_util import autocast_context, cpu_has_native_bf16  # noqa: E402
 from geocell.data.manifest import read_manifest  # noqa: E402
-from geocell.loading.base import dali_available, make_loader  # noqa: E402
+from geocell.loading.loaders import dali_available, make_loader  # noqa: E402
+from geocell.loading.preprocess import Preprocess  # noqa: E402
 from geocell.loading.labels import LabelTable  # noqa: E402
 from geocell.training import engine  # noqa: E402
 from geocell.training.losses import MultitaskLoss  # noqa: E402
@@ -73,8 +74,8 @@ def test_training_path(benchmark, dataset, backend, precision, channels_last):
         model = model.to(memory_format=torch.channels_last)
     optimizer = engine.build_optimizer(model, 0.01, 0.9, 1e-4)
     criterion = MultitaskLoss()
-    loader = make_loader(m, labels, train=True, batch_size=BATCH, image_size=CROP, backend=backend,
-                         num_workers=2, seed=0, crop_scale=(0.66, 1.0), hflip=0.0)
+    loader = make_loader(m, labels, train=True, batch_size=BATCH, preprocess=Preprocess(CROP, crop_scale=(0.66, 1.0), hflip=0.0),
+                         backend=backend, num_workers=2, seed=0)
     amp = torch.bfloat16 if precision == "bf16" else None
     epoch = [0]
 

@@ -35,7 +35,7 @@ def _import_train_modules():
     """Imports geocell's loading modules from this checkout, also where the core is not built
     (they are pure Python; only the package's __init__ needs the compiled core)."""
     try:
-        import geocell.loading.base  # noqa: F401
+        import geocell.loading.loaders  # noqa: F401
         return "installed geocell"
     except Exception:
         pass
@@ -44,7 +44,7 @@ def _import_train_modules():
     pkg = types.ModuleType("geocell")
     pkg.__path__ = [str(REPO / "python" / "geocell")]
     sys.modules["geocell"] = pkg
-    import geocell.loading.base  # noqa: F401
+    import geocell.loading.loaders  # noqa: F401
     return "checkout (core not built)"
 
 
@@ -121,8 +121,9 @@ def main(argv=None) -> int:
     import torchvision
 
     from geocell.loading.labels import LabelTable
-    from geocell.loading.base import dali_available, make_loader
-    from geocell.data.manifest import read_manifest
+    from geocell.loading.loaders import dali_available, make_loader
+    from geocell.loading.preprocess import Preprocess
+    from geocell.data.dataset import read_dataset
 
     if not torch.cuda.is_available():
         print("no CUDA device: this script is for GPU machines", file=sys.stderr)
@@ -141,10 +142,10 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         manifest_path = make_dataset(Path(tmp.name) / "imgs", args.n, min(16, os.cpu_count() or 1))
         print(f"generated {args.n} JPEGs in {time.perf_counter() - t:.1f}s")
-    m = read_manifest(manifest_path)
+    m = read_dataset(manifest_path)
     labels = LabelTable.from_manifest(m, [_Bands(8), _Bands(64)])
     S = args.image_size
-    kw = dict(batch_size=args.batch, image_size=S, device=dev)
+    kw = dict(batch_size=args.batch, preprocess=Preprocess(S), device=dev)
 
     # --- correctness on the GPU -------------------------------------------------------------
     sub = m.subset(np.arange(min(len(m), 1000)))

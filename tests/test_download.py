@@ -25,7 +25,7 @@ msgpack = pytest.importorskip("msgpack")
 
 from geocell.data.cli import main as data_main  # noqa: E402
 from geocell.data.download import failure_reason, flickr_sized  # noqa: E402
-from geocell.data.manifest import read_manifest  # noqa: E402
+from geocell.data.dataset import read_dataset  # noqa: E402
 
 SLOW_SECONDS = 3.0
 TIMEOUT = "1"
@@ -172,7 +172,7 @@ def downloaded(server, tmp_path_factory):
 def test_download_shards_carry_id_and_location(downloaded, server):
     urls, out, _, stdout = downloaded
     assert stdout.startswith(f"{len(GOOD)} of 15 photos downloaded")
-    m = read_manifest(out)  # what geocell train --manifest out/ reads
+    m = read_dataset(out)  # what geocell train --manifest out/ reads
     assert len(m) == len(GOOD)
     samples = _samples(out)
     assert sorted(samples) == sorted(f"p{i}" for i in GOOD)
@@ -264,11 +264,12 @@ def _bands(manifest):
 def test_loaders_read_downloaded_shards(downloaded, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    from geocell.loading.base import make_loader
+    from geocell.loading.loaders import make_loader
+    from geocell.loading.preprocess import Preprocess
 
     _, out, _, _ = downloaded
-    m = read_manifest(out)
-    ld = make_loader(m, _bands(m), train=False, batch_size=3, image_size=32, backend=backend,
+    m = read_dataset(out)
+    ld = make_loader(m, _bands(m), train=False, batch_size=3, preprocess=Preprocess(32), backend=backend,
                      num_workers=1 if backend == "dali" else 0)
     seen = []
     for x, t in ld:
@@ -304,7 +305,7 @@ def test_geoestimation_urls_joined_with_metadata(server, tmp_path):
         meta, _ = samples[ids[i]]
         assert (meta["lat"], meta["lng"], meta["scene"]) == (10 + i, 5.5 * i, i % 3)
         assert meta["meta"]["S16_Label"] == str(i + 4) and meta["meta"]["S365_Label"] == str(i + 100)
-    m = read_manifest(out)
+    m = read_dataset(out)
     assert m.scene_names == ["indoor", "natural", "urban"] and m.scene_probs.shape == (3, 3)
     reasons = {row["id"]: row["reason"] for row in _failed(out)}
     assert reasons == {ids[3]: "bad coordinates", "zz/9999.jpg": "no metadata"}
@@ -371,7 +372,7 @@ def test_msgpack_import_round_trip(tmp_path):
             assert min(img.size) == min(64, min(SIZES[i]))
         if min(SIZES[i]) <= 64:
             assert jpg == IMAGES[i]  # small JPEGs are packed byte for byte
-    m = read_manifest(out)
+    m = read_dataset(out)
     assert len(m) == 8 and list(m.lat) == [-30 + 9 * i for i in range(7)] + [45]
     with open(out / "import_report.csv", newline="") as f:
         report = list(csv.DictReader(f))

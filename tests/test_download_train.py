@@ -20,9 +20,11 @@ from PIL import Image
 
 pytest.importorskip("img2dataset")
 
-from geocell.data.manifest import read_manifest  # noqa: E402
+from geocell.data.dataset import read_dataset  # noqa: E402
 from geocell.data.shards import shard_meta  # noqa: E402
-from geocell.loading.base import epoch_rows, make_loader  # noqa: E402
+from geocell.loading.base import epoch_rows  # noqa: E402
+from geocell.loading.loaders import make_loader  # noqa: E402
+from geocell.loading.preprocess import Preprocess  # noqa: E402
 from geocell.loading.labels import LabelTable  # noqa: E402
 
 N = 120
@@ -90,7 +92,7 @@ def downloaded(server, tmp_path_factory):
     code, out, err = _geocell(["data", "download", str(base / "urls.csv"), "-o", str(base / "shards"),
                                "--threads", "4", "--timeout", "5", "--workers", "1", "-q"])
     assert code == 0, err
-    assert len(read_manifest(base / "shards")) == N
+    assert len(read_dataset(base / "shards")) == N
     # One split in one shard: the default held-out split must read parts of it.
     assert [s["split"] for s in shard_meta(base / "shards")["shards"]] == ["all"]
     return base / "shards"
@@ -120,7 +122,7 @@ class _Bands:
 
 
 def _subset(folder):
-    m = read_manifest(folder)
+    m = read_dataset(folder)
     keep = np.flatnonzero(np.arange(len(m)) % 5 != 2)  # 96 of the 120 samples of the one shard
     sub = m.subset(keep)
     assert sub.shards == m.shards and len(sub.ids) == len(keep)
@@ -128,7 +130,7 @@ def _subset(folder):
 
 
 def _epoch(m, lt, backend, epoch, skip=0, workers=0):
-    ld = make_loader(m, lt, train=True, batch_size=8, image_size=24, backend=backend, seed=5,
+    ld = make_loader(m, lt, train=True, batch_size=8, preprocess=Preprocess(24), backend=backend, seed=5,
                      num_workers=workers)
     ld.set_epoch(epoch)
     if skip:
@@ -161,6 +163,6 @@ def test_evaluation_reads_exactly_the_subset(downloaded, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     m, lt = _subset(downloaded)
-    ld = make_loader(m, lt, train=False, batch_size=16, image_size=24, backend=backend, num_workers=1)
+    ld = make_loader(m, lt, train=False, batch_size=16, preprocess=Preprocess(24), backend=backend, num_workers=1)
     rows = sorted(sum((t["index"].tolist() for _, t in ld), []))
     assert rows == list(range(len(m)))

@@ -11,7 +11,9 @@ from PIL import Image
 pytest.importorskip("nvidia.dali")
 
 from geocell.data.manifest import read_manifest  # noqa: E402
-from geocell.loading.base import epoch_rows, make_loader  # noqa: E402
+from geocell.loading.base import epoch_rows  # noqa: E402
+from geocell.loading.loaders import make_loader  # noqa: E402
+from geocell.loading.preprocess import Preprocess  # noqa: E402
 from geocell.loading.labels import LabelTable  # noqa: E402
 
 B = 4
@@ -66,7 +68,7 @@ def packed(tmp_path):
 
 def test_damaged_shard_sample_is_skipped_and_counted_in_evaluation(packed):
     m, bad_row = packed
-    ld = make_loader(m, _labels(m), train=False, batch_size=B, image_size=16, backend="dali",
+    ld = make_loader(m, _labels(m), train=False, batch_size=B, preprocess=Preprocess(16), backend="dali",
                      num_workers=1)
     rows = [r for r, _ in _epoch(ld) for r in r]
     assert sorted(rows) == sorted(set(range(len(m))) - {bad_row})
@@ -76,7 +78,7 @@ def test_damaged_shard_sample_is_skipped_and_counted_in_evaluation(packed):
 
 def test_damaged_shard_sample_is_skipped_and_counted_in_training(packed):
     m, bad_row = packed
-    ld = make_loader(m, _labels(m), train=True, batch_size=B, image_size=16, backend="dali",
+    ld = make_loader(m, _labels(m), train=True, batch_size=B, preprocess=Preprocess(16), backend="dali",
                      num_workers=1, seed=1)
     batches = _epoch(ld)
     rows = [r for r, _ in batches for r in r]
@@ -97,7 +99,7 @@ def files(tmp_path):
 
 def test_undecodable_file_keeps_the_epoch_permutation_and_resume_is_exact(files):
     m, bad_row, seed = files
-    make = lambda: make_loader(m, _labels(m), train=True, batch_size=B, image_size=16,  # noqa: E731
+    make = lambda: make_loader(m, _labels(m), train=True, batch_size=B, preprocess=Preprocess(16),  # noqa: E731
                                backend="dali", num_workers=1, seed=seed)
     ld = make()
     assert ld.skipped == 0  # passes the up-front check: found only when decoding
@@ -123,14 +125,14 @@ def test_undecodable_file_keeps_the_epoch_permutation_and_resume_is_exact(files)
 
 def test_undecodable_file_in_evaluation_is_skipped_once(files):
     m, bad_row, _ = files
-    ld = make_loader(m, _labels(m), train=False, batch_size=B, image_size=16, backend="dali",
+    ld = make_loader(m, _labels(m), train=False, batch_size=B, preprocess=Preprocess(16), backend="dali",
                      num_workers=1)
     rows = [r for r, _ in _epoch(ld) for r in r]
     assert rows == [r for r in range(12) if r != bad_row] and ld.skipped == 1
 
 
 def test_16_bit_png_decodes_to_the_same_8_bit_values_as_the_torch_loader(tmp_path):
-    from geocell.loading.base import MEAN, STD
+    from geocell.loading.preprocess import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
 
     Image.fromarray(np.full((40, 48), 30000, dtype=np.uint16)).save(tmp_path / "g16.png")
     Image.new("RGBA", (48, 40), (10, 200, 90, 100)).save(tmp_path / "rgba.png")
@@ -138,7 +140,7 @@ def test_16_bit_png_decodes_to_the_same_8_bit_values_as_the_torch_loader(tmp_pat
     m = read_manifest(tmp_path / "m.csv")
     means = {}
     for backend in ("dali", "torch"):
-        ld = make_loader(m, _labels(m), train=False, batch_size=2, image_size=16, resize_size=16,
+        ld = make_loader(m, _labels(m), train=False, batch_size=2, preprocess=Preprocess(16, 16),
                          backend=backend, num_workers=1 if backend == "dali" else 0)
         (x, t), = list(ld)
         px = x * torch.tensor(STD).view(1, 3, 1, 1) * 255 + torch.tensor(MEAN).view(1, 3, 1, 1) * 255

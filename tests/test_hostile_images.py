@@ -15,7 +15,9 @@ torch = pytest.importorskip("torch")
 
 from geocell.data.images import MAX_PIXELS, ImageTooLarge, decode_rgb, to_rgb8  # noqa: E402
 from geocell.data.manifest import read_manifest  # noqa: E402
-from geocell.loading.base import MEAN, STD, check_image_file, make_loader  # noqa: E402
+from geocell.loading.base import check_image_file  # noqa: E402
+from geocell.loading.loaders import make_loader  # noqa: E402
+from geocell.loading.preprocess import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD, Preprocess  # noqa: E402
 from geocell.loading.labels import LabelTable  # noqa: E402
 
 
@@ -76,7 +78,7 @@ def test_pillow_modes_become_the_right_8_bit_rgb():
 def test_torch_loader_decodes_16_bit_and_other_modes(mode_folder):
     """A 16-bit PNG used to end the epoch (uint16 next to uint8 in the collate)."""
     _, m, expected = mode_folder
-    ld = make_loader(m, _labels(m), train=False, batch_size=len(m), image_size=32, resize_size=32,
+    ld = make_loader(m, _labels(m), train=False, batch_size=len(m), preprocess=Preprocess(32, 32),
                      backend="torch", num_workers=0)
     (x, t), = list(ld)
     assert ld.skipped == 0 and t["index"].tolist() == list(range(len(m)))
@@ -126,8 +128,9 @@ _BOMB_CHILD = textwrap.dedent("""
     import resource, sys
     import numpy as np, torch
     from geocell.data.manifest import read_manifest
-    from geocell.loading.base import make_loader
+    from geocell.loading.loaders import make_loader
     from geocell.loading.labels import LabelTable
+    from geocell.loading.preprocess import Preprocess
     # Imports done: from here on 2 GiB more address space at most (the claim is 12.9 GB).
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
@@ -135,7 +138,7 @@ _BOMB_CHILD = textwrap.dedent("""
     m = read_manifest(sys.argv[1])
     lt = LabelTable(np.zeros((len(m), 1), np.int64), np.full(len(m), -1), np.stack([m.lat, m.lng], 1))
     for validate in (True, False):
-        ld = make_loader(m, lt, train=False, batch_size=4, image_size=16, resize_size=16,
+        ld = make_loader(m, lt, train=False, batch_size=4, preprocess=Preprocess(16, 16),
                          backend="torch", num_workers=0, validate=validate)
         rows = [r for _, t in ld for r in t["index"].tolist()]
         assert rows == [0, 2], rows

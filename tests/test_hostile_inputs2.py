@@ -157,6 +157,7 @@ except OSError as exc:
 
 
 def test_pack_that_fails_at_the_second_shard_leaves_a_folder_with_the_right_labels(tmp_path):
+    from geocell.data.dataset import read_dataset
     from geocell.data.manifest import read_manifest
     from geocell.data.shards import pack
 
@@ -172,7 +173,7 @@ def test_pack_that_fails_at_the_second_shard_leaves_a_folder_with_the_right_labe
     r = _child(_PACK_CHILD, new, out, 40_000)
     assert r.returncode == 0 and "failed:" in r.stdout and "disk full" in r.stdout, (r.stdout, r.stderr[-2000:])
     # Whatever loads, loads with its own photos' labels; no temporary is left behind.
-    m = read_manifest(out)
+    m = read_dataset(out)
     labels = _sample_labels(out)
     assert len(m) == 6
     for i, sample_id in enumerate(m.ids.tolist()):

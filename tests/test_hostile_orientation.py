@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
 from geocell.data.manifest import read_manifest  # noqa: E402
-from geocell.loading.base import make_loader  # noqa: E402
+from geocell.loading.loaders import make_loader  # noqa: E402
 from geocell.loading.labels import LabelTable  # noqa: E402
 from geocell.loading.preprocess import Preprocess  # noqa: E402
 
@@ -47,7 +47,7 @@ def _reference(pixels):
 def _loader_tensor(folder, backend):
     m = read_manifest(folder / "m.csv")
     labels = LabelTable(np.zeros((1, 1), np.int64), np.full(1, -1), np.stack([m.lat, m.lng], 1))
-    ld = make_loader(m, labels, train=False, batch_size=1, image_size=S, resize_size=R,
+    ld = make_loader(m, labels, train=False, batch_size=1, preprocess=Preprocess(S, R),
                      backend=backend, num_workers=0 if backend == "torch" else 1)
     (x, _), = list(ld)
     return x[0]

@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 from geocell.loading.labels import LabelTable
-from geocell.loading.base import MEAN, STD, check_image_file, make_loader
+from geocell.loading.base import check_image_file
+from geocell.loading.loaders import make_loader
+from geocell.loading.preprocess import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD, Preprocess, default_resize_size
 from geocell.data.manifest import read_manifest
 
 N = 37  # not a multiple of the batch size nor of the shard count
@@ -58,7 +60,7 @@ def test_dali_and_torch_agree_on_eval(data):
     _, m, lt = data
     out = {}
     for backend in ("dali", "torch"):
-        ld = make_loader(m, lt, train=False, batch_size=8, image_size=32, resize_size=40,
+        ld = make_loader(m, lt, train=False, batch_size=8, preprocess=Preprocess(32, 40),
                          backend=backend, num_workers=1 if backend == "dali" else 0)
         assert ld.backend == backend and len(ld) == 5
         out[backend] = _run(ld)
@@ -81,7 +83,7 @@ def test_eval_shards_cover_every_sample_once(data, backend):
     _, m, lt = data
     seen = []
     for shard in range(2):
-        ld = make_loader(m, lt, train=False, batch_size=5, image_size=32, backend=backend,
+        ld = make_loader(m, lt, train=False, batch_size=5, preprocess=Preprocess(32), backend=backend,
                          shard_id=shard, num_shards=2, num_workers=1 if backend == "dali" else 0)
         for epoch in range(2):  # shards must not rotate between epochs
             idx = _run(ld)[0]
@@ -108,7 +110,7 @@ def test_bad_images_are_skipped_and_counted(data, tmp_path, backend):
     bad = {3: "trunc.jpg", 7: "text.jpg", 8: "empty.jpg", 11: "garbled.jpg", 20: "gone.jpg"}
     for row, name in bad.items():
         m.paths[row] = str(tmp_path / name)
-    ld = make_loader(m, lt, train=False, batch_size=8, image_size=32, backend=backend,
+    ld = make_loader(m, lt, train=False, batch_size=8, preprocess=Preprocess(32), backend=backend,
                      num_workers=1 if backend == "dali" else 2)
     idx = _run(ld)[0]
     assert sorted(idx) == sorted(set(range(N)) - set(bad))
@@ -125,7 +127,7 @@ def test_train_batches(data, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     _, m, lt = data
-    ld = make_loader(m, lt, train=True, batch_size=8, image_size=32, backend=backend, seed=5,
+    ld = make_loader(m, lt, train=True, batch_size=8, preprocess=Preprocess(32), backend=backend, seed=5,
                      num_workers=1 if backend == "dali" else 0)
     assert len(ld) == N // 8
     orders = []
@@ -138,7 +140,7 @@ def test_train_batches(data, backend):
         orders.append(idx)
     assert orders[0] != orders[1]
     # Two data-parallel ranks get equally many batches.
-    lens = [len(make_loader(m, lt, train=True, batch_size=4, image_size=32, backend=backend,
+    lens = [len(make_loader(m, lt, train=True, batch_size=4, preprocess=Preprocess(32), backend=backend,
                             shard_id=s, num_shards=2, num_workers=1 if backend == "dali" else 0))
             for s in range(2)]
     assert lens[0] == lens[1] == (N // 2) // 4
@@ -148,7 +150,7 @@ def test_torch_train_order_is_seeded(data):
     _, m, lt = data
 
     def order(seed, epoch):
-        ld = make_loader(m, lt, train=True, batch_size=8, image_size=32, backend="torch",
+        ld = make_loader(m, lt, train=True, batch_size=8, preprocess=Preprocess(32), backend="torch",
                          seed=seed, num_workers=0)
         ld.set_epoch(epoch)
         return _run(ld)[0]
@@ -159,7 +161,7 @@ def test_torch_train_order_is_seeded(data):
 def test_auto_backend(data):
     pytest.importorskip("nvidia.dali")
     _, m, lt = data
-    assert make_loader(m, lt, train=False, batch_size=8, image_size=32, num_workers=1).backend == "dali"
+    assert make_loader(m, lt, train=False, batch_size=8, preprocess=Preprocess(32), num_workers=1).backend == "dali"
 
 
 
@@ -168,7 +170,7 @@ def test_dali_eval_pass_after_an_abandoned_one(data):
     sample and still covers each exactly once."""
     pytest.importorskip("nvidia.dali")
     _, m, lt = data
-    ld = make_loader(m, lt, train=False, batch_size=8, image_size=32, resize_size=40, backend="dali",
+    ld = make_loader(m, lt, train=False, batch_size=8, preprocess=Preprocess(32, 40), backend="dali",
                      num_workers=1)
     first = next(iter(ld))[1]["index"].tolist()
     assert first == list(range(8))
@@ -181,12 +183,10 @@ def test_predictor_input_equals_the_evaluation_loaders(data):
     # One preprocessing description: what Geolocator feeds the network for an image is what the
     # evaluation loader fed it during training (a lossless PNG, so both decoders agree exactly).
     from geocell.infer.predict import make_transform
-    from geocell.loading.preprocess import Preprocess
 
     folder, m, labels = data
     spec = Preprocess(image_size=32, resize_size=40)
-    loader = make_loader(m, labels, train=False, batch_size=8, image_size=32, resize_size=40,
-                         backend="torch", num_workers=0)
+    loader = make_loader(m, labels, train=False, batch_size=8, preprocess=spec, backend="torch", num_workers=0)
     batches = {int(i): x for xs, t in loader for i, x in zip(t["index"], xs)}
     row = [i for i, p in enumerate(m.paths) if p.endswith(".png")][0]
     mine = make_transform(spec.to_dict())(Image.open(m.paths[row]))
@@ -195,8 +195,6 @@ def test_predictor_input_equals_the_evaluation_loaders(data):
 
 
 def test_preprocess_rules():
-    from geocell.loading.preprocess import Preprocess, default_resize_size
-
     assert default_resize_size(224) == 256 and Preprocess(224).resize_size == 256
     assert Preprocess.from_dict(Preprocess(96, 120).to_dict()) == Preprocess(96, 120)
     for bad in (dict(image_size=0), dict(image_size=64, resize_size=32), dict(image_size=8, std=(0, 1, 1))):

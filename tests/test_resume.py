@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 
 from geocell.loading.labels import LabelTable
-from geocell.loading.base import crop_params, epoch_rows, make_loader, sample_rng
+from geocell.loading.base import crop_params, epoch_rows, sample_rng
+from geocell.loading.loaders import make_loader
+from geocell.loading.preprocess import Preprocess
 from geocell.data.manifest import read_manifest
 
 N = 29
@@ -34,7 +36,7 @@ def data(tmp_path_factory):
 
 
 def _epoch(m, lt, backend, workers, epoch, skip=0, shard=0, shards=1):
-    ld = make_loader(m, lt, train=True, batch_size=4, image_size=24, backend=backend, seed=3,
+    ld = make_loader(m, lt, train=True, batch_size=4, preprocess=Preprocess(24), backend=backend, seed=3,
                      num_workers=workers, shard_id=shard, num_shards=shards)
     ld.set_epoch(epoch)
     if skip:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from geocell.data.cli import main as data_main
 from geocell.loading.labels import LabelTable
+from geocell.data.dataset import read_dataset
 from geocell.data.manifest import read_manifest
 from geocell.data.shards import read_index
 
@@ -101,16 +102,17 @@ def test_index_matches_dali_wds2idx(packed, tmp_path):
 def test_loaders_read_shards(packed, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    from geocell.loading.base import make_loader
+    from geocell.loading.loaders import make_loader
+    from geocell.loading.preprocess import Preprocess
 
     _, out = packed
-    m = read_manifest(out)
+    m = read_dataset(out)
     assert m.shards and len(m) == 12
     labels = LabelTable(geo=np.arange(12)[:, None] * 3, scene=m.scene, latlng=np.stack([m.lat, m.lng], 1))
     val = m.with_split("val")
     for part, expected in ((m, 12), (val, 3)):
         lt = labels.take(np.flatnonzero(m.split == "val")) if part is val else labels
-        ld = make_loader(part, lt, train=False, batch_size=5, image_size=32, resize_size=40,
+        ld = make_loader(part, lt, train=False, batch_size=5, preprocess=Preprocess(32, 40),
                          backend=backend, num_workers=1 if backend == "dali" else 0)
         idx, geo = [], []
         for x, t in ld:

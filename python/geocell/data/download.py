@@ -41,8 +41,9 @@ from pathlib import Path
 from typing import Optional
 
 from geocell._internal.atomic import atomic_write
+from geocell._internal.progress import progress_bar
 from geocell.data.fetch import MAX_IMAGE_PIXELS as _MAX_IMAGE_PIXELS, bounded_img2dataset
-from geocell.data.manifest import _LAT_COLUMNS, _LNG_COLUMNS, _find
+from geocell.data.manifest import LAT_COLUMNS, LNG_COLUMNS, find_column
 from geocell.data.metadata import KeyedMetadata, read_keyed_metadata
 from geocell.data.shards import pack, shard_meta, SHARDS_META
 
@@ -145,7 +146,7 @@ def _column(header, names, given, what, path) -> Optional[int]:
         if given.lower() not in lowered:
             raise ValueError(f"{path}: no {what} column {given!r} in header {header}")
         return lowered.index(given.lower())
-    return _find(header, names)
+    return find_column(header, names)
 
 
 def plan_fetches(urls, stage: Path, metadata=None, *, url_column=None, id_column=None,
@@ -167,7 +168,7 @@ def plan_fetches(urls, stage: Path, metadata=None, *, url_column=None, id_column
         meta = read_keyed_metadata(metadata)
         keyed = [(line, row[i_id].strip() if len(row) > i_id else "", row) for line, row in rows]
     else:
-        if _find(header, _LAT_COLUMNS) is None or _find(header, _LNG_COLUMNS) is None:
+        if find_column(header, LAT_COLUMNS) is None or find_column(header, LNG_COLUMNS) is None:
             raise ValueError(f"{urls}: no lat/lng columns in header {header}; give them, or "
                              "--metadata with GeoEstimation's IMG_ID,LAT,LON,... joined on the id")
         # The URL list is its own metadata, read by the manifest rules from a copy whose
@@ -285,10 +286,8 @@ class _Progress(threading.Thread):
 
     def __init__(self, folder: Path, done_before: set, total: int, stream):
         super().__init__(daemon=True)
-        from tqdm import tqdm
-
         self.folder, self.done_before = folder, done_before
-        self.bar = tqdm(total=total, desc="downloading", unit="img", file=stream, smoothing=0.1)
+        self.bar = progress_bar(total, True, "downloading", file=stream, smoothing=0.1)
         self.finished = threading.Event()
 
     def _count(self) -> int:

@@ -37,10 +37,11 @@ from typing import Optional
 
 import numpy as np
 
+from geocell._internal.progress import progress_bar
 from geocell.data.splits import MAX_BLOCK_SHARE, held_out_split, min_distance_km
 from geocell.data.terrain import (FOOTPRINT_KM, KM_PER_DEG, SCENE_NAMES, basemap_file, footprint_boxes, pad_sphere,
                                   scene_labels)
-from geocell.data.manifest import (PLACE_FAR, PLACE_PHOTO, _find, _LAT_COLUMNS, _LNG_COLUMNS, _parse_coord, Manifest,
+from geocell.data.manifest import (LAT_COLUMNS, LNG_COLUMNS, PLACE_FAR, PLACE_PHOTO, Manifest, find_column, parse_coord,
                                    write_manifest)
 from geocell.data.places import MIN_LAND, SOUTH_LIMIT_DEG, SPLIT_BLOCK_LEVEL, land_places, split_places
 
@@ -68,16 +69,16 @@ def read_locations(path) -> tuple:
     with opener(path, "rt", newline="") as f:
         reader = csv.reader(f)
         header = next(reader)
-        i_lat, i_lng = _find(header, _LAT_COLUMNS), _find(header, _LNG_COLUMNS)
-        i_split = _find(header, ("split",))
+        i_lat, i_lng = find_column(header, LAT_COLUMNS), find_column(header, LNG_COLUMNS)
+        i_split = find_column(header, ("split",))
         if i_lat is None or i_lng is None:
             raise ValueError(f"{path}: needs lat and lng columns, header is {header}")
         out, splits = [], []
         for row in reader:
             if not row:
                 continue
-            lat, why = _parse_coord(row[i_lat], "latitude", 90.0)
-            lng, why2 = _parse_coord(row[i_lng], "longitude", 180.0)
+            lat, why = parse_coord(row[i_lat], "latitude", 90.0)
+            lng, why2 = parse_coord(row[i_lng], "longitude", 180.0)
             if why or why2:
                 raise ValueError(f"{path} line {reader.line_num}: {why or why2}")
             out.append((lat, lng))
@@ -302,7 +303,7 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)
     workers = max(1, min(workers, len(tasks)))
-    bar = _progress(count, progress, "earth patches")
+    bar = progress_bar(count, progress, "earth patches")
     if workers == 1 or count < 2000:
         for t in tasks:
             bar.update(_render(t))
@@ -367,21 +368,3 @@ def built_with(out_dir) -> dict | None:
         return json.loads((Path(out_dir) / BUILD_FILE).read_text())
     except (OSError, ValueError):
         return None
-
-
-class _NoBar:
-    def update(self, k=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="img")

@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from geocell._internal.progress import progress_bar
 from geocell.data.manifest import Manifest, write_manifest
 
 GPS_IFD = 0x8825
@@ -155,14 +156,9 @@ def manifest_from_exif(folder, out_manifest=None, progress: bool = False):
         for name in sorted(filenames):
             files.append(Path(dirpath) / name)
     paths, lats, lngs, skipped = [], [], [], []
-    iterator = files
-    if progress:
-        try:
-            from tqdm import tqdm
-            iterator = tqdm(files, desc="reading EXIF", unit="file")
-        except ImportError:
-            pass
-    for f in iterator:
+    bar = progress_bar(len(files), progress, "reading EXIF", unit="file")
+    for f in files:
+        bar.update(1)
         if f.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append((str(f), "not an image file (extension)"))
             continue
@@ -177,6 +173,7 @@ def manifest_from_exif(folder, out_manifest=None, progress: bool = False):
         paths.append(str(f.resolve()))
         lats.append(lat)
         lngs.append(lng)
+    bar.close()
     manifest = Manifest(paths=paths, lat=np.array(lats), lng=np.array(lngs),
                         scene=np.full(len(paths), -1, dtype=np.int64), scene_names=[],
                         report=[(None, f"{p}: {r}") for p, r in skipped],

@@ -10,6 +10,9 @@ Two layouts are read:
   row's location comes from: ``photo`` (a photo's location) or ``far`` (a far place of the
   Earth dataset's val/test splits, see :mod:`geocell.data.places`).
 
+A folder written by ``geocell data pack`` is a dataset too, but not a manifest file: open either
+with :func:`geocell.data.dataset.read_dataset` (this module knows nothing of shards).
+
 Rows that cannot be used (missing file, unparsable or out-of-range coordinates, unknown scene)
 are left out and listed in ``Manifest.report`` as ``(line_number, reason)``; the header is
 line 1, so the number is the line to look at in the file.
@@ -33,9 +36,10 @@ GEOESTIMATION_SCENES = ["indoor", "natural", "urban"]
 _KNOWN_SCENE_ORDERS = (GEOESTIMATION_SCENES, ["water", "ice", "coast", "mountains", "desert", "lowland"],
                        ["water", "coast", "land"])
 
-_PATH_COLUMNS = ("path", "image", "img_id", "file", "filename")
-_LAT_COLUMNS = ("lat", "latitude")
-_LNG_COLUMNS = ("lng", "lon", "long", "longitude")
+# The column names a manifest (and a locations or metadata CSV) may use, lower case.
+PATH_COLUMNS = ("path", "image", "img_id", "file", "filename")
+LAT_COLUMNS = ("lat", "latitude")
+LNG_COLUMNS = ("lng", "lon", "long", "longitude")
 PLACE_PHOTO, PLACE_FAR = "photo", "far"  # the values of a manifest's place column
 # Integer scene ids index a name list built as range(max + 1): a bound keeps a hostile id
 # (e.g. 999999999) from allocating a list of a billion names.
@@ -123,7 +127,8 @@ class Manifest:
         return "\n".join(lines)
 
 
-def _find(columns: Sequence[str], candidates: Sequence[str]) -> Optional[int]:
+def find_column(columns: Sequence[str], candidates: Sequence[str]) -> Optional[int]:
+    """Index of the first of ``candidates`` among ``columns`` (case and spaces ignored), or None."""
     lowered = [c.strip().lower() for c in columns]
     for cand in candidates:
         if cand in lowered:
@@ -131,8 +136,8 @@ def _find(columns: Sequence[str], candidates: Sequence[str]) -> Optional[int]:
     return None
 
 
-def _parse_coord(text: str, what: str, limit: float):
-    """Returns (value, None) or (None, reason)."""
+def parse_coord(text: str, what: str, limit: float):
+    """A coordinate within [-limit, limit]: (value, None), or (None, reason) naming ``what``."""
     try:
         value = float(text)
     except (TypeError, ValueError):
@@ -154,19 +159,16 @@ def _order_scene_names(names: set, prob_names: Sequence[str]) -> list:
 
 
 def read_manifest(path, image_root=None, check_files: bool = True) -> Manifest:
-    """Reads a GeoEstimation or plain manifest; bad rows go to ``Manifest.report``.
+    """Reads a GeoEstimation or plain manifest file; bad rows go to ``Manifest.report``.
 
     Relative image paths are resolved against ``image_root`` (default: the manifest's folder).
-    ``check_files=False`` skips the per-row existence check. A folder written by
-    ``geocell data pack`` is read as a shard-backed manifest.
+    ``check_files=False`` skips the per-row existence check. A packed folder is refused here:
+    :func:`geocell.data.dataset.read_dataset` opens both.
     """
     path = Path(path)
     if path.is_dir():
-        from geocell.data.shards import is_shard_dir, read_shards  # shards imports this module
-
-        if is_shard_dir(path):
-            return read_shards(path)
-        raise ManifestError(f"{path} is a folder but not a packed dataset (no shards.json)")
+        raise ManifestError(f"{path} is a folder, not a manifest file; a folder written by geocell data "
+                            "pack is opened with geocell.data.dataset.read_dataset")
     root = Path(image_root) if image_root is not None else path.resolve().parent
     try:
         return _read_plain(path, root, check_files)
@@ -195,9 +197,9 @@ def _read_plain(path: Path, root: Path, check_files: bool) -> Manifest:
         header = [h.strip() for h in header]
         lowered = [h.lower() for h in header]
         geoestimation = "img_id" in lowered and "s3_label" in lowered
-        i_path = _find(header, _PATH_COLUMNS)
-        i_lat = _find(header, _LAT_COLUMNS)
-        i_lng = _find(header, _LNG_COLUMNS)
+        i_path = find_column(header, PATH_COLUMNS)
+        i_lat = find_column(header, LAT_COLUMNS)
+        i_lng = find_column(header, LNG_COLUMNS)
         missing = [n for n, i in (("path", i_path), ("lat", i_lat), ("lng", i_lng)) if i is None]
         if missing:
             raise ManifestError(
@@ -208,11 +210,11 @@ def _read_plain(path: Path, root: Path, check_files: bool) -> Manifest:
             prob_cols = [(lowered.index(f"prob_{n}"), n) for n in GEOESTIMATION_SCENES
                          if f"prob_{n}" in lowered]
         else:
-            i_scene = _find(header, ("scene", "scene_label", "label"))
+            i_scene = find_column(header, ("scene", "scene_label", "label"))
             prob_cols = [(i, h[len("scene_prob_"):]) for i, h in enumerate(header)
                          if h.lower().startswith("scene_prob_")]
-        i_split = _find(header, ("split",))
-        i_place = _find(header, ("place",))
+        i_split = find_column(header, ("split",))
+        i_place = find_column(header, ("place",))
         prob_names = [n for _, n in prob_cols]
 
         paths, lats, lngs, scenes_raw, splits, places, probs, lines, report = [], [], [], [], [], [], [], [], []
@@ -229,9 +231,9 @@ def _read_plain(path: Path, root: Path, check_files: bool) -> Manifest:
             if len(row) < len(header):
                 report.append((line, f"{len(row)} fields, header has {len(header)}"))
                 continue
-            lat, why = _parse_coord(row[i_lat], "latitude", 90.0)
+            lat, why = parse_coord(row[i_lat], "latitude", 90.0)
             if why is None:
-                lng, why = _parse_coord(row[i_lng], "longitude", 180.0)
+                lng, why = parse_coord(row[i_lng], "longitude", 180.0)
             if why is not None:
                 report.append((line, why))
                 continue

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from geocell.data.manifest import _PATH_COLUMNS, Manifest, ManifestError, read_manifest
+from geocell.data.manifest import PATH_COLUMNS, Manifest, ManifestError, find_column, read_manifest
 
 
 @dataclass
@@ -54,11 +54,7 @@ class KeyedMetadata:
 
 def key_column(header: list) -> Optional[int]:
     """The column of a manifest-layout header that ``read_manifest`` reads as the image path."""
-    lowered = [h.strip().lower() for h in header]
-    for name in _PATH_COLUMNS:
-        if name in lowered:
-            return lowered.index(name)
-    return None
+    return find_column(header, PATH_COLUMNS)
 
 
 def read_keyed_metadata(path) -> KeyedMetadata:

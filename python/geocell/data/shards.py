@@ -38,6 +38,7 @@ from typing import Optional
 import numpy as np
 
 from geocell._internal.atomic import DiskFull, atomic_write, disk_full_cause
+from geocell._internal.progress import progress_bar
 from geocell.data.images import exif_orientation, open_checked, to_rgb8, upright
 from geocell.data.manifest import Manifest, read_manifest, write_manifest
 
@@ -255,7 +256,7 @@ def _pack_into(manifest, split, out_dir, shard_size, shorter_side, max_side, qua
                       [None if sources is None else sources[i] for i in rows],
                       [None if extra_json is None else extra_json[i] for i in rows], keep_jpeg))
         first += len(rows)
-    bar = _progress(n, progress)
+    bar = progress_bar(n, progress, "packing")
     results = []
     if workers <= 1 or len(tasks) == 1:
         for t in tasks:
@@ -421,21 +422,3 @@ def shard_indexes(manifest, index_dir) -> list:
     if covered != len(manifest):
         raise ValueError(f"{len(manifest) - covered} manifest rows are not in the shards of {manifest.shards}")
     return out
-
-
-class _NoBar:
-    def update(self, k=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total, enabled):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc="packing", unit="img")

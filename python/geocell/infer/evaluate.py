@@ -25,6 +25,7 @@ import torch
 from geocell.cells import cell_to_token
 from geocell._internal.atomic import atomic_write
 from geocell._internal.geometry import latlng_to_unit
+from geocell._internal.progress import progress_bar
 from geocell._internal.torch_util import autocast_context
 from geocell.infer.hybrid import best_guess, neighbour_kernels
 from geocell.infer.mixture import Mixture, background_for, combined_log_probs
@@ -272,11 +273,7 @@ def evaluate_paths(geo, paths, true_latlng, *, tta: str = "none", tta_combine: s
     evaluator = Evaluator(geo.partitions, geo.hierarchy, names=geo.partition_names,
                           calibration=geo.calibration, region_masses=region_masses, hybrid=geo.hybrid)
     skipped = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(paths), unit="img", file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(len(paths), progress, file=sys.stderr, dynamic_ncols=True)
     for images, indices, failed in stream_files(paths, geo.transform(tta), batch_size=batch_size,
                                                 num_workers=num_workers):
         skipped += [(paths[i], err) for i, err in failed]
@@ -284,10 +281,8 @@ def evaluate_paths(geo, paths, true_latlng, *, tta: str = "none", tta_combine: s
             log_probs, _, emb = geo.head_outputs(images, tta_combine=tta_combine)
             evaluator.add(log_probs, true_latlng[indices], ids=[paths[i] for i in indices],
                           neighbours=geo.neighbours(emb) if evaluator.hybrid is not None else None)
-        if bar is not None:
-            bar.update(len(indices) + len(failed))
-    if bar is not None:
-        bar.close()
+        bar.update(len(indices) + len(failed))
+    bar.close()
     return evaluator.finish(skipped)
 
 

@@ -27,6 +27,7 @@ import torch
 from geocell.cells import cell_to_token
 from geocell._internal.geometry import unit_vectors
 from geocell._internal.atomic import atomic_write
+from geocell._internal.progress import progress_bar
 from geocell.data.images import decode_rgb
 from geocell.infer.hybrid import best_guess, neighbour_kernels
 from geocell.infer.mixture import Mixture, background_for, combined_log_probs
@@ -233,7 +234,7 @@ class Geolocator:
 
     def __init__(self, model: torch.nn.Module, partitions: Sequence, hierarchy, *,
                  partition_names: Sequence[str] | None = None, scene_names: Sequence[str] = (),
-                 preprocess: dict | None = None, calibration: dict | None = None, device=None,
+                 preprocess: Preprocess | dict | None = None, calibration: dict | None = None, device=None,
                  retrieval=None, hybrid: dict | None = None):
         self.device = torch.device(device if device is not None else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -242,7 +243,8 @@ class Geolocator:
         self.hierarchy = np.asarray(hierarchy, dtype=np.int64)
         self.partition_names = list(partition_names or [f"p{i}" for i in range(len(self.partitions))])
         self.scene_names = list(scene_names)
-        self.preprocess = Preprocess.from_dict(preprocess).to_dict()
+        # one Preprocess (a checkpoint stores its dict): every transform of this locator is its
+        self.preprocess = preprocess if isinstance(preprocess, Preprocess) else Preprocess.from_dict(preprocess)
         # uncalibrated checkpoints: the plain product and regions made of fine cells
         self.calibration = Calibration.from_dict(calibration, len(self.partitions))
         if self.hierarchy.shape != (len(self.partitions[-1]), len(self.partitions)):
@@ -476,11 +478,7 @@ class Geolocator:
         unreadable image gives its error and the stream goes on."""
         batches = stream_files(paths, self.transform(tta), batch_size=batch_size,
                                num_workers=num_workers)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(paths), unit="img", file=sys.stderr, dynamic_ncols=True)
+        bar = progress_bar(len(paths), progress, file=sys.stderr, dynamic_ncols=True)
         try:
             for images, indices, failed in batches:
                 out: dict[int, tuple] = {i: (paths[i], None, err) for i, err in failed}
@@ -494,11 +492,9 @@ class Geolocator:
                             neighbours=None if nbs is None else (nbs[0][j], nbs[1][j])), None)
                 for i in sorted(out):
                     yield out[i]
-                if bar is not None:
-                    bar.update(len(indices) + len(failed))
+                bar.update(len(indices) + len(failed))
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
 
 
 # ----------------------------------------------------------------------------- output

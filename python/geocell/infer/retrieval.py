@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from geocell._internal.atomic import atomic_write
+from geocell._internal.progress import progress_bar
 
 INDEX_FORMAT = "geocell-retrieval"
 INDEX_VERSION = 1
@@ -312,11 +313,7 @@ def embed_paths(model, preprocess, paths, *, device="cpu", batch_size: int = 64,
     device = torch.device(device)
     model = model.to(device).eval()
     chunks, read, skipped = [], [], []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(paths), unit="img", file=sys.stderr, dynamic_ncols=True, desc="embedding")
+    bar = progress_bar(len(paths), progress, "embedding", file=sys.stderr, dynamic_ncols=True)
     with torch.inference_mode():
         for images, indices, failed in stream_files(paths, make_transform(preprocess), batch_size=batch_size,
                                                     num_workers=num_workers):
@@ -324,10 +321,8 @@ def embed_paths(model, preprocess, paths, *, device="cpu", batch_size: int = 64,
             if images is not None:
                 chunks.append(forward_with_embeddings(model, images.to(device))[2])
                 read += list(indices)
-            if bar is not None:
-                bar.update(len(indices) + len(failed))
-    if bar is not None:
-        bar.close()
+            bar.update(len(indices) + len(failed))
+    bar.close()
     dim = getattr(model, "feature_dim", 0)
     emb = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
     return emb, np.asarray(read, dtype=np.int64), skipped

@@ -1,14 +1,15 @@
-"""Batches of normalized images and their targets, from a manifest (or packed shards).
+"""What both loader backends share: the :class:`Loader` base (targets, normalisation, the
+up-front file checks), the epoch order and the per-sample randomness. The factory that picks a
+backend is :func:`geocell.loading.loaders.make_loader`.
 
-``make_loader`` picks NVIDIA DALI when it is importable (``backend="auto"``) and the torchvision
-DataLoader otherwise; both yield ``(images, targets)`` with images float32 (B, 3, S, S)
-normalized with ImageNet ``MEAN``/``STD`` on ``device`` and targets a dict of tensors on
-``device``: ``geo`` int64 (B, P), ``scene`` int64 (B,), ``latlng`` float64 (B, 2), ``index``
-int64 (B,) (row in the manifest).
+A loader yields ``(images, targets)`` with images float32 (B, 3, S, S) normalized with its
+:class:`~geocell.loading.preprocess.Preprocess`'s ``mean``/``std`` on ``device`` and targets a
+dict of tensors on ``device``: ``geo`` int64 (B, P), ``scene`` int64 (B,), ``latlng`` float64
+(B, 2), ``index`` int64 (B,) (row in the manifest).
 
-Training: random-resized crop + horizontal flip (ranges and probability from
-:class:`~geocell.loading.preprocess.Preprocess`'s defaults or the caller). Evaluation: shorter side resized to
-``resize_size`` + centre crop, and every sample of the shard exactly once.
+Training: random-resized crop + horizontal flip (ranges and probability from the
+``Preprocess``). Evaluation: shorter side resized to ``resize_size`` + centre crop, and every
+sample of the shard exactly once.
 
 Reproducibility (what makes ``--resume`` exact): a training epoch's order is
 ``epoch_rows(rows, seed, epoch, shard_id, num_shards)`` (a permutation drawn from (seed, epoch);
@@ -33,7 +34,7 @@ import numpy as np
 
 log = logging.getLogger("geocell.loading.base")
 
-from geocell.loading.preprocess import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD, RATIO, SCALE, default_resize_size
+from geocell.loading.preprocess import RATIO, SCALE, Preprocess
 from geocell.data.images import ImageTooLarge, open_checked
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -189,35 +190,25 @@ def crop_params(height: int, width: int, rng: np.random.Generator, scale=SCALE, 
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-        import nvidia.dali.plugin.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 class Loader:
     """Shared state and target lookup of both backends."""
     backend = "none"
 
-    def __init__(self, manifest, labels, *, train, batch_size, image_size, resize_size, device,
-                 num_workers, shard_id, num_shards, seed, validate, crop_scale=SCALE, crop_ratio=RATIO,
-                 hflip=0.5):
+    def __init__(self, manifest, labels, *, train, batch_size, preprocess: Preprocess, device,
+                 num_workers, shard_id, num_shards, seed, validate):
         import torch
 
         if len(labels) != len(manifest):
             raise ValueError(f"label table has {len(labels)} rows, manifest {len(manifest)}")
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} not in [0, {num_shards})")
+        if not isinstance(preprocess, Preprocess):
+            raise TypeError(f"preprocess must be a geocell.loading.preprocess.Preprocess, not {type(preprocess).__name__}")
         self.manifest = manifest
         self.labels = labels
         self.train = bool(train)
         self.batch_size = int(batch_size)
-        self.image_size = int(image_size)
-        self.resize_size = int(resize_size or default_resize_size(image_size))
-        self.crop_scale, self.crop_ratio, self.hflip = tuple(crop_scale), tuple(crop_ratio), float(hflip)
+        self.preprocess = preprocess
         self.device = torch.device(device)
         self.num_workers = int(num_workers)
         self.shard_id, self.num_shards = int(shard_id), int(num_shards)
@@ -227,8 +218,8 @@ class Loader:
         self._geo = torch.from_numpy(np.ascontiguousarray(labels.geo, dtype=np.int64))
         self._scene = torch.from_numpy(np.ascontiguousarray(labels.scene, dtype=np.int64))
         self._latlng = torch.from_numpy(np.ascontiguousarray(labels.latlng, dtype=np.float64))
-        self._mean255 = torch.tensor([m * 255 for m in MEAN], dtype=torch.float32).view(1, 3, 1, 1)
-        self._std255 = torch.tensor([s * 255 for s in STD], dtype=torch.float32).view(1, 3, 1, 1)
+        self._mean255 = torch.tensor([m * 255 for m in preprocess.mean], dtype=torch.float32).view(1, 3, 1, 1)
+        self._std255 = torch.tensor([s * 255 for s in preprocess.std], dtype=torch.float32).view(1, 3, 1, 1)
         self.rows = self._usable_rows(validate)
 
     def _usable_rows(self, validate) -> np.ndarray:
@@ -275,36 +266,3 @@ class Loader:
                 f"train={self.train}, batch_size={self.batch_size}, shard={self.shard_id}/{self.num_shards}, "
                 f"device={self.device})")
 
-
-def make_loader(manifest, labels, *, train: bool, batch_size: int, image_size: int = 224,
-                resize_size: Optional[int] = None, backend: str = "auto", device="cpu",
-                num_workers: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
-                validate: bool = True, gpu_decode: Optional[bool] = None, crop_scale=SCALE,
-                crop_ratio=RATIO, hflip: float = 0.5) -> Loader:
-    """A loader over ``manifest`` rows with targets from ``labels`` (see the module doc).
-
-    ``num_workers``: DALI threads or DataLoader worker processes. For a shard-backed manifest
-    (``read_manifest(packed_folder)``) DALI reads the tar shards with its webdataset reader
-    and the torch path reads the same samples through the shard index files.
-    ``gpu_decode`` (torch backend only): decode JPEGs with nvJPEG via
-    ``torchvision.io.decode_jpeg(device="cuda")``; default: when ``device`` is a GPU.
-    """
-    if backend not in ("auto", "dali", "torch"):
-        raise ValueError(f"backend must be 'auto', 'dali' or 'torch', not {backend!r}")
-    if backend == "auto":
-        backend = "dali" if dali_available() else "torch"
-    kwargs = dict(train=train, batch_size=batch_size, image_size=image_size, resize_size=resize_size,
-                  device=device, num_workers=num_workers, shard_id=shard_id, num_shards=num_shards,
-                  seed=seed, validate=validate, crop_scale=crop_scale, crop_ratio=crop_ratio, hflip=hflip)
-    if backend == "dali":
-        import nvidia.dali  # noqa: F401  (asked for by name: a missing DALI says so here, not mid-epoch)
-        from geocell.loading.dali_backend import DaliLoader
-
-        loader = DaliLoader(manifest, labels, **kwargs)
-    else:
-        from geocell.loading.torch_backend import TorchLoader
-
-        loader = TorchLoader(manifest, labels, gpu_decode=gpu_decode, **kwargs)
-    log.info("data loader: %s backend (%s), %d samples, %d batches per epoch", loader.backend,
-             getattr(loader, "detail", ""), len(loader.rows), len(loader))
-    return loader

@@ -51,7 +51,7 @@ import weakref
 import numpy as np
 import torch
 
-from geocell.loading.base import MEAN, STD, Loader, epoch_rows, sample_uniforms
+from geocell.loading.base import Loader, epoch_rows, sample_uniforms
 from geocell.loading.resample import BatchWriter, centre_crop_boxes
 from geocell.data.images import decode_rgb
 from geocell.data.shards import read_sample, sample_locations, shard_indexes, write_index_without
@@ -88,7 +88,8 @@ class DaliLoader(Loader):
         self._iter = None
         self._undecodable: set = set()  # manifest rows found not to decode at run time
         if not self.gpu:
-            self._writer = BatchWriter(self.image_size, MEAN, STD, threads=max(1, self.num_workers))
+            spec = self.preprocess
+            self._writer = BatchWriter(spec.image_size, spec.mean, spec.std, threads=max(1, self.num_workers))
         if not self.train:
             self._iter = self._build_eval()
 
@@ -116,7 +117,8 @@ class DaliLoader(Loader):
         from nvidia.dali import fn, types
         from nvidia.dali import math as dmath
 
-        S, R = self.image_size, self.resize_size
+        spec = self.preprocess
+        S, R = spec.image_size, spec.resize_size
         decoder_device = "mixed" if self.gpu else "cpu"
         if params is not None:
             # params: (area * ratio, area / ratio) and the window's relative (x, y), so the
@@ -140,12 +142,12 @@ class DaliLoader(Loader):
             mirror, crop = 0, (S, S)
         return fn.crop_mirror_normalize(
             images, dtype=types.FLOAT, output_layout="CHW", crop=crop, mirror=mirror,
-            mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD])
+            mean=[m * 255 for m in spec.mean], std=[s * 255 for s in spec.std])
 
     def _iterator(self, pipe, train):
         """Batches as DALIGenericIterator gives them: a list with one dict of "images", "ids"."""
         if not self.gpu:
-            return _HostBatches(pipe, train, self._writer, self.resize_size)
+            return _HostBatches(pipe, train, self._writer, self.preprocess.resize_size)
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         pipe.build()
@@ -183,7 +185,7 @@ class DaliLoader(Loader):
         from nvidia.dali import fn, pipeline_def, types
 
         B, seed, epoch = self.batch_size, self.seed, self.epoch
-        scale, aspect, hflip = self.crop_scale, self.crop_ratio, self.hflip
+        scale, aspect, hflip = self.preprocess.crop_scale, self.preprocess.crop_ratio, self.preprocess.hflip
         pipe_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
         shards = self._shards
         nb = len(rows) // B if not shards else 0

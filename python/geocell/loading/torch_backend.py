@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from geocell.loading.preprocess import Preprocess
-from geocell.loading.base import RATIO, SCALE, Loader, crop_params, epoch_rows, sample_rng, shard_range
+from geocell.loading.base import Loader, crop_params, epoch_rows, sample_rng, shard_range
 from geocell.data.images import decode_rgb, exif_orientation, open_checked
 from geocell.data.shards import read_sample, sample_locations
 
@@ -61,27 +61,27 @@ def _decode_cpu(data: bytes) -> torch.Tensor:
         ctx.__exit__(None, None, None)
 
 
-def _augment(img: torch.Tensor, rng, image_size: int, resize_size: int, aug=(SCALE, RATIO, 0.5)) -> torch.Tensor:
+def _augment(img: torch.Tensor, rng, spec: Preprocess) -> torch.Tensor:
     """uint8 (3,H,W) -> uint8 (3,S,S), on whatever device ``img`` is on. ``rng``: the sample's
     generator (training: random-resized crop + flip) or None (evaluation: resize + centre crop)."""
     import torchvision.transforms.v2.functional as F
 
     if rng is not None:
-        top, left, h, w = crop_params(img.shape[-2], img.shape[-1], rng, aug[0], aug[1])
-        img = F.resized_crop(img, top, left, h, w, [image_size, image_size], antialias=True)
-        if rng.random() < aug[2]:  # always drawn, so the stream does not depend on hflip
+        top, left, h, w = crop_params(img.shape[-2], img.shape[-1], rng, spec.crop_scale, spec.crop_ratio)
+        img = F.resized_crop(img, top, left, h, w, [spec.image_size, spec.image_size], antialias=True)
+        if rng.random() < spec.hflip:  # always drawn, so the stream does not depend on hflip
             img = F.horizontal_flip(img)
         return img
-    return Preprocess(image_size, resize_size).eval_crop(img)
+    return spec.eval_crop(img)
 
 
 class _Samples(Dataset):
     """Indexed by (epoch, manifest row) (the sampler yields those). Item = (uint8 image or raw
     bytes, row, error or None, epoch); never raises."""
 
-    def __init__(self, source, train, image_size, resize_size, decode, seed, aug):
-        self.source, self.train, self.seed, self.aug = source, train, seed, aug
-        self.image_size, self.resize_size, self.decode = image_size, resize_size, decode
+    def __init__(self, source, train, spec: Preprocess, decode, seed):
+        self.source, self.train, self.seed = source, train, seed
+        self.spec, self.decode = spec, decode
 
     def __getitem__(self, key):
         epoch, row = key
@@ -90,7 +90,7 @@ class _Samples(Dataset):
             if not self.decode:
                 return data, row, None, epoch
             rng = sample_rng(self.seed, epoch, row) if self.train else None
-            img = _augment(_decode_cpu(data), rng, self.image_size, self.resize_size, self.aug)
+            img = _augment(_decode_cpu(data), rng, self.spec)
             return img, row, None, epoch
         except Exception as e:  # one bad image must not end the epoch
             return None, row, f"{type(e).__name__}: {e}", epoch
@@ -158,9 +158,8 @@ class TorchLoader(Loader):
             raise ValueError("gpu_decode needs a CUDA device")
         self.detail = ("nvJPEG decode on " + str(self.device)) if self.gpu_decode else \
             f"torchvision.io CPU decode, {self.num_workers} workers"
-        dataset = _Samples(self._source, self.train, self.image_size, self.resize_size,
-                           decode=not self.gpu_decode, seed=self.seed,
-                           aug=(self.crop_scale, self.crop_ratio, self.hflip))
+        dataset = _Samples(self._source, self.train, self.preprocess, decode=not self.gpu_decode,
+                           seed=self.seed)
         generator = torch.Generator()
         generator.manual_seed(self.seed)
         self._batches = _EpochBatches(self.rows, self.train, self.batch_size, self.shard_id,
@@ -246,8 +245,7 @@ class TorchLoader(Loader):
         if not keep:
             return None, rows[:0]
         rngs = [sample_rng(self.seed, epoch, int(rows[i])) for i in keep] if self.train else None
-        images = _augment_batch([decoded[i] for i in keep], rngs, self.image_size, self.resize_size,
-                                (self.crop_scale, self.crop_ratio, self.hflip))
+        images = _augment_batch([decoded[i] for i in keep], rngs, self.preprocess)
         return images, rows[keep]
 
 
@@ -272,7 +270,7 @@ def upright_tensor(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
-def _augment_batch(images, rngs, image_size: int, resize_size: int, aug=(SCALE, RATIO, 0.5)) -> torch.Tensor:
+def _augment_batch(images, rngs, spec: Preprocess) -> torch.Tensor:
     """The crops of ``_augment`` (``rngs``: one generator per image, or None for evaluation)
     for a list of (3,H,W) uint8 GPU images in one ``roi_align``
     call (a per-image loop is launch-bound at a few thousand images/s). Returns float32
@@ -280,17 +278,17 @@ def _augment_batch(images, rngs, image_size: int, resize_size: int, aug=(SCALE, 
     averages ceil(box/S) samples per output pixel, which antialiases like ``resize``."""
     from torchvision.ops import roi_align
 
-    S = image_size
+    S = spec.image_size
     train = rngs is not None
     boxes, flips = [], []
     for k, img in enumerate(images):
         h, w = img.shape[-2:]
         if train:
-            top, left, ch, cw = crop_params(h, w, rngs[k], aug[0], aug[1])
-            flips.append(bool(rngs[k].random() < aug[2]))
+            top, left, ch, cw = crop_params(h, w, rngs[k], spec.crop_scale, spec.crop_ratio)
+            flips.append(bool(rngs[k].random() < spec.hflip))
         else:
             # Shorter side to resize_size, then the central S x S, expressed in input pixels.
-            side = S * min(h, w) / resize_size
+            side = S * min(h, w) / spec.resize_size
             ch = cw = side
             top, left = (h - side) / 2.0, (w - side) / 2.0
         boxes.append([k, left, top, left + cw, top + ch])

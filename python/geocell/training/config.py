@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from geocell.data.earth import DEFAULT_N, DEFAULT_N_SCENES, SPLIT_RULES, default_far
+from geocell.loading.preprocess import Preprocess
 from geocell.training.budget import parse_budget
 
 # Partitionings of the 2018 paper, (tau_min, tau_max), tuned for MP-16's 4.7M training images.
@@ -96,6 +97,12 @@ class TrainConfig:
     ablation: bool = False
     seeds: int = 3  # --ablation: training seeds per variant (seed, seed + 1, ...)
     ablation_variants: list | None = None  # --ablation: which variants (1-based); None = all
+
+
+def preprocess_from_config(cfg: TrainConfig) -> Preprocess:
+    """The run's one preprocessing: what its loaders crop and normalise, and what its checkpoints
+    store for inference (ImageNet's mean and std; the trunks renormalise themselves)."""
+    return Preprocess(cfg.image_size, cfg.resize_size or 0, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
 
 
 def scaled_taus(taus, n_train: int, scale="auto") -> list[list[int]]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from geocell._internal.progress import progress_bar
 from geocell._internal.torch_util import autocast_context
 
 # ---------------------------------------------------------------------------------------------
@@ -225,16 +226,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def progress_bar(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, mininterval=1.0, leave=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # One training epoch
 
@@ -263,8 +254,9 @@ def train_one_epoch(model, criterion, loader, state, info: DistInfo, options: Ep
     model.train()
     device = info.device
     skip = state.step_in_epoch
-    bar = progress_bar(options.steps, options.show_progress and info.is_main, f"epoch {state.epoch + 1}")
-    if bar is not None and skip:
+    bar = progress_bar(options.steps, options.show_progress and info.is_main, f"epoch {state.epoch + 1}",
+                       unit="batch", dynamic_ncols=True, mininterval=1.0, leave=False)
+    if skip:
         bar.update(skip)
     sums: dict = {}
     count = 0
@@ -314,16 +306,14 @@ def train_one_epoch(model, criterion, loader, state, info: DistInfo, options: Ep
         if not math.isfinite(float(parts["loss"])):
             raise FloatingPointError(f"loss is {float(parts['loss'])} at epoch {state.epoch + 1}, step {state.step}; "
                                      "lower --lr or check the data")
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         if options.log_every and state.step % options.log_every == 0:
             elapsed = time.perf_counter() - window_start
             record = {"epoch": state.epoch + state.step_in_epoch / options.steps,
                       "lr": optimizer.param_groups[0]["lr"],
                       "images_per_s": window_images / max(elapsed, 1e-9),
                       **{k: float(v) for k, v in parts.items()}}
-            if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
             if logger is not None:
                 logger.log(record, state.step, prefix="train/")
             window_images, window_start = 0, time.perf_counter()
@@ -332,8 +322,7 @@ def train_one_epoch(model, criterion, loader, state, info: DistInfo, options: Ep
             break
         if on_step is not None:
             on_step(state)
-    if bar is not None:
-        bar.close()
+    bar.close()
     means = {k: v / max(count, 1) for k, v in sums.items()}
     return all_reduce_mean(means, info), stopped
 

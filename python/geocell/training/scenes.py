@@ -39,12 +39,12 @@ def _labels(manifest):
     return LabelTable.from_manifest(manifest, [])  # no partitionings: scene targets only
 
 
-def _loader(manifest, train: bool, *, image_size: int, batch_size: int, backend: str, workers: int, device,
-            seed: int = 0):
-    from geocell.loading.base import make_loader
+def _loader(manifest, train: bool, options: "HelperOptions", device):
+    from geocell.loading.loaders import make_loader
 
-    return make_loader(manifest, _labels(manifest), train=train, batch_size=batch_size, image_size=image_size,
-                       backend=backend, device=device, num_workers=workers, seed=seed)
+    return make_loader(manifest, _labels(manifest), train=train, batch_size=options.batch_size,
+                       preprocess=options.preprocess, backend=options.backend, device=device,
+                       num_workers=options.workers, seed=options.seed)
 
 
 @torch.no_grad()
@@ -87,6 +87,12 @@ class HelperOptions:
     pretrained: str = "none"
     progress: bool = True
 
+    @property
+    def preprocess(self) -> Preprocess:
+        """The helper's one preprocessing (its loaders' and its checkpoint's): ``image_size``
+        with the default crops, flip and normalisation."""
+        return Preprocess(self.image_size)
+
 
 def train_helper(train_set, val_set, names: list, options: HelperOptions, device, log=print):
     """The scene-only network trained on ``train_set``'s scene labels (SGD, cosine schedule after
@@ -95,9 +101,7 @@ def train_helper(train_set, val_set, names: list, options: HelperOptions, device
     engine.seed_everything(options.seed)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     model = GeoModel(options.arch, [], len(names), pretrained=options.pretrained).to(device)
-    loader_args = dict(image_size=options.image_size, batch_size=options.batch_size, backend=options.backend,
-                       workers=options.workers, device=device, seed=options.seed)
-    train_loader = _loader(train_set, True, **loader_args)
+    train_loader = _loader(train_set, True, options, device)
     steps = len(train_loader)
     if steps == 0:
         raise ValueError(f"{len(train_set)} scene images give no batch of {options.batch_size}")
@@ -108,7 +112,7 @@ def train_helper(train_set, val_set, names: list, options: HelperOptions, device
     state = TrainState(optimizer, scheduler)
     epoch_options = engine.EpochOptions(steps=steps, amp_dtype=amp_dtype, log_every=0, show_progress=options.progress)
     info = engine.DistInfo(device=device)
-    val_loader = _loader(val_set, False, **loader_args) if val_set is not None and len(val_set) else None
+    val_loader = _loader(val_set, False, options, device) if val_set is not None and len(val_set) else None
     accuracy = float("nan")
     for epoch in range(options.epochs):
         train_loader.set_epoch(epoch)
@@ -127,8 +131,7 @@ def train_helper(train_set, val_set, names: list, options: HelperOptions, device
 
 def label_images(model, manifest, options: HelperOptions, device) -> np.ndarray:
     """(N, S) scene probabilities of every image of ``manifest`` (NaN rows: unreadable images)."""
-    loader = _loader(manifest, False, image_size=options.image_size, batch_size=options.batch_size,
-                     backend=options.backend, workers=options.workers, device=device)
+    loader = _loader(manifest, False, options, device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     return scene_probabilities(model, loader, len(manifest), device, amp_dtype)
 
@@ -190,7 +193,7 @@ def cmd_train(args) -> int:
 
 def save_helper(path, model, names: list, options: HelperOptions) -> None:
     save_checkpoint(path, arch=options.arch, model=model.state_dict(), num_classes=[], scene_names=list(names),
-                    partitions=[], preprocess=Preprocess(options.image_size).to_dict())
+                    partitions=[], preprocess=options.preprocess.to_dict())
 
 
 class HelperCache:

@@ -32,6 +32,7 @@ import torch
 
 from geocell.partition import Partition, hierarchy as cell_hierarchy, partitions as adaptive_partitions
 from geocell._internal.torch_util import training_autocast_dtype
+from geocell.data.dataset import read_dataset
 from geocell.data.manifest import read_manifest
 from geocell.data.splits import held_out_split, min_distance_km, validation_rows
 from geocell.infer import fitting
@@ -51,14 +52,13 @@ from geocell.infer.metrics import (
 )
 from geocell.model.records import Calibration, partition_names
 from geocell.infer.retrieval import RetrievalIndex, forward_with_embeddings, index_path_for
-from geocell.loading.base import make_loader
+from geocell.loading.loaders import make_loader
 from geocell.loading.labels import LabelTable
-from geocell.loading.preprocess import Preprocess
 from geocell.training import engine
 from geocell.training.budget import DEFAULT_BUDGET_S, Rates, StageClock, parse_budget, plan_steps
 from geocell.model.checkpoint import (CheckpointError, load_checkpoint, model_fingerprint, partition_from_dict,
                                      save_checkpoint)
-from geocell.training.config import TrainConfig, add_arguments, resolve, save_yaml, scaled_taus
+from geocell.training.config import TrainConfig, add_arguments, preprocess_from_config, resolve, save_yaml, scaled_taus
 from geocell.training.losses import MultitaskLoss
 from geocell.model.network import GeoModel, PretrainedWeightsError
 from geocell.training.state import TrainState, gather_rng
@@ -110,12 +110,12 @@ def load_data(cfg: TrainConfig, info):
                                                 progress=cfg.progress))
                 print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
             engine.barrier(info)
-    full = read_manifest(manifest_path, image_root=cfg.image_root)
+    full = read_dataset(manifest_path, image_root=cfg.image_root)
     if full.report:
         log(info, f"{manifest_path}: {len(full.report)} unusable rows left out\n{full.format_report()}")
     test = None
     if cfg.val_manifest:
-        val = read_manifest(cfg.val_manifest, image_root=cfg.image_root)
+        val = read_dataset(cfg.val_manifest, image_root=cfg.image_root)
         train = full.subset(full.split == "train") if full.split is not None and (full.split == "train").any() else full
     elif validation_rows(full).any():
         train = full.subset(full.split == "train")
@@ -170,7 +170,7 @@ def propagate_scenes(cfg: TrainConfig, info, run_dir: str, splits: dict, resume:
     if info.is_main and not (resume and os.path.isfile(labels_path)):
         t0 = time.perf_counter()
         source = scene_dataset(cfg)
-        scene_set = read_manifest(source, image_root=None)
+        scene_set = read_dataset(source, image_root=None)
         labelled = scene_set.subset(scene_set.scene >= 0)
         is_val = validation_rows(labelled)
         options = scenes.HelperOptions(arch=cfg.helper_arch, epochs=cfg.helper_epochs, lr=cfg.helper_lr,
@@ -240,10 +240,9 @@ def build_partitions(cfg: TrainConfig, train, info):
 
 def split_loader(cfg: TrainConfig, partitions, manifest, info, is_train: bool):
     labels = LabelTable.from_manifest(manifest, partitions)
-    return make_loader(manifest, labels, train=is_train, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                       resize_size=cfg.resize_size, backend=cfg.backend, device=info.device,
-                       num_workers=cfg.workers, shard_id=info.rank, num_shards=info.world, seed=cfg.seed,
-                       crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
+    return make_loader(manifest, labels, train=is_train, batch_size=cfg.batch_size,
+                       preprocess=preprocess_from_config(cfg), backend=cfg.backend, device=info.device,
+                       num_workers=cfg.workers, shard_id=info.rank, num_shards=info.world, seed=cfg.seed)
 
 
 def make_loaders(cfg: TrainConfig, partitions, train, val, test, info):
@@ -263,8 +262,7 @@ class RunCheckpoints:
         self.run_dir, self.info, self.cfg, self.model = run_dir, info, cfg, model
         self.fields = dict(arch=cfg.arch, num_classes=[len(p) for p in partitions], scene_names=scene_names,
                            partitions=partitions, partition_names=names, hierarchy=hierarchy,
-                           preprocess=Preprocess(cfg.image_size, cfg.resize_size or 0,
-                                                 crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip).to_dict())
+                           preprocess=preprocess_from_config(cfg).to_dict())
         self.calibration: Calibration | None = None
 
     def path(self, name: str) -> str:
@@ -510,11 +508,7 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
 
     result = {"rows": {}, "val_rows": {}, "extras": {}, "run_dir": run_dir, "model": model, "stopped": stopped}
     if not stopped:
-        index_loader = functools.partial(make_loader, train_set, LabelTable.from_manifest(train_set, partitions),
-                                         train=False, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                                         resize_size=cfg.resize_size, backend=cfg.backend, device=info.device,
-                                         num_workers=cfg.workers, shard_id=info.rank, num_shards=info.world,
-                                         seed=cfg.seed) if cfg.retrieval else None
+        index_loader = functools.partial(split_loader, cfg, partitions, train_set, info, False) if cfg.retrieval else None
         result.update(finish(cfg, info, model, evaluate, checkpoints, partitions, train_set, val_loader,
                              test_loader, state, index_loader=index_loader,
                              scene_helper=helper["summary"] if helper else None, clock=clock,
