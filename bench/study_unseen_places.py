@@ -22,7 +22,7 @@ import numpy as np
 from geocell.data.earth import _unused, build_earth, default_locations
 from geocell.data.manifest import read_manifest
 from geocell.data.splits import min_distance_km
-from geocell.infer import evaluate
+from geocell.commands import evaluate
 
 
 def unused_locations(data_dir: str) -> np.ndarray:

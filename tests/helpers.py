@@ -71,7 +71,7 @@ def run_cli(argv, main=None):
     """Runs a command's ``main(argv)`` (``geocell predict``'s by default) capturing its output:
     (exit code, stdout, stderr)."""
     if main is None:
-        from geocell.infer.predict import main
+        from geocell.commands.predict import main
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         rc = main(argv)

@@ -77,7 +77,7 @@ def test_readme_partition_command_runs_as_written(tmp_path):
 @pytest.mark.parametrize("command", ["partition", "data", "scenes", "train", "evaluate", "predict"])
 def test_every_command_has_help(command):
     pytest.importorskip("torch")
-    from geocell.cli import main
+    from geocell.commands import main
 
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])

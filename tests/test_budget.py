@@ -94,7 +94,7 @@ def test_the_schedule_ends_where_a_partial_run_ends():
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
-from geocell.training import trainer as run  # noqa: E402
+from geocell.commands import train as run  # noqa: E402
 from geocell.model.checkpoint import load_checkpoint  # noqa: E402
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend", "torch", "--threads", "1",

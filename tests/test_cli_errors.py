@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geocell import cli
+from geocell import commands as cli
 
-# Runs geocell.cli.main(ARGS) with the top-level modules in HIDE not importable.
+# Runs geocell.commands.main(ARGS) with the top-level modules in HIDE not importable.
 CHILD = r"""
 import importlib.abc, sys
 HIDE = set(sys.argv[1].split(","))
@@ -27,7 +27,7 @@ class Hidden(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Hidden())
-from geocell.cli import main
+from geocell.commands import main
 sys.exit(main(sys.argv[2:]))
 """
 LIMIT_S = 120

@@ -23,7 +23,7 @@ from PIL import Image
 pytest.importorskip("img2dataset")
 msgpack = pytest.importorskip("msgpack")
 
-from geocell.data.cli import main as data_main  # noqa: E402
+from geocell.commands.data import main as data_main  # noqa: E402
 from geocell.data.download import failure_reason, flickr_sized  # noqa: E402
 from geocell.data.dataset import read_dataset  # noqa: E402
 

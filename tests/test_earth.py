@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geocell.data.cli import main as data_main
+from geocell.commands.data import main as data_main
 from geocell.data.earth import build_earth, default_locations
 from geocell.data.terrain import SCENE_NAMES, land_fraction, scene_from_shares, scene_labels, terrain_shares
 from geocell.data.manifest import read_manifest

@@ -15,7 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
-from geocell.infer.evaluate import accuracy_rows, evaluate_paths, main  # noqa: E402
+from geocell.commands.evaluate import main  # noqa: E402
+from geocell.infer.evaluate import accuracy_rows, evaluate_paths  # noqa: E402
 from geocell.infer.metrics import BASELINE_ROW, HIERARCHY_ROW  # noqa: E402
 from geocell.infer.predict import Geolocator  # noqa: E402
 from helpers import PREPROCESS, make_tiny_checkpoint, tiny_partitions, write_jpegs  # noqa: E402

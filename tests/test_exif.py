@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from geocell.data.cli import main as data_main
+from geocell.commands.data import main as data_main
 from geocell.data.exif import gps_exif, manifest_from_exif, read_gps
 from geocell.data.manifest import read_manifest
 

@@ -112,7 +112,7 @@ def test_place_column_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def far_build(tmp_path_factory):
-    from geocell.data.cli import main as data_main
+    from geocell.commands.data import main as data_main
     from geocell.data.earth import build_earth
 
     root = tmp_path_factory.mktemp("far")

@@ -59,7 +59,7 @@ def test_largest_thread_count_the_core_holds_is_accepted():
 # ---- the partition CLI names file lines and its own flags; cell files are checked ----
 
 def test_partition_cli_names_the_file_line_and_the_flag(tmp_path, capsys):
-    from geocell.partition_cli import main
+    from geocell.commands.partition import main
 
     p = tmp_path / "points.csv"
     # line 1 header, line 2 fine, line 3 blank, line 4 fine, line 5 bad (data row 2, 0-based)

@@ -222,7 +222,7 @@ def test_orphan_temporary_files_of_dead_writers_are_removed(tmp_path):
 
 
 def test_resume_from_a_refused_checkpoint_is_a_usage_error_not_a_traceback(good, tmp_path, capsys):
-    from geocell.training import trainer
+    from geocell.commands import train as trainer
 
     run = tmp_path / "run"
     run.mkdir()

@@ -119,7 +119,7 @@ def _photos(folder, n, seed=0, side=40):
 
 
 def test_pack_refuses_to_write_over_its_own_input_manifest(tmp_path, capsys):
-    from geocell.data.cli import main
+    from geocell.commands.data import main
 
     src = _photos(tmp_path / "photos", 3)
     before = src.read_bytes()
@@ -184,7 +184,7 @@ def test_pack_that_fails_at_the_second_shard_leaves_a_folder_with_the_right_labe
 _PREDICT_OUT_CHILD = _LIMIT_FSIZE + """
 import sys
 from test_predict import make_tiny_checkpoint
-from geocell.infer.predict import main
+from geocell.commands.predict import main
 ckpt = make_tiny_checkpoint(sys.argv[1] + "/tiny.pt")
 limit_files(300)
 try:
@@ -340,7 +340,7 @@ def test_stored_calibration_values_out_of_range_are_refused_by_name(field, value
 
 @pytest.mark.parametrize("flag, target", [("--out", "EXISTING_DIR"), ("--cdf", "missing/x.png")])
 def test_evaluate_checks_its_outputs_before_the_work(tmp_path, capsys, flag, target):
-    from geocell.infer.evaluate import main
+    from geocell.commands.evaluate import main
 
     target = str(tmp_path) if target == "EXISTING_DIR" else str(tmp_path / target)
     with pytest.raises(SystemExit) as exit_:

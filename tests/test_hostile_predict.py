@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 from PIL import Image  # noqa: E402
 
-from geocell.infer.predict import main  # noqa: E402
+from geocell.commands.predict import main  # noqa: E402
 from helpers import make_tiny_checkpoint, run_cli  # noqa: E402
 
 RAW_NAME = b"caf\xe9-\xff.jpg"  # Latin-1 bytes: not UTF-8

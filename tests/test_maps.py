@@ -99,7 +99,7 @@ def test_predict_writes_one_map_per_image(tmp_path):
     pytest.importorskip("torch")
     from helpers import make_tiny_checkpoint, write_jpegs
 
-    from geocell.infer.predict import main
+    from geocell.commands.predict import main
 
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.pt")
     images = write_jpegs(tmp_path / "img", 2)

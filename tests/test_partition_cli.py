@@ -1,4 +1,4 @@
-"""The `geocell partition` command (partition_cli.main), run in-process."""
+"""The `geocell partition` command (geocell.commands.partition.main), run in-process."""
 
 import gzip
 import os
@@ -8,7 +8,7 @@ import pytest
 
 import geocell
 from geocell.partition import Partition
-from geocell.partition_cli import main
+from geocell.commands.partition import main
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "mp16_coords_100k.csv.gz")
 

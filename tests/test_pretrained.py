@@ -164,7 +164,7 @@ def test_geocell_train_exits_2_on_a_file_that_does_not_fit(tmp_path, capsys):
     import torchvision
 
     from geocell.data.earth import build_earth
-    from geocell.training import trainer
+    from geocell.commands import train as trainer
 
     earth = str(build_earth(tmp_path / "earth", n=60, size=32, seed=0, progress=False, workers=1))
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pth")

@@ -296,7 +296,7 @@ def trained(tmp_path_factory):
     """A tiny Earth dataset and one epoch of the default recipe on it: best.pt, its
     calibration with the hybrid's fit, and best.retrieval.npz."""
     from geocell.data.earth import build_earth
-    from geocell.training import trainer
+    from geocell.commands import train as trainer
 
     root = tmp_path_factory.mktemp("retrieval")
     manifest = str(build_earth(root / "earth", n=160, size=32, seed=0, progress=False, workers=1,
@@ -355,7 +355,7 @@ def test_geolocator_with_and_without_retrieval(trained, tmp_path):
 
 
 def test_index_build_cli_and_evaluate_rows(trained, tmp_path):
-    from geocell.cli import main as geocell_main
+    from geocell.commands import main as geocell_main
     from geocell.model.checkpoint import checkpoint_fingerprint
     from geocell.model.checkpoint import load_checkpoint
 
@@ -386,7 +386,7 @@ def test_index_build_cli_and_evaluate_rows(trained, tmp_path):
     np.testing.assert_allclose(built.embeddings[order_a].astype(np.float32),
                                trainer_index.embeddings[order_b].astype(np.float32), atol=2e-2)
 
-    from geocell.infer.evaluate import main as evaluate_main
+    from geocell.commands.evaluate import main as evaluate_main
 
     args = ["--checkpoint", str(run / "best.pt"), "--manifest", manifest, "--split", "test", "--workers", "0",
             "--no-progress"]

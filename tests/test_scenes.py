@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("torchvision")
 
-from geocell.training import scenes
+from geocell.commands import scenes
 from geocell.model.checkpoint import load_checkpoint
 from geocell.data.manifest import read_manifest, write_manifest
 from geocell.data.terrain import SCENE_NAMES

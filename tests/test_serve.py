@@ -22,6 +22,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from geocell.commands import serve as serve_command  # noqa: E402
 from geocell.infer import serve  # noqa: E402
 from geocell.infer.predict import Geolocator  # noqa: E402
 from geocell.model.checkpoint import FORMAT_VERSION  # noqa: E402
@@ -189,29 +190,29 @@ def test_page_is_self_contained(tiny):
 
 
 def test_cli_registered_and_host_warning(tiny, monkeypatch, capsys):
-    from geocell.cli import COMMANDS
+    from geocell.commands import COMMANDS
 
-    assert COMMANDS["serve"][0] == "geocell.infer.serve"
+    assert COMMANDS["serve"][0] == "geocell.commands.serve"
     ckpt = tiny[0]
     calls = []
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
-    assert serve.main(["--checkpoint", ckpt, "--device", "cpu"]) == 0
+    assert serve_command.main(["--checkpoint", ckpt, "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
     assert "http://127.0.0.1:7860/" in out and "WARNING" not in err
     assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 7860
-    assert serve.main(["--checkpoint", ckpt, "--device", "cpu", "--host", "0.0.0.0", "--port", "8000"]) == 0
+    assert serve_command.main(["--checkpoint", ckpt, "--device", "cpu", "--host", "0.0.0.0", "--port", "8000"]) == 0
     out, err = capsys.readouterr()
     assert "WARNING" in err and "0.0.0.0" in err and "http://127.0.0.1:8000/" in out
     for host in ("::", "192.168.1.5", "example.org"):
-        assert serve.main(["--checkpoint", ckpt, "--device", "cpu", "--host", host]) == 0
+        assert serve_command.main(["--checkpoint", ckpt, "--device", "cpu", "--host", host]) == 0
         err = capsys.readouterr().err
         assert f"WARNING: binding {host} makes this server reachable from other machines" in err
     for host in ("localhost", "::1", "127.0.0.2"):
-        assert serve.main(["--checkpoint", ckpt, "--device", "cpu", "--host", host]) == 0
+        assert serve_command.main(["--checkpoint", ckpt, "--device", "cpu", "--host", host]) == 0
         assert "WARNING" not in capsys.readouterr().err
-    assert serve.main(["--checkpoint", os.fspath(ckpt) + ".missing"]) == 1
+    assert serve_command.main(["--checkpoint", os.fspath(ckpt) + ".missing"]) == 1
 
 
 def _free_port() -> int:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geocell.data.cli import main as data_main
+from geocell.commands.data import main as data_main
 from geocell.loading.labels import LabelTable
 from geocell.data.dataset import read_dataset
 from geocell.data.manifest import read_manifest

@@ -14,7 +14,9 @@ pytest.importorskip("torchvision")
 
 import geocell  # noqa: E402
 
+from geocell.commands import train as train_command
 from geocell.training import trainer as run
+from geocell.training.config import resolve
 from geocell.data.terrain import SCENE_NAMES
 from geocell.model.checkpoint import load_checkpoint
 
@@ -77,7 +79,7 @@ def test_end_to_end_run(tmp_path, capsys):
     chance = best_constant_guess_accuracy(manifest, 200)
     assert 0.35 < chance < 0.45  # the largest place's share of the test split
     out = tmp_path / "run"
-    assert run.main(["--manifest", manifest, "--epochs", "6", "-o", str(out), "--smoothing-km", "65", *TINY]) == 0
+    assert train_command.main(["--manifest", manifest, "--epochs", "6", "-o", str(out), "--smoothing-km", "65", *TINY]) == 0
     printed = capsys.readouterr().out
     assert "hierarchy" in printed and "most frequent cell" in printed and "2500 km" in printed
     for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "results.json",
@@ -103,7 +105,7 @@ def test_scene_helper_labels_the_gps_images_the_scene_head_learns(tmp_path, caps
     data, out = tmp_path / "earth", tmp_path / "run"
     earth_args = ["--data-dir", str(data), "--earth-n", "200", "--earth-size", "32", "--earth-scenes", "96",
                   "--helper-epochs", "2", "--helper-image-size", "32", "--epochs", "1", "--no-retrieval"]
-    assert run.main([*earth_args, "-o", str(out), *TINY]) == 0
+    assert train_command.main([*earth_args, "-o", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
     assert "scene helper" in printed and "agree with the withheld true ones" in printed
     helper = load_checkpoint(out / "scene_helper.pt")
@@ -119,16 +121,16 @@ def test_scene_helper_labels_the_gps_images_the_scene_head_learns(tmp_path, caps
     assert 0 <= summary["helper_val_accuracy"] <= 1 and set(summary["agreement"]) == {"train", "val", "test"}
     assert load_checkpoint(out / "best.pt")["scene_names"] == SCENE_NAMES
     # any manifest with --scene-manifest (here the same two files, named explicitly)
-    assert run.main(["--manifest", str(data / "manifest.csv"), "--scene-manifest", str(data / "scenes.csv"),
+    assert train_command.main(["--manifest", str(data / "manifest.csv"), "--scene-manifest", str(data / "scenes.csv"),
                      "--helper-epochs", "1", "--helper-image-size", "32", "--stop-after-steps", "1",
                      "-o", str(tmp_path / "own"), *TINY]) == 0
     assert len(read_manifest(tmp_path / "own" / "scene_labels.csv", check_files=False)) == len(gps)
     assert (tmp_path / "own" / "scene_helper.pt").is_file()
     # a resumed run reads the labels back instead of training the helper again
     written = (out / "scene_labels.csv").read_bytes()
-    assert run.main([*earth_args, "-o", str(tmp_path / "cut"), "--stop-after-steps", "2", *TINY]) == 0
+    assert train_command.main([*earth_args, "-o", str(tmp_path / "cut"), "--stop-after-steps", "2", *TINY]) == 0
     capsys.readouterr()
-    assert run.main(["--resume", str(tmp_path / "cut")]) == 0
+    assert train_command.main(["--resume", str(tmp_path / "cut")]) == 0
     assert "scene helper epoch" not in capsys.readouterr().out
     assert (tmp_path / "cut" / "scene_labels.csv").read_bytes() == written
 
@@ -144,7 +146,7 @@ def test_gps_labels_of_other_scenes_are_not_scored_against_the_helpers(tmp_path,
     gps.scene, gps.scene_names = np.arange(len(gps)) % 3, ["indoor", "natural", "urban"]
     write_manifest(gps, tmp_path / "gps.csv")
     out = tmp_path / "run"
-    assert run.main(["--manifest", str(tmp_path / "gps.csv"), "--scene-manifest", str(tmp_path / "earth" / "scenes.csv"),
+    assert train_command.main(["--manifest", str(tmp_path / "gps.csv"), "--scene-manifest", str(tmp_path / "earth" / "scenes.csv"),
                      "--helper-epochs", "1", "--helper-image-size", "32", "--epochs", "1", "--no-retrieval",
                      "-o", str(out), *TINY]) == 0
     results = json.load(open(out / "results.json"))
@@ -162,7 +164,7 @@ def test_a_resumed_run_refuses_scene_labels_that_do_not_match_its_images(earth, 
     lines = ["path,lat,lng,scene,split"] + [f"{p},{a},{b},water,train" for p, a, b in
                                             zip(gps.paths[:-1], gps.lat[:-1], gps.lng[:-1])]
     (tmp_path / "scene_labels.csv").write_text("\n".join(lines) + "\n")
-    cfg = run.resolve({"manifest": earth})
+    cfg = resolve({"manifest": earth})
     with pytest.raises(SystemExit, match=f"has {len(gps) - 1} rows, not one per GPS image"):
         run.propagate_scenes(cfg, DistInfo(), str(tmp_path), splits, resume=True)
 
@@ -173,12 +175,12 @@ def test_resume_matches_an_uninterrupted_run(earth, tmp_path, backend, workers):
         pytest.importorskip("nvidia.dali")
     # Worker processes / DALI threads must not change the augmentations of the resumed epoch.
     args = ["--manifest", earth, "--epochs", "2", *TINY, "--backend", backend, "--workers", workers]
-    run.main([*args, "-o", str(tmp_path / "full")])
+    train_command.main([*args, "-o", str(tmp_path / "full")])
     steps = load_checkpoint(tmp_path / "full" / "last.pt")["train_state"]["step"]
     # Interrupted mid-epoch (periodic checkpoint), then resumed from the run folder.
-    run.main([*args, "-o", str(tmp_path / "cut"), "--stop-after-steps", str(steps // 2 + 1)])
+    train_command.main([*args, "-o", str(tmp_path / "cut"), "--stop-after-steps", str(steps // 2 + 1)])
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["train_state"]["step"] == steps // 2 + 1
-    run.main(["--resume", str(tmp_path / "cut")])
+    train_command.main(["--resume", str(tmp_path / "cut")])
     full, resumed = _weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "cut" / "last.pt")
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
@@ -191,7 +193,7 @@ def test_yaml_config_and_flag_precedence(earth, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("epochs: 5\nlr: 0.02\nschedule: cosine\n")
     out = tmp_path / "run"
-    run.main(["--config", str(cfg), "--manifest", earth, "--epochs", "1", "-o", str(out),
+    train_command.main(["--config", str(cfg), "--manifest", earth, "--epochs", "1", "-o", str(out),
               "--partitions", *[str(p) for p in _partition_csvs(earth, tmp_path)], *TINY])
     import yaml
 
@@ -219,8 +221,8 @@ def _partition_csvs(earth, tmp_path):
 def _ddp_worker(rank, world, port, earth, out, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    args = run.build_parser().parse_args(["--manifest", earth, "--epochs", "1", "-o", out, "--device", "cpu", *TINY])
-    result = run.train(run.resolve(vars(args)))
+    args = train_command.build_parser().parse_args(["--manifest", earth, "--epochs", "1", "-o", out, "--device", "cpu", *TINY])
+    result = run.train(resolve(vars(args)))
     digest = float(sum(p.double().sum() for p in result["model"].state_dict().values()))
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"rows": result["rows"], "digest": digest}, f)
@@ -252,7 +254,7 @@ def test_imagenet_weights_offline_is_a_clear_cli_error(earth, tmp_path, monkeypa
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.setenv("no_proxy", "")
     monkeypatch.setenv("NO_PROXY", "")
-    code = run.main(["--manifest", earth, "--epochs", "1", "-o", str(tmp_path / "run"), "--pretrained", "imagenet",
+    code = train_command.main(["--manifest", earth, "--epochs", "1", "-o", str(tmp_path / "run"), "--pretrained", "imagenet",
                      *TINY])
     assert code == 2
     err = capsys.readouterr().err
@@ -293,7 +295,7 @@ def test_killed_twice_mid_epoch_then_resumed_equals_the_uninterrupted_run(earth,
     # Periodic checkpoints every 2 steps; SIGKILL right after one (possibly inside the next
     # write), resume, kill again later, resume to the end: bit-identical to one clean run.
     args = ["--manifest", earth, "--epochs", "2", *TINY, "--checkpoint-every", "2"]
-    assert run.main([*args, "-o", str(tmp_path / "full")]) == 0
+    assert train_command.main([*args, "-o", str(tmp_path / "full")]) == 0
     out, last = tmp_path / "cut", tmp_path / "cut" / "last.pt"
     killed = [_kill_at_a_mid_epoch_checkpoint(_train_process([*args, "-o", str(out)]), last, 0)]
     if killed[0] is not None:
@@ -321,7 +323,7 @@ def test_images_that_fail_are_listed_in_the_run_folder(earth, tmp_path, capsys):
     m.paths[train_rows[0]], m.paths[train_rows[1]] = str(broken), str(empty)
     write_manifest(m, tmp_path / "m.csv")
     out = tmp_path / "run"
-    assert run.main(["--manifest", str(tmp_path / "m.csv"), "--epochs", "1", "-o", str(out), *TINY]) == 0
+    assert train_command.main(["--manifest", str(tmp_path / "m.csv"), "--epochs", "1", "-o", str(out), *TINY]) == 0
     import csv
 
     with open(out / "skipped_images.csv", newline="") as f:
@@ -349,7 +351,7 @@ def test_ablation_trains_each_variant_with_each_seed_and_reports_intervals(tmp_p
 
     monkeypatch.setattr(run, "train", fake_train)
     out = tmp_path / "abl"
-    assert run.main(["--ablation", "--seeds", "2", "--seed", "5", "--manifest", "unused.csv", "-o", str(out)]) == 0
+    assert train_command.main(["--ablation", "--seeds", "2", "--seed", "5", "--manifest", "unused.csv", "-o", str(out)]) == 0
     assert [(len(c.taus), c.scene_head, c.scene_helper, c.seed) for c in calls] == [
         (1, False, False, 5), (1, False, False, 6), (3, False, False, 5), (3, False, False, 6),
         (3, True, False, 5), (3, True, False, 6), (3, True, True, 5), (3, True, True, 6)]
@@ -362,7 +364,7 @@ def test_ablation_trains_each_variant_with_each_seed_and_reports_intervals(tmp_p
     assert all(got[k] == pytest.approx(list(want[k])) for k in ("acc_200km", "acc_750km", "median_km"))
     assert want["units"] == 3 and "95 % bootstrap interval over the S2 blocks" in capsys.readouterr().out
     calls.clear()  # a subset of the variants
-    assert run.main(["--ablation", "--seeds", "1", "--ablation-variants", "4", "--manifest", "unused.csv",
+    assert train_command.main(["--ablation", "--seeds", "1", "--ablation-variants", "4", "--manifest", "unused.csv",
                      "-o", str(tmp_path / "abl4")]) == 0
     assert [(c.scene_head, c.scene_helper) for c in calls] == [(True, True)]
     assert list(json.load(open(tmp_path / "abl4" / "ablation.json"))["rows"]) == [

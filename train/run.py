@@ -6,7 +6,7 @@ built-in Earth dataset in ./data/earth and trains the default recipe on it.
 
 import sys
 
-from geocell.cli import main
+from geocell.commands import main
 
 if __name__ == "__main__":
     # through the geocell command, so its errors read as geocell train's (--debug for a traceback)

@@ -29,6 +29,7 @@ from geocell.infer.conformal import region_groups
 from geocell.infer.hybrid import (POINT_RADII_KM, choose_fallback, choose_point_radius, describe_point_rule,
                                   fit_retrieval, hybrid_points, neighbour_kernels)
 from geocell.infer.metrics import HIERARCHY_ROW, accuracy_table, great_circle_errors_km, select_score
+from geocell.infer.retrieval import forward_with_embeddings
 from geocell.infer.mixture import (BACKGROUND_KERNELS_KM, HIERARCHY_FACTORS, Background, Mixture, background_for,
                                    combined_log_probs, fit_background, fit_calibration, level_ratios)
 from geocell.model.records import RETRIEVAL_K, Calibration, HybridFit
@@ -242,3 +243,40 @@ def validation_draws(log_q: np.ndarray, fine_centroids: np.ndarray, kernel_km: f
             for r, point in zip(points, hybrid_points(mixture, log_q[i], fine_unit, kernels, tuple(points))):
                 points[r][i] = point
     return masses, points
+
+
+def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, device, batch_size, num_workers,
+                    progress, name) -> dict:
+    """The hybrid fitted on held-out rows of a manifest (their logits and neighbours in
+    ``index``), with the best guess's rule and the conformal regions refitted on the same rows:
+    the checkpoint's were made with its own fit (or none) and would not keep the regions'
+    promise. The checkpoint's cells and background stay, as predictions with this index use them
+    too. Returns the index's stored fit (the hybrid's fields and the regions')."""
+    import torch
+
+    from geocell.loading.files import make_transform, stream_files
+
+    cal = Calibration.from_dict(ckpt.get("calibration"), len(partitions))
+    if not cal.calibrated:
+        raise ValueError("the checkpoint is not calibrated (its cells have no kernel to mix with)")
+    logits, emb, true = [], [], []
+    model = model.to(device).eval()
+    with torch.inference_mode():
+        for images, indices, _failed in stream_files(manifest.paths, make_transform(ckpt.get("preprocess")),
+                                                     batch_size=batch_size, num_workers=num_workers):
+            if images is None:
+                continue
+            geo, _, embeddings = forward_with_embeddings(model, images.to(device))
+            logits.append([g.double().cpu().numpy() for g in geo])
+            emb.append(embeddings)
+            true.append(np.stack([manifest.lat[indices], manifest.lng[indices]], axis=1))
+    if not logits:
+        raise ValueError("no held-out image could be read")
+    held_out = HeldOut([np.concatenate(z) for z in zip(*logits)], np.concatenate(true),
+                               np.concatenate(emb), name=name)
+    notes = []
+    fitted = fit(held_out, partitions, hierarchy, index=index, calibration=cal, log=notes.append)
+    if fitted.calibration.hybrid is None:  # the fit said why
+        raise ValueError(notes[-1] if notes else f"no hybrid fitted on {held_out.fitted_on}")
+    regions = {k: v for k, v in fitted.calibration.to_dict().items() if k.startswith("region_")}
+    return {**fitted.calibration.hybrid.to_dict(), **regions}

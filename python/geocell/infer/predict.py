@@ -1,4 +1,4 @@
-"""Locate photos with a trained checkpoint: the Python API (:class:`Geolocator`) and ``geocell predict``.
+"""Locate photos with a trained checkpoint: the Python API (:class:`Geolocator`), behind ``geocell predict``.
 
 For each image: the top-k fine cells of the hierarchical prediction (fine probability ×
 the probabilities of the coarser cells containing it, renormalised), each partitioning's
@@ -12,10 +12,7 @@ by the nearest training photos (:mod:`geocell.infer.retrieval`); ``--no-retrieva
 
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,14 +23,13 @@ import torch
 
 from geocell.cells import cell_to_token
 from geocell._internal.geometry import unit_vectors
-from geocell._internal.atomic import atomic_write
 from geocell._internal.progress import progress_bar
 from geocell.data.images import decode_rgb
 from geocell.infer.hybrid import best_guess, neighbour_kernels
 from geocell.infer.mixture import Mixture, background_for, combined_log_probs
-from geocell.infer.regions import MAX_TOP_K, credible_region
+from geocell.infer.regions import credible_region
 from geocell.infer.retrieval import RetrievalIndex, forward_with_embeddings, index_path_for, normalise
-from geocell.loading.files import TTA_MODES, make_transform, stream_files
+from geocell.loading.files import make_transform, stream_files
 from geocell.loading.preprocess import Preprocess
 from geocell.model.checkpoint import CheckpointError, checkpoint_fingerprint, load_checkpoint, model_from_checkpoint
 from geocell.model.records import Calibration, HybridFit, region_groups_from_dict
@@ -551,187 +547,3 @@ def format_prediction(pred: Prediction) -> str:
     if pred.scenes:
         lines.append("  scene: " + ", ".join(f"{n} {p:.2f}" for n, p in pred.scenes))
     return "\n".join(lines)
-
-
-def _exif_location(path: str) -> tuple[float, float] | None:
-    """The photo's own GPS position, if its EXIF has one (marked on the map as the truth)."""
-    from geocell.data.exif import read_gps
-
-    try:
-        return read_gps(path)
-    except Exception:  # no GPS block, or EXIF the reader does not understand
-        return None
-
-
-def _parse_truth(text: str) -> tuple[float, float]:
-    try:
-        lat, lng = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LAT,LNG, got {text!r}") from None
-    if not (-90 <= lat <= 90 and -180 <= lng <= 180):
-        raise argparse.ArgumentTypeError(f"LAT,LNG out of range: {text!r}")
-    return lat, lng
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="geocell predict",
-        description="Estimate where photos were taken: top-k S2 cells, the hierarchical best "
-                    "guess and the 90%% credible region with its area. Folders are searched "
-                    "for images. Unreadable images are reported and skipped.")
-    ap.add_argument("images", nargs="+", metavar="IMG", help="image files or folders")
-    ap.add_argument("--checkpoint", required=True, help="a geocell checkpoint (.pt)")
-    ap.add_argument("--top-k", type=int, default=5, help="candidates per image (default 5)")
-    ap.add_argument("--mass", type=float, default=0.9, help="credible region mass (default 0.9)")
-    ap.add_argument("--json", action="store_true", help="print JSON to stdout instead of text")
-    ap.add_argument("--out", help="write all predictions to a .csv or .json file")
-    ap.add_argument("--map", metavar="PNG", help="probability map; several images: "
-                    "out.png -> out_0.png, out_1.png, ... (or give a folder)")
-    ap.add_argument("--truth", type=_parse_truth, metavar="LAT,LNG",
-                    help="true location to mark on the map(s) (default: the photo's EXIF GPS, if any)")
-    ap.add_argument("--index", metavar="NPZ", help="retrieval index of training photos (default: "
-                    "<checkpoint stem>.retrieval.npz when present)")
-    ap.add_argument("--no-retrieval", action="store_true", help="the cells alone, even when an index is present")
-    ap.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time crops")
-    ap.add_argument("--tta-combine", choices=TTA_COMBINE, default="max")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--workers", type=int, default=2, help="decoding worker processes (default: %(default)s)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return ap
-
-
-def _writable_folder(folder: str) -> str | None:
-    """None if a file can be created in ``folder``, else why not (tried, not guessed from
-    permission bits: root, read-only mounts and ACLs all answer truthfully)."""
-    import tempfile
-
-    folder = folder or "."
-    if not os.path.isdir(folder):
-        return f"folder {folder} does not exist" if not os.path.exists(folder) else \
-            f"{folder} is not a folder"
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        return f"cannot write in {folder} ({exc.strerror or exc})"
-    return None
-
-
-def _map_target_problem(map_path: str) -> str | None:
-    if map_path.endswith(("/", os.sep)) or os.path.isdir(map_path):
-        folder = map_path.rstrip("/" + os.sep) or os.sep
-        while folder and not os.path.exists(folder):  # created on demand: check where it starts
-            folder = os.path.dirname(folder)
-        return _writable_folder(folder or ".")
-    return _writable_folder(os.path.dirname(map_path))
-
-
-def check_args(ap: argparse.ArgumentParser, args) -> None:
-    """Everything that can be checked before the checkpoint is loaded and the first image read;
-    a bad value ends the command the argparse way (exit 2, the flag named)."""
-    if not 1 <= args.top_k <= MAX_TOP_K:
-        ap.error(f"argument --top-k: must be between 1 and {MAX_TOP_K}, got {args.top_k}")
-    if not 0.0 < args.mass <= 1.0:  # also refuses nan
-        ap.error(f"argument --mass: must be in (0, 1], got {args.mass}")
-    if args.batch_size < 1:
-        ap.error(f"argument --batch-size: must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
-        ap.error(f"argument --workers: must be at least 0, got {args.workers}")
-    if args.out:
-        if not args.out.lower().endswith((".csv", ".json")):
-            ap.error(f"argument --out: must end in .csv or .json, got {args.out}")
-        if os.path.isdir(args.out):
-            ap.error(f"argument --out: {args.out} is a folder")
-        why = _writable_folder(os.path.dirname(args.out))
-        if why:
-            ap.error(f"argument --out: {why}")
-    if args.map:
-        why = _map_target_problem(args.map)
-        if why:
-            ap.error(f"argument --map: {why}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    check_args(ap, args)
-    try:
-        geo = Geolocator.from_checkpoint(args.checkpoint, device=args.device, index=args.index,
-                                         retrieval=not args.no_retrieval)
-    except Exception as exc:  # unreadable, unsafe or incompatible file: say which and why
-        print(f"geocell predict: cannot load {args.checkpoint}: {exc}", file=sys.stderr)
-        return 1
-    for note in geo.notes:
-        print(f"geocell predict: {note}", file=sys.stderr)
-
-    paths, passed_over = list_inputs(args.images)
-    for path, why in passed_over:
-        print(f"geocell predict: not predicted {display_name(path)}: {why}", file=sys.stderr)
-    if not paths:
-        print("geocell predict: no images found", file=sys.stderr)
-        return 1
-    map_paths = None
-    if args.map:
-        from geocell.infer.maps import numbered_map_paths
-
-        map_paths = numbered_map_paths(args.map, len(paths), names=paths)
-
-    records, skipped = [], list(passed_over)  # the files not predicted are in every output
-    csv_rows = [csv_row(path, None, why, args.top_k) for path, why in passed_over]
-    show_text = not args.json and not args.out
-    progress = not args.no_progress and len(paths) > 1 and sys.stderr.isatty()
-    for i, (path, pred, error) in enumerate(geo.predict_files(
-            paths, args.top_k, mass=args.mass, tta=args.tta, tta_combine=args.tta_combine,
-            batch_size=args.batch_size, num_workers=args.workers,
-            keep_probs=map_paths is not None, progress=progress)):
-        if pred is None:
-            skipped.append((path, error))
-            print(f"geocell predict: skipped {display_name(path)}: {error}", file=sys.stderr)
-            csv_rows.append(csv_row(path, None, error, args.top_k))
-            continue
-        if map_paths is not None:
-            from geocell.infer.maps import draw_probability_map
-
-            top = pred.best_guess
-            draw_probability_map(
-                map_paths[i], np.asarray(geo.fine.cells, dtype=np.uint64), pred.fine_probs,
-                top1=top, truth=args.truth or _exif_location(path), region=pred.region_cell_ids,
-                title=f"{display_name(os.path.basename(path))}: best guess {top[0]:.3f}, {top[1]:.3f}; "
-                      f"{pred.region_mass:.0%} region {pred.region_area_km2:,.0f} km²")
-            pred.fine_probs = pred.region_cell_ids = None  # don't hold n_fine floats per image
-        records.append(pred.to_dict())
-        csv_rows.append(csv_row(path, pred, None, args.top_k))
-        if show_text:
-            print(format_prediction(pred))
-
-    document = {"checkpoint": os.fspath(args.checkpoint), "predictions": records,
-                "skipped": [{"image": p, "error": e} for p, e in skipped]}
-    if args.out:
-        # JSON: names are kept exactly (ASCII escapes, non-UTF-8 bytes as \\udcXX surrogates that
-        # os.fsencode turns back into the bytes). CSV: display names; backslashreplace also
-        # covers a non-UTF-8 name inside an error message.
-        if args.out.lower().endswith(".json"):
-            with atomic_write(args.out, "w", encoding="utf-8") as f:
-                json.dump(document, f, indent=1, ensure_ascii=True)
-        else:
-            with atomic_write(args.out, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
-                writer = csv.writer(f)
-                writer.writerow(csv_header(args.top_k))
-                writer.writerows(csv_rows)
-    if args.json:
-        json.dump(document, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    summary = f"predicted {len(records)} of {len(paths) + len(passed_over)} images"
-    if skipped:
-        summary += f"; skipped {len(skipped)} unreadable"
-    if args.out:
-        summary += f"; wrote {args.out}"
-    if map_paths is not None and records:
-        summary += f"; maps: {map_paths[0]}" + (" ..." if len(map_paths) > 1 else "")
-    print(summary, file=sys.stderr)
-    return 0 if records or not skipped else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

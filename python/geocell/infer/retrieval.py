@@ -1,4 +1,4 @@
-"""Retrieval over the training photos: the index, its search, and ``geocell index build``.
+"""Retrieval over the training photos: the index and its search (``geocell index build`` makes one).
 
 The index holds one embedding per training photo, the trained trunk's penultimate layer (the
 pooled features the heads read) L2-normalised, with the photo's location, and a fingerprint of
@@ -24,7 +24,6 @@ How the neighbours join the cells' distribution: :mod:`geocell.infer.hybrid`.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -328,137 +327,11 @@ def embed_paths(model, preprocess, paths, *, device="cpu", batch_size: int = 64,
     return emb, np.asarray(read, dtype=np.int64), skipped
 
 
-# ----------------------------------------------------------------------------- geocell index
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="geocell index",
-        description="Retrieval indexes: embeddings of photos by a checkpoint's trunk, with their locations.")
-    sub = ap.add_subparsers(dest="action", required=True)
-    b = sub.add_parser("build", help="embed a manifest's photos into an index for a checkpoint",
-                       description="Embed the photos of a manifest with a checkpoint's trunk "
-                                   "(penultimate layer, L2-normalised) into a retrieval index. "
-                                   "Name it <checkpoint stem>.retrieval.npz to have predict, evaluate "
-                                   "and serve use it without --index.")
-    b.add_argument("--checkpoint", required=True, help="the geocell checkpoint whose trunk embeds the photos")
-    b.add_argument("--manifest", required=True, help="the photos to index (path,lat,lng CSV, GeoEstimation "
-                                                       "metadata, or a packed shard folder)")
-    b.add_argument("-o", "--output", required=True, help="the index file (.npz)")
-    b.add_argument("--image-root", help="folder the manifest's image paths are relative to")
-    b.add_argument("--split", help="index only rows of this split (default: 'train' when the manifest "
-                                   "has a split column with training rows, else every row)")
-    b.add_argument("--fit-split", metavar="SPLIT",
-                   help="fit the hybrid on these held-out rows of the manifest (e.g. val) and store the fit "
-                        "in the index (needs a calibrated checkpoint); default: the checkpoint's own fit")
-    b.add_argument("--dtype", choices=("float16", "float32"), default="float16",
-                   help="how the embeddings are stored (default: %(default)s)")
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--workers", type=int, default=2, help="decoding worker processes (default: %(default)s)")
-    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return ap
-
-
-def _select_split(manifest, split, name):
+def select_split(manifest, split, name):
+    """The rows of ``manifest`` in ``split``; RetrievalError (naming the flag ``name``) when none."""
     if manifest.split is None:
         raise RetrievalError(f"the manifest has no split column ({name} {split})")
     keep = np.asarray(manifest.split) == split
     if not keep.any():
         raise RetrievalError(f"no rows of split {split!r} in the manifest ({name})")
     return manifest.subset(np.flatnonzero(keep))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import torch
-
-    from geocell.data.manifest import read_manifest
-    from geocell.infer.fitting import describe_fit
-    from geocell.model.checkpoint import checkpoint_fingerprint, load_checkpoint, model_from_checkpoint
-    from geocell.model.records import HybridFit
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        ckpt = load_checkpoint(args.checkpoint)
-        model, partitions, hierarchy = model_from_checkpoint(ckpt)
-        manifest = read_manifest(args.manifest, image_root=args.image_root)
-        split = args.split
-        if split is None and manifest.split is not None and (np.asarray(manifest.split) == "train").any():
-            split = "train"
-        rows = _select_split(manifest, split, "--split") if split is not None else manifest
-        held_out = _select_split(manifest, args.fit_split, "--fit-split") if args.fit_split else None
-    except (OSError, ValueError) as exc:
-        print(f"geocell index: {exc}", file=sys.stderr)
-        return 1
-    if len(rows) == 0:
-        print("geocell index: no usable rows in the manifest", file=sys.stderr)
-        return 1
-    progress = not args.no_progress and sys.stderr.isatty()
-    emb, read, skipped = embed_paths(model, ckpt.get("preprocess"), rows.paths, device=device,
-                                     batch_size=args.batch_size, num_workers=args.workers, progress=progress)
-    for path, reason in skipped:
-        print(f"geocell index: skipped {path}: {reason}", file=sys.stderr)
-    if len(read) == 0:
-        print("geocell index: no image could be read", file=sys.stderr)
-        return 1
-    index = RetrievalIndex(emb.astype(args.dtype), rows.lat[read], rows.lng[read], checkpoint_fingerprint(ckpt),
-                           source=f"{os.path.basename(args.manifest)}" + (f", split {split}" if split else ""))
-    if held_out is not None:
-        try:
-            index.fit = fit_on_manifest(model, ckpt, partitions, hierarchy, index, held_out, device=device,
-                                        batch_size=args.batch_size, num_workers=args.workers, progress=progress,
-                                        name=f"{os.path.basename(args.manifest)}, split {args.fit_split}")
-        except (ValueError, FloatingPointError) as exc:
-            print(f"geocell index: cannot fit the hybrid: {exc}", file=sys.stderr)
-            return 1
-        print(f"hybrid fitted on {args.fit_split}: {describe_fit(HybridFit.from_dict(index.fit))}; its credible regions refitted on "
-              f"the same {len(index.fit['region_scores'])} images")
-    index.save(args.output)
-    print(f"wrote {args.output}: {len(index)} photos, {index.dim}-d {args.dtype} embeddings "
-          f"(searched {'exactly' if len(index) * index.dim * 4 <= FLAT_BUDGET_BYTES else 'by IVF-PQ'})"
-          + (f"; {len(skipped)} unreadable skipped" if skipped else ""))
-    return 0
-
-
-def fit_on_manifest(model, ckpt, partitions, hierarchy, index, manifest, *, device, batch_size, num_workers,
-                    progress, name) -> dict:
-    """The hybrid fitted on held-out rows of a manifest (their logits and neighbours in
-    ``index``), with the best guess's rule and the conformal regions refitted on the same rows:
-    the checkpoint's were made with its own fit (or none) and would not keep the regions'
-    promise. The checkpoint's cells and background stay, as predictions with this index use them
-    too. Returns the index's stored fit (the hybrid's fields and the regions')."""
-    import torch
-
-    from geocell.infer import fitting
-    from geocell.loading.files import make_transform, stream_files
-    from geocell.model.records import Calibration
-
-    cal = Calibration.from_dict(ckpt.get("calibration"), len(partitions))
-    if not cal.calibrated:
-        raise ValueError("the checkpoint is not calibrated (its cells have no kernel to mix with)")
-    logits, emb, true = [], [], []
-    model = model.to(device).eval()
-    with torch.inference_mode():
-        for images, indices, _failed in stream_files(manifest.paths, make_transform(ckpt.get("preprocess")),
-                                                     batch_size=batch_size, num_workers=num_workers):
-            if images is None:
-                continue
-            geo, _, embeddings = forward_with_embeddings(model, images.to(device))
-            logits.append([g.double().cpu().numpy() for g in geo])
-            emb.append(embeddings)
-            true.append(np.stack([manifest.lat[indices], manifest.lng[indices]], axis=1))
-    if not logits:
-        raise ValueError("no held-out image could be read")
-    held_out = fitting.HeldOut([np.concatenate(z) for z in zip(*logits)], np.concatenate(true),
-                               np.concatenate(emb), name=name)
-    notes = []
-    fitted = fitting.fit(held_out, partitions, hierarchy, index=index, calibration=cal, log=notes.append)
-    if fitted.calibration.hybrid is None:  # the fit said why
-        raise ValueError(notes[-1] if notes else f"no hybrid fitted on {held_out.fitted_on}")
-    regions = {k: v for k, v in fitted.calibration.to_dict().items() if k.startswith("region_")}
-    return {**fitted.calibration.hybrid.to_dict(), **regions}
-
-
-if __name__ == "__main__":
-    sys.exit(main())

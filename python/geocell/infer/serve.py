@@ -20,11 +20,10 @@ way for 50 Mpx) is never held by a request waiting for the model.
 """
 
 
-import argparse
 import html
+import importlib.resources
 import io
 import os
-import sys
 import tempfile
 import threading
 
@@ -141,7 +140,9 @@ class Service:
     """One loaded Geolocator; predictions and map drawing, each serialised by its own lock."""
 
     def __init__(self, checkpoint_path, *, device=None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-                 max_pixels: int = MAX_PIXELS, index=None, retrieval: bool = True):
+                 max_pixels: int = MAX_PIXELS, index=None, retrieval: bool = True, geolocator=None):
+        """``geolocator``: the Geolocator of ``checkpoint_path`` already loaded (``device``,
+        ``index`` and ``retrieval`` then unused)."""
         from geocell.infer.predict import Geolocator
         from geocell.model.checkpoint import FORMAT_VERSION
 
@@ -149,8 +150,8 @@ class Service:
         self.checkpoint_name = os.path.basename(self.checkpoint_path)
         # refuses unsafe files and any format version but this one
         # and, with retrieval, an index made by another checkpoint
-        self.geo = Geolocator.from_checkpoint(self.checkpoint_path, device=device, index=index,
-                                              retrieval=retrieval)
+        self.geo = geolocator if geolocator is not None else Geolocator.from_checkpoint(
+            self.checkpoint_path, device=device, index=index, retrieval=retrieval)
         self.format_version = FORMAT_VERSION
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels)
@@ -216,157 +217,14 @@ class Service:
 
 # ----------------------------------------------------------------------------- the page
 
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>geocell: locate photos</title>
-<style>
-body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 1em; color: #222; }
-header { display: flex; justify-content: space-between; align-items: baseline; flex-wrap: wrap; }
-.note { background: #fff4e0; border: 1px solid #e0b060; padding: .5em .8em; border-radius: 4px; }
-#drop { border: 2px dashed #888; border-radius: 6px; padding: 2em; text-align: center; margin: 1em 0; cursor: pointer; }
-#drop.over { background: #eef6ff; border-color: #36c; }
-.opts label { margin-right: 1em; }
-.card { border: 1px solid #ccc; border-radius: 6px; padding: .8em; margin: 1em 0; }
-.card h3 { margin: 0 0 .4em 0; word-break: break-all; }
-.card .err { color: #b00; }
-.card img.map { width: 100%; height: auto; border: 1px solid #ddd; min-height: 2em; }
-table { border-collapse: collapse; margin: .4em 0; }
-td, th { border-bottom: 1px solid #eee; padding: .15em .6em; text-align: right; font-variant-numeric: tabular-nums; }
-th { background: #f4f4f4; }
-td.l, th.l { text-align: left; }
-.row { display: flex; gap: 1.5em; flex-wrap: wrap; }
-.muted { color: #666; }
-</style>
-</head>
-<body>
-<header>
-<h1>geocell: where was this photo taken?</h1>
-<div class="muted">checkpoint: <b id="ckpt">__CHECKPOINT__</b> (format __FORMAT__)</div>
-</header>
-<p class="note"><b>Must not be used to locate people without their consent.</b>
-This is for your own photos or collections whose owners, and the people in them, agreed to it.
-The result is a guess, often a confident-looking wrong one: check the credible region's area.</p>
-<div id="drop" tabindex="0">Drop photos here, or click to choose files
-<input id="files" type="file" accept="image/*" multiple hidden></div>
-<div class="opts">
-<label>top-k <input id="topk" type="number" min="1" max="__MAXK__" value="5" style="width:4em"></label>
-<label>credible mass <input id="mass" type="number" min="0.01" max="1" step="0.01" value="0.9" style="width:5em"></label>
-<span class="muted">Photos are sent only to this server (up to __MAXMB__ MB, __MAXMPX__ Mpx each).</span>
-</div>
-<div id="results"></div>
-<script>
-"use strict";
-const drop = document.getElementById("drop"), input = document.getElementById("files");
-const results = document.getElementById("results");
-let queue = Promise.resolve();
+# The page: one self-contained HTML document, package data (infer/static/index.html) with
+# __CHECKPOINT__, __FORMAT__, __MAXK__, __MAXMB__ and __MAXMPX__ filled in by render_page.
+PAGE_FILE = "index.html"
 
-function el(tag, text, cls) {
-  const e = document.createElement(tag);
-  if (text !== undefined) e.textContent = text;
-  if (cls) e.className = cls;
-  return e;
-}
-function pct(p) { return (100 * p).toFixed(p >= 0.001 ? 1 : 3) + " %"; }
-function km2(a) { return Math.round(a).toLocaleString() + " km\\u00b2"; }
-function haversine(a, b) {
-  const r = Math.PI / 180, dlat = (b[0] - a[0]) * r, dlng = (b[1] - a[1]) * r;
-  const h = Math.sin(dlat / 2) ** 2 + Math.cos(a[0] * r) * Math.cos(b[0] * r) * Math.sin(dlng / 2) ** 2;
-  return 2 * 6371 * Math.asin(Math.min(1, Math.sqrt(h)));
-}
-function table(head, rows) {
-  const t = el("table"), tr = el("tr");
-  head.forEach((h, i) => tr.appendChild(el("th", h, i === 0 ? "l" : "")));
-  t.appendChild(tr);
-  rows.forEach(r => {
-    const row = el("tr");
-    r.forEach((v, i) => row.appendChild(el("td", String(v), i === 0 ? "l" : "")));
-    t.appendChild(row);
-  });
-  return t;
-}
-function form(file) {
-  const f = new FormData();
-  f.append("image", file, file.name);
-  f.append("top_k", document.getElementById("topk").value);
-  f.append("mass", document.getElementById("mass").value);
-  return f;
-}
-async function errorText(resp) {
-  try { return (await resp.json()).error || resp.statusText; } catch (e) { return resp.statusText; }
-}
-function show(card, rec, truth) {
-  const c = rec.credible_region, t = rec.hierarchical_top1, b = rec.best_guess || t;
-  const how = rec.retrieval ? " (hybrid, retrieval weight " + rec.retrieval.weight.toFixed(2) + "; top cell p = "
-                            : " (p = ";
-  const best = card.appendChild(el("p", "best guess: " + b.lat.toFixed(4) + ", " + b.lng.toFixed(4) +
-    how + pct(t.probability) + ", cell " + t.cell + ", level " + t.level + ")"));
-  Object.assign(best.dataset, {role: "best", lat: b.lat, lng: b.lng, cell: t.cell});
-  if (truth) {
-    card.appendChild(el("p", "EXIF GPS: " + truth[0].toFixed(4) + ", " + truth[1].toFixed(4) +
-      "; best guess is " + Math.round(haversine(truth, [b.lat, b.lng])).toLocaleString() + " km away"))
-      .dataset.role = "exif";
-  }
-  card.appendChild(el("p", pct(c.mass) + " credible region: " + c.num_cells + " cells, " +
-    km2(c.area_km2) + " (holds " + pct(c.covered) + ")"));
-  const row = el("div", undefined, "row");
-  const left = el("div");
-  left.appendChild(el("b", "top-" + rec.top_k.length + " cells"));
-  left.appendChild(table(["#", "lat", "lng", "probability", "cell"],
-    rec.top_k.map((g, i) => [i + 1, g.lat.toFixed(4), g.lng.toFixed(4), pct(g.probability), g.cell])))
-    .dataset.role = "top-k";
-  row.appendChild(left);
-  if (rec.scenes.length) {
-    const right = el("div");
-    right.appendChild(el("b", "scene"));
-    right.appendChild(table(["scene", "probability"], rec.scenes.map(s => [s.name, pct(s.probability)])));
-    row.appendChild(right);
-  }
-  card.appendChild(row);
-}
-async function locate(file) {
-  const card = el("div", undefined, "card");
-  card.dataset.image = file.name;  // data-* attributes: stable hooks for scripts and tests
-  card.dataset.state = "locating";
-  card.appendChild(el("h3", file.name));
-  const status = el("p", "locating...", "muted");
-  card.appendChild(status);
-  results.prepend(card);
-  try {
-    const resp = await fetch("api/predict", {method: "POST", body: form(file)});
-    if (!resp.ok) { status.textContent = "error: " + await errorText(resp); status.className = "err"; card.dataset.state = "error"; return; }
-    const gps = resp.headers.get("X-Geocell-Exif-Gps");
-    const truth = gps ? gps.split(",").map(Number) : null;
-    show(card, await resp.json(), truth);
-    status.textContent = "drawing the map...";
-    const m = await fetch("api/map", {method: "POST", body: form(file)});
-    if (!m.ok) { status.textContent = "map: " + await errorText(m); status.className = "err"; card.dataset.state = "error"; return; }
-    const img = el("img", undefined, "map");
-    img.alt = "probability map of " + file.name;
-    img.src = URL.createObjectURL(await m.blob());
-    card.appendChild(img);
-    await img.decode();
-    status.remove();
-    card.dataset.state = "done";
-  } catch (e) {
-    status.textContent = "error: " + e; status.className = "err"; card.dataset.state = "error";
-  }
-}
-function add(files) {
-  for (const f of files) queue = queue.then(() => locate(f));
-}
-drop.addEventListener("click", () => input.click());
-drop.addEventListener("keydown", e => { if (e.key === "Enter" || e.key === " ") input.click(); });
-input.addEventListener("change", () => { add(input.files); input.value = ""; });
-drop.addEventListener("dragover", e => { e.preventDefault(); drop.classList.add("over"); });
-drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", e => { e.preventDefault(); drop.classList.remove("over"); add(e.dataTransfer.files); });
-</script>
-</body>
-</html>
-"""
+
+def page_template() -> str:
+    return importlib.resources.files("geocell.infer").joinpath("static", PAGE_FILE).read_text(encoding="utf-8")
+
 
 # Nothing from elsewhere: scripts and styles only inline, images only from here or blob: URLs.
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -374,7 +232,7 @@ CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline
 
 
 def render_page(service: Service) -> str:
-    return (PAGE.replace("__CHECKPOINT__", html.escape(service.checkpoint_name))
+    return (page_template().replace("__CHECKPOINT__", html.escape(service.checkpoint_name))
                 .replace("__FORMAT__", str(service.format_version))
                 .replace("__MAXK__", str(MAX_TOP_K))
                 .replace("__MAXMB__", f"{service.max_upload_bytes / (1024 * 1024):g}")
@@ -438,8 +296,8 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 
 def app(checkpoint_path=None, *, device=None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-        max_pixels: int = MAX_PIXELS, index=None, retrieval: bool = True):
-    """The ASGI app serving one checkpoint (loaded now, once).
+        max_pixels: int = MAX_PIXELS, index=None, retrieval: bool = True, geolocator=None):
+    """The ASGI app serving one checkpoint (loaded now, once; or given loaded as ``geolocator``).
 
     Without ``checkpoint_path`` the ``GEOCELL_CHECKPOINT`` environment variable names it, so
     any ASGI server can start it: ``GEOCELL_CHECKPOINT=model.pt uvicorn --factory
@@ -456,7 +314,7 @@ def app(checkpoint_path=None, *, device=None, max_upload_bytes: int = MAX_UPLOAD
         if not checkpoint_path:
             raise ValueError("no checkpoint: pass checkpoint_path or set GEOCELL_CHECKPOINT")
     service = Service(checkpoint_path, device=device, max_upload_bytes=max_upload_bytes,
-                      max_pixels=max_pixels, index=index, retrieval=retrieval)
+                      max_pixels=max_pixels, index=index, retrieval=retrieval, geolocator=geolocator)
     page = render_page(service)
     api = FastAPI(title="geocell", version=str(service.health()["geocell_version"]),
                   docs_url=None, redoc_url=None, openapi_url=None)  # the docs page loads from a CDN
@@ -513,67 +371,3 @@ def app(checkpoint_path=None, *, device=None, max_upload_bytes: int = MAX_UPLOAD
         return Response(png, media_type="image/png")
 
     return _BodyLimit(api, service.max_upload_bytes + FORM_SLACK_BYTES)
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-def is_local(host: str) -> bool:
-    return host in LOCAL_HOSTS or host.startswith("127.")
-
-
-def url_for(host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("", "0.0.0.0") else ("localhost" if host == "::" else host)
-    if ":" in shown:
-        shown = f"[{shown}]"
-    return f"http://{shown}:{port}/"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="geocell serve",
-        description="A local web page and JSON API to locate photos with one checkpoint. "
-                    "Binds 127.0.0.1 (this machine only) unless told otherwise.")
-    ap.add_argument("--checkpoint", required=True, help="a geocell checkpoint (.pt)")
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    ap.add_argument("--index", metavar="NPZ", help="retrieval index of training photos (default: "
-                    "<checkpoint stem>.retrieval.npz when present)")
-    ap.add_argument("--no-retrieval", action="store_true", help="the cells alone, even when an index is present")
-    ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    return ap
-
-
-def main(argv: "list[str] | None" = None) -> int:
-    from geocell.cli import missing_extra, needs_extra_message
-
-    args = build_parser().parse_args(argv)
-    try:
-        import uvicorn
-    except ImportError as exc:
-        print(needs_extra_message("serve", exc, missing_extra(exc) or "serve"), file=sys.stderr)
-        return 2
-    if not 0 <= args.port <= 65535:
-        print(f"geocell serve: --port must be in 0..65535, got {args.port}", file=sys.stderr)
-        return 2
-    try:
-        asgi = app(args.checkpoint, device=args.device, index=args.index, retrieval=not args.no_retrieval)
-    except ImportError as exc:
-        print(needs_extra_message("serve", exc, missing_extra(exc) or "serve"), file=sys.stderr)
-        return 2
-    except Exception as exc:  # unreadable, unsafe or incompatible file: say which and why
-        print(f"geocell serve: cannot load {args.checkpoint}: {exc}", file=sys.stderr)
-        return 1
-    if not is_local(args.host):
-        print(f"geocell serve: WARNING: binding {args.host} makes this server reachable from other "
-              "machines. It has no authentication: anyone who can reach it can upload photos and "
-              "use the model. Bind 127.0.0.1 unless you mean that.", file=sys.stderr)
-    print(f"geocell serve: {os.path.basename(args.checkpoint)} at {url_for(args.host, args.port)}  "
-          "(Ctrl+C to stop)", flush=True)
-    uvicorn.run(asgi, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

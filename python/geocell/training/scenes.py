@@ -11,13 +11,11 @@ trains on that manifest.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -29,7 +27,7 @@ from geocell.loading.preprocess import Preprocess
 from geocell.training import engine
 from geocell.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from geocell.training.losses import MultitaskLoss
-from geocell.model.network import ARCHS, GeoModel, PretrainedWeightsError
+from geocell.model.network import GeoModel
 from geocell.training.state import TrainState
 
 
@@ -150,47 +148,6 @@ def apply_labels(manifest, probs: np.ndarray, names: list, replace: np.ndarray):
 HELPER = HelperOptions()
 
 
-def _options(args) -> HelperOptions:
-    """The options of either command (``label`` has no training flags: the defaults stand in)."""
-    return HelperOptions(arch=getattr(args, "arch", HELPER.arch), epochs=getattr(args, "epochs", HELPER.epochs),
-                         lr=getattr(args, "lr", HELPER.lr), image_size=args.image_size, batch_size=args.batch_size,
-                         backend=args.backend, workers=args.workers, seed=args.seed,
-                         pretrained=getattr(args, "pretrained", HELPER.pretrained), progress=not args.no_progress)
-
-
-def cmd_train(args) -> int:
-    from geocell.data.manifest import read_manifest
-    from geocell.data.splits import validation_rows
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = engine.pick_device(args.device)
-    full = read_manifest(args.manifest, image_root=args.image_root)
-    labelled = full.subset(full.scene >= 0)
-    if len(labelled) == 0 or not full.scene_names:
-        print(f"geocell scenes train: {args.manifest} has no scene-labelled rows", file=sys.stderr)
-        return 2
-    in_val = validation_rows(labelled)
-    if args.val_manifest:
-        train_set, val_set = labelled, read_manifest(args.val_manifest, image_root=args.image_root)
-    elif in_val.any() and not in_val.all():  # the manifest's own validation split
-        train_set, val_set = labelled.subset(~in_val), labelled.subset(in_val)
-    else:
-        order = np.random.default_rng(args.seed).permutation(len(labelled))
-        n_val = max(1, int(round(args.val_fraction * len(labelled)))) if len(labelled) > 1 else 0
-        val_set, train_set = labelled.subset(np.sort(order[:n_val])), labelled.subset(np.sort(order[n_val:]))
-    names = list(full.scene_names)
-    options = _options(args)
-    try:
-        model, _ = train_helper(train_set, val_set, names, options, device, log=lambda m: print(m, flush=True))
-    except (PretrainedWeightsError, ValueError) as exc:  # weights that do not fit; no full batch
-        print(f"geocell scenes train: {exc}", file=sys.stderr)
-        return 2
-    save_helper(args.output, model, names, options)
-    print(f"wrote {args.output}")
-    return 0
-
-
 def save_helper(path, model, names: list, options: HelperOptions) -> None:
     save_checkpoint(path, arch=options.arch, model=model.state_dict(), num_classes=[], scene_names=list(names),
                     partitions=[], preprocess=options.preprocess.to_dict())
@@ -244,85 +201,24 @@ class HelperCache:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cmd_label(args) -> int:
-    from geocell.data.manifest import read_manifest, write_manifest
+def scene_splits(labelled, val_set, val_fraction: float, seed: int):
+    """(training, validation) manifests of the scene helper from its scene-labelled rows:
+    ``val_set`` when given, else the manifest's own validation split, else a random
+    ``val_fraction`` of the rows (drawn from ``seed``)."""
+    from geocell.data.splits import validation_rows
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        ckpt = load_checkpoint(args.checkpoint)
-    except CheckpointError as exc:
-        print(f"geocell scenes label: {exc}", file=sys.stderr)
-        return 2
-    names = list(ckpt.get("scene_names") or [])
-    if not names:
-        print(f"geocell scenes label: {args.checkpoint} has no scene head", file=sys.stderr)
-        return 2
-    device = engine.pick_device(args.device)
-    model = GeoModel(ckpt["arch"], ckpt["num_classes"], len(names))
+    if val_set is not None:
+        return labelled, val_set
+    in_val = validation_rows(labelled)
+    if in_val.any() and not in_val.all():  # the manifest's own validation split
+        return labelled.subset(~in_val), labelled.subset(in_val)
+    order = np.random.default_rng(seed).permutation(len(labelled))
+    n_val = max(1, int(round(val_fraction * len(labelled)))) if len(labelled) > 1 else 0
+    return labelled.subset(np.sort(order[n_val:])), labelled.subset(np.sort(order[:n_val]))
+
+
+def helper_from_checkpoint(ckpt: dict, device):
+    """The scene network of a loaded helper checkpoint (one with scene names), on ``device``."""
+    model = GeoModel(ckpt["arch"], ckpt["num_classes"], len(ckpt["scene_names"]))
     model.load_state_dict(ckpt["model"])
-    model.to(device)
-    manifest = read_manifest(args.manifest, image_root=args.image_root)
-    if manifest.scene_names and list(manifest.scene_names) != names and (manifest.scene >= 0).any():
-        print(f"geocell scenes label: the manifest's scenes {manifest.scene_names} differ from the "
-              f"checkpoint's {names}", file=sys.stderr)
-        return 2
-    args.image_size = args.image_size or int(ckpt["preprocess"]["image_size"])
-    probs = label_images(model, manifest, _options(args), device)
-    unlabelled = manifest.scene < 0
-    replace = np.ones(len(manifest), bool) if args.overwrite else unlabelled
-    manifest, predicted = apply_labels(manifest, probs, names, replace)
-    write_manifest(manifest, args.output)
-    failed = int(np.isnan(probs).any(axis=1).sum())
-    print(f"labelled {int((replace & (predicted >= 0)).sum())} of {len(manifest)} images "
-          f"({int(unlabelled.sum())} had no scene label"
-          + (f"; {failed} could not be read" if failed else "") + f") -> {args.output}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="geocell scenes", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train the scene-only network on scene-labelled images")
-    t.add_argument("--manifest", required=True, help="manifest with a scene column (rows without one are ignored)")
-    t.add_argument("--val-manifest", help="validation manifest (default: the manifest's 'val' split, else a random "
-                                          "--val-fraction of the labelled rows)")
-    t.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of the labelled rows held out for validation (default 0.1)")
-    t.add_argument("--arch", default=HELPER.arch, choices=ARCHS, help=f"network (default {HELPER.arch})")
-    t.add_argument("--pretrained", default="none", help="none | imagenet | PATH")
-    t.add_argument("--epochs", type=int, default=HELPER.epochs, help=f"default {HELPER.epochs}")
-    t.add_argument("--lr", type=float, default=HELPER.lr,
-                   help=f"SGD learning rate, cosine schedule after a {HELPER.warmup_epochs:g}-epoch warm-up "
-                        f"(default {HELPER.lr:g})")
-    t.add_argument("--seed", type=int, default=0, help="validation draw, initialisation and augmentation")
-    t.add_argument("-o", "--output", required=True, help="checkpoint to write (scene.pt)")
-    la = sub.add_parser("label", help="label a GPS manifest's images with scene probabilities")
-    la.add_argument("--checkpoint", required=True, help="scene network from 'geocell scenes train'")
-    la.add_argument("--manifest", required=True)
-    la.add_argument("-o", "--output", required=True, help="manifest to write (plain layout + scene_prob_<name>)")
-    la.add_argument("--overwrite", action="store_true", help="replace existing scene labels too")
-    la.set_defaults(seed=0)
-    for p in (t, la):
-        p.add_argument("--image-root")
-        p.add_argument("--image-size", type=int, default=None if p is la else HELPER.image_size,
-                       help=f"input size (default {HELPER.image_size}; label: the checkpoint's)")
-        p.add_argument("--batch-size", type=int, default=HELPER.batch_size, help=f"default {HELPER.batch_size}")
-        p.add_argument("--workers", type=int, default=HELPER.workers,
-                       help=f"loader processes (default {HELPER.workers})")
-        p.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"],
-                       help="image loader (default auto: DALI when installed)")
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return cmd_train(args) if args.command == "train" else cmd_label(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return model.to(device)

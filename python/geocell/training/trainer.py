@@ -16,7 +16,6 @@ with 0 and 2 workers and DALI on the CPU); exception: DALI over packed shards (s
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import dataclasses
@@ -24,7 +23,6 @@ import functools
 import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -56,11 +54,11 @@ from geocell.loading.loaders import make_loader
 from geocell.loading.labels import LabelTable
 from geocell.training import engine
 from geocell.training.budget import DEFAULT_BUDGET_S, Rates, StageClock, parse_budget, plan_steps
-from geocell.model.checkpoint import (CheckpointError, load_checkpoint, model_fingerprint, partition_from_dict,
+from geocell.model.checkpoint import (load_checkpoint, model_fingerprint, partition_from_dict,
                                      save_checkpoint)
-from geocell.training.config import TrainConfig, add_arguments, preprocess_from_config, resolve, save_yaml, scaled_taus
+from geocell.training.config import TrainConfig, preprocess_from_config, save_yaml, scaled_taus
 from geocell.training.losses import MultitaskLoss
-from geocell.model.network import GeoModel, PretrainedWeightsError
+from geocell.model.network import GeoModel
 from geocell.training.state import TrainState, gather_rng
 
 
@@ -68,14 +66,6 @@ from geocell.training.state import TrainState, gather_rng
 # and test image, measured on the default run (2-core AVX-512 CPU); the budget's safety share
 # covers a slower CPU.
 FIT_SECONDS_PER_IMAGE = 0.009
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="geocell train", description=__doc__, argument_default=argparse.SUPPRESS,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
 
 
 def log(info, *args) -> None:
@@ -731,37 +721,3 @@ def run_ablation(cfg: TrainConfig) -> dict:
             with open(os.path.join(base_out, "ablation.json"), "w") as f:
                 json.dump({"split": split, "seeds": seeds, "rows": table, "seconds": seconds}, f, indent=1)
     return table
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    flags = vars(parser.parse_args(argv))
-    base = resume = None
-    if flags.get("resume"):
-        try:
-            resume = load_checkpoint(resume_path(flags["resume"]))
-        except (CheckpointError, ValueError) as exc:
-            parser.error(f"cannot resume: {exc}")
-        base = (resume.get("train_state") or {}).get("config")
-        if base is None:
-            parser.error(f"{flags['resume']} has no training state to resume from (is it a best.pt?)")
-        base = {k: v for k, v in base.items() if k not in ("resume", "stop_after_steps")}
-    try:
-        cfg = resolve(flags, flags.get("config"), base=base)
-    except (ValueError, TypeError) as exc:
-        parser.error(str(exc))
-    try:
-        if cfg.ablation:
-            run_ablation(cfg)
-        else:
-            train(cfg, resume)
-    except PretrainedWeightsError as exc:
-        print(f"geocell train: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        engine.cleanup_distributed()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,14 +38,14 @@ def _from_exif(args) -> int:
 def _pack(args) -> int:
     import PIL  # noqa: F401  (as in _from_exif)
 
-    from geocell.data.manifest import read_manifest
+    from geocell.data.dataset import read_dataset
     from geocell.data.shards import pack
 
     if args.from_msgpack:
         return _pack_msgpack(args)
     if args.manifest is None or args.metadata:
         raise ValueError("give a manifest, or --from-msgpack DIR with --metadata META.csv")
-    manifest = read_manifest(args.manifest, image_root=args.image_root)
+    manifest = read_dataset(args.manifest, image_root=args.image_root)
     if manifest.report:
         print(manifest.format_report(limit=args.show), file=sys.stderr)
     summary = pack(manifest, args.output, shard_size=args.shard_size,
@@ -197,6 +197,3 @@ def main(argv=None) -> int:
         print(f"geocell data {args.command}: error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

