@@ -158,8 +158,8 @@ def test_each_floor_imports_only_the_floors_below():
     assert wrong == []
 
 
-def test_no_module_takes_another_modules_private_names():
-    mods = modules()
+def private_imports(mods: dict[str, Path]) -> list[str]:
+    """"module: source.name" for every private name one module takes from another."""
     taken = []
     for name, path in mods.items():
         if path.suffix == ".pyi":
@@ -169,4 +169,28 @@ def test_no_module_takes_another_modules_private_names():
                 taken += [f"{name}: {node.module}.{a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")
                           and f"{node.module}.{a.name}" not in mods]
-    assert taken == []
+    return taken
+
+
+def test_no_module_takes_another_modules_private_names():
+    assert private_imports(modules()) == []
+
+
+def test_the_private_name_scan_sees_one_inside_a_function(tmp_path):
+    mod = tmp_path / "m.py"
+    mod.write_text("def f():\n    from geocell.data.manifest import _hidden, Manifest\n")
+    assert private_imports({"geocell.data.m": mod}) == ["geocell.data.m: geocell.data.manifest._hidden"]
+
+
+def test_the_loader_factory_alone_reaches_the_backends():
+    # base.py holds what both backends share and imports neither (the factory does, in functions)
+    edges = import_edges(modules())
+    backends = {"geocell.loading.torch_backend", "geocell.loading.dali_backend"}
+    assert edges["geocell.loading.loaders"] >= backends | {"geocell.loading.base"}
+    assert not edges["geocell.loading.base"] & backends
+
+
+def test_the_dataset_opener_sits_above_manifest_and_shards():
+    edges = import_edges(modules())
+    assert {"geocell.data.manifest", "geocell.data.shards"} <= edges["geocell.data.dataset"]
+    assert "geocell.data.shards" not in edges["geocell.data.manifest"]
