@@ -45,8 +45,9 @@ test-cpp:
 	cmake --build build/asan -j $(JOBS)
 	ctest --test-dir build/asan --output-on-failure
 
+# One pytest-xdist worker per core (each torch limited to one thread in tests/conftest.py).
 test-python:
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider -n $(JOBS)
 
 bench: install-train
 	$(PIP) install -q ".[bench]"

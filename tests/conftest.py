@@ -8,6 +8,12 @@ import pytest
 # ``from helpers import ...`` works whatever pytest's import mode and wherever it is started.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Under pytest-xdist each worker (and every process a test starts) runs torch on one thread:
+# two workers with a thread per core each would oversubscribe the cores and run slower than one.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
