@@ -97,9 +97,10 @@ pytest.importorskip("torchvision")
 from geocell.commands import train as run  # noqa: E402
 from geocell.model.checkpoint import load_checkpoint  # noqa: E402
 
+# ResNet-18 from scratch: the budget's plan does not depend on the trunk, and it is the faster one here.
 TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--backend", "torch", "--threads", "1",
         "--no-progress", "--no-tensorboard", "--log-every", "2", "--no-retrieval", "--helper-epochs", "1",
-        "--helper-image-size", "32"]
+        "--helper-image-size", "32", "--arch", "resnet18"]
 
 
 @pytest.fixture(scope="module")

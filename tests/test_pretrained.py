@@ -176,3 +176,18 @@ def test_geocell_train_exits_2_on_a_file_that_does_not_fit(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"geocell train: {tmp_path / 'r34.pth'} does not fit the resnet18 trunk" in err
     assert "layer1.2.conv1.weight" in err
+
+
+def test_the_default_trunk_starts_from_local_imagenet_weights_and_others_from_scratch():
+    # "auto": the default recipe's EfficientNet-Lite0 from its local file; a trunk whose weights
+    # would be a download starts from scratch unless asked, and a choice given is kept
+    from geocell.training.config import resolve
+
+    default = resolve({})
+    assert (default.arch, default.pretrained) == ("efficientnet_lite0", "imagenet")
+    assert resolve({"arch": "resnet18"}).pretrained == "none"
+    assert resolve({"arch": "resnet50"}).pretrained == "none"
+    assert resolve({"pretrained": "none"}).pretrained == "none"
+    assert resolve({"arch": "resnet18", "pretrained": "imagenet"}).pretrained == "imagenet"
+    # a resumed run keeps what its saved configuration says
+    assert resolve({}, base={"arch": "resnet18", "pretrained": "none"}).pretrained == "none"

@@ -25,6 +25,8 @@ TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152
 # timm's tf_ variant (TF "same" padding, BN eps 1e-3), which reproduces them exactly.
 TIMM_ARCHS = {"efficientnet_lite0": "tf_efficientnet_lite0"}
 ARCHS = TORCHVISION_ARCHS + tuple(TIMM_ARCHS)
+# The trunks whose ImageNet weights are a local file (an installed package), never a download.
+LOCAL_IMAGENET_ARCHS = tuple(TIMM_ARCHS)
 # The normalisation each trunk's ImageNet weights were trained with (ImageNet's otherwise).
 TRUNK_NORMALIZATION = {"efficientnet_lite0": (TF_LITE_MEAN, TF_LITE_STD)}
 # The ImageNet classifier's names (torchvision, timm): no use here.
