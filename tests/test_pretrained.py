@@ -191,3 +191,7 @@ def test_the_default_trunk_starts_from_local_imagenet_weights_and_others_from_sc
     assert resolve({"arch": "resnet18", "pretrained": "imagenet"}).pretrained == "imagenet"
     # a resumed run keeps what its saved configuration says
     assert resolve({}, base={"arch": "resnet18", "pretrained": "none"}).pretrained == "none"
+    # the network itself reads "auto" the same way (a TrainConfig built without resolve)
+    assert model_mod.resolve_pretrained("resnet18", "auto") == "none"
+    assert model_mod.resolve_pretrained("efficientnet_lite0", "auto") == "imagenet"
+    assert GeoModel("resnet18", [3], 0, pretrained="auto").geo_heads[0].out_features == 3

@@ -25,8 +25,6 @@ TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152
 # timm's tf_ variant (TF "same" padding, BN eps 1e-3), which reproduces them exactly.
 TIMM_ARCHS = {"efficientnet_lite0": "tf_efficientnet_lite0"}
 ARCHS = TORCHVISION_ARCHS + tuple(TIMM_ARCHS)
-# The trunks whose ImageNet weights are a local file (an installed package), never a download.
-LOCAL_IMAGENET_ARCHS = tuple(TIMM_ARCHS)
 # The normalisation each trunk's ImageNet weights were trained with (ImageNet's otherwise).
 TRUNK_NORMALIZATION = {"efficientnet_lite0": (TF_LITE_MEAN, TF_LITE_STD)}
 # The ImageNet classifier's names (torchvision, timm): no use here.
@@ -56,6 +54,14 @@ def lite0_weights_path() -> str:
             "from scratch with --pretrained none"
         )
     return str(path)
+
+
+def resolve_pretrained(arch: str, pretrained: str | None) -> str:
+    """``pretrained`` with "auto" made concrete: "imagenet" where the arch's ImageNet weights are
+    a local file (timm's trunks, from an installed package), "none" where they would be a download."""
+    if pretrained == "auto":
+        return "imagenet" if arch in TIMM_ARCHS else "none"
+    return pretrained or "none"
 
 
 def _imagenet_state_dict(arch: str) -> dict:
@@ -184,7 +190,7 @@ class GeoModel(nn.Module):
         self.geo_heads = nn.ModuleList(nn.Linear(self.feature_dim, c) for c in self.num_classes)
         self.scene_head = nn.Linear(self.feature_dim, self.num_scenes) if self.num_scenes else None
 
-        pretrained = pretrained or "none"
+        pretrained = resolve_pretrained(arch, pretrained)
         if pretrained == "imagenet":
             self.load_trunk(_imagenet_state_dict(arch), source=f"ImageNet {arch}")
         elif pretrained != "none":

@@ -162,10 +162,10 @@ def resolve(flags: dict, config_path: str | None = None, base: dict | None = Non
         if "total_steps" not in given:
             values["total_steps"] = 0
     cfg = TrainConfig(**values)
-    if cfg.pretrained == "auto":
-        from geocell.model.network import LOCAL_IMAGENET_ARCHS
+    if cfg.pretrained == "auto":  # the saved configuration says what the run started from
+        from geocell.model.network import resolve_pretrained
 
-        cfg.pretrained = "imagenet" if cfg.arch in LOCAL_IMAGENET_ARCHS else "none"
+        cfg.pretrained = resolve_pretrained(cfg.arch, cfg.pretrained)
     if cfg.time_budget != "auto":
         parse_budget(cfg.time_budget)  # a bad value is an error now, not after the dataset is built
     return cfg
