@@ -138,7 +138,7 @@ def test_an_epoch_count_alone_switches_the_default_budget_off(earth_dir, tmp_pat
 
 
 def test_resume_inside_a_budgeted_run_equals_the_uninterrupted_run(earth_dir, tmp_path):
-    # The budgeted run's plan (steps, memory format) is fixed in its config: the interrupted run
+    # The budgeted run's plan (steps, memory format, precision) is fixed in its config: the interrupted run
     # resumes it, and one uninterrupted run of the same plan ends in the same weights.
     cut = tmp_path / "cut"
     assert run.main([*earth_dir, *TINY, "--time-budget", "30s", "-o", str(cut), "--stop-after-steps", "3"]) == 0
@@ -148,7 +148,7 @@ def test_resume_inside_a_budgeted_run_equals_the_uninterrupted_run(earth_dir, tm
     full = tmp_path / "full"
     assert run.main([*earth_dir, *TINY, "--time-budget", "30s", "--total-steps", str(config["total_steps"]),
                      "--epochs", str(config["epochs"]), "--channels-last", config["channels_last"],
-                     "-o", str(full)]) == 0
+                     "--amp", config["amp"], "-o", str(full)]) == 0
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(cut / "last.pt")
     assert a["train_state"]["step"] == b["train_state"]["step"] == config["total_steps"]
     for key in a["model"]:
@@ -171,3 +171,36 @@ def test_a_second_run_reuses_the_scene_helper_of_the_first(earth_dir, tmp_path, 
     assert run.main([*args, "--helper-lr", "0.02", "-o", str(tmp_path / "c")]) == 0
     assert "the one trained by an earlier run" not in capsys.readouterr().out
 
+
+@pytest.mark.parametrize("bf16_rate, float32_rate, expected", [(100.0, 160.0, "none"), (160.0, 100.0, "bf16")])
+def test_the_probe_keeps_float32_where_native_bf16_is_slower(monkeypatch, bf16_rate, float32_rate, expected):
+    # bf16 autocast is a rule only where it is emulated: with native bf16 on a CPU and --amp auto,
+    # float32 is timed on the chosen path and kept when faster (as for EfficientNet-Lite0), and
+    # the choice goes into the config a resumed run follows; an --amp given is not probed
+    from geocell.training import engine, trainer
+    from geocell.training.budget import StageClock
+    from geocell.training.config import TrainConfig
+
+    calls = []
+
+    def fake_probe(model, criterion, loaders, *, info, amp_dtype, channels_last_options=(False,)):
+        calls.append(amp_dtype)
+        rate = bf16_rate if amp_dtype is torch.bfloat16 else float32_rate
+        rates = {(b, cl): rate for b in loaders for cl in channels_last_options}
+        return rates, 500.0, next(iter(rates))
+
+    monkeypatch.setattr(engine, "probe_rates", fake_probe)
+    loader = type("Loader", (), {"backend": "torch"})()
+    quiet = StageClock(600.0, log=lambda *_: None)
+
+    def plan(amp):
+        cfg = TrainConfig(backend="torch", channels_last="false", amp=amp, progress=False)
+        return trainer.plan_run(cfg, engine.DistInfo(), quiet, 600.0, None, None, loader, None,
+                                trainer.training_autocast_dtype(torch.device("cpu"), "bf16"), 100,
+                                n_val=10, after_images=10, n_fitted=10)
+
+    backend, channels_last, amp, steps, _ = plan("auto")
+    assert (backend, channels_last, amp) == ("torch", "false", expected) and steps > 0
+    assert calls == [torch.bfloat16, None]
+    calls.clear()
+    assert plan("bf16")[2] == "bf16" and calls == [torch.bfloat16]

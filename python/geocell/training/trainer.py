@@ -289,26 +289,41 @@ def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, loaders
     """The time budget's plan: this machine's training steps timed on each path left open
     (both loaders when --backend is auto and DALI is installed; both memory formats when
     --channels-last is auto on a CPU), the fastest kept, then as many steps as finish the run
-    within the budget, at most --epochs epochs. Precision is not probed: bf16 autocast only
-    where it is native (training_autocast_dtype), as emulated bf16 is several times slower.
+    within the budget, at most --epochs epochs. bf16 autocast is a candidate only where it is
+    native (training_autocast_dtype), as emulated bf16 is several times slower; there, with
+    --amp auto on a CPU, float32 is timed too on the fastest path and kept if faster.
     ``loaders_for(cfg)`` builds the training loader of another backend. Returns
-    (backend, channels_last, total steps, epochs)."""
+    (backend, channels_last, amp, total steps, epochs)."""
     if cfg.channels_last == "auto":
         # A GPU's convolutions are fastest in channels_last; a CPU's depend on its vector units.
         formats = (True,) if info.device.type == "cuda" else (False, True)
     else:
         formats = (str(cfg.channels_last).lower() == "true",)
-    probe = functools.partial(engine.probe_rates, model, criterion, info=info, amp_dtype=amp_dtype)
-    rates, eval_rate, (backend, channels_last) = probe({train_loader.backend: train_loader},
-                                                       channels_last_options=formats)
+    probe = functools.partial(engine.probe_rates, model, criterion, info=info)
+    loaders = {train_loader.backend: train_loader}
+    rates, eval_rate, (backend, channels_last) = probe(loaders, amp_dtype=amp_dtype, channels_last_options=formats)
     if cfg.backend == "auto" and train_loader.backend == "dali":
         # the other loader in the faster memory format only: the probe costs budget too
-        other, other_eval, best = probe({"torch": loaders_for(dataclasses.replace(cfg, backend="torch"))},
+        loaders["torch"] = loaders_for(dataclasses.replace(cfg, backend="torch"))
+        other, other_eval, best = probe({"torch": loaders["torch"]}, amp_dtype=amp_dtype,
                                         channels_last_options=(channels_last,))
         rates.update(other)
         if other[best] > rates[backend, channels_last]:
             (backend, channels_last), eval_rate = best, other_eval
-    if amp_dtype is None:
+    amp, float32_note = cfg.amp, ""
+    if amp_dtype is not None and cfg.amp == "auto" and info.device.type == "cpu":
+        # Native bf16 is not faster for every trunk: EfficientNet-Lite0's depthwise convolutions
+        # ran at 0.6x float32's images/s under bf16 autocast on the AVX512-BF16 CPU.
+        f32, f32_eval, _ = probe({backend: loaders[backend]}, amp_dtype=None, channels_last_options=(channels_last,))
+        bf16_rate, f32_rate = rates[backend, channels_last], f32[backend, channels_last]
+        float32_note = f"; float32 on that path {f32_rate:.0f} images/s ({'float32' if f32_rate > bf16_rate else 'bf16'} chosen)"
+        if f32_rate > bf16_rate:
+            amp_dtype, eval_rate = None, f32_eval
+            rates = {key: (f32_rate if key == (backend, channels_last) else r) for key, r in rates.items()}
+        amp = "none" if amp_dtype is None else "bf16"
+    if float32_note:
+        precision = "bf16 autocast"
+    elif amp_dtype is None:
         precision = "float32" + (" (no native bf16 on this CPU: emulated bf16 is several times slower)"
                                  if info.device.type == "cpu" and cfg.amp == "auto" else "")
     else:
@@ -317,7 +332,7 @@ def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, loaders
               + ", ".join(f"{b} loader {'channels_last' if cl else 'NCHW'} {r:.0f} images/s"
                           for (b, cl), r in rates.items())
               + (f" ({backend}, {'channels_last' if channels_last else 'NCHW'} chosen)" if len(rates) > 1 else "")
-              + f"; evaluation {eval_rate:.0f} images/s")
+              + float32_note + f"; evaluation {eval_rate:.0f} images/s")
     rates_used = Rates(rates[backend, channels_last], eval_rate)
     plan = plan_steps(budget_s=budget_s, elapsed_s=clock.elapsed, rates=rates_used,
                       steps_per_epoch=steps_per_epoch, batch_images=cfg.batch_size * info.world, n_val=n_val,
@@ -326,7 +341,7 @@ def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, loaders
     log(info, "plan: " + plan.describe(rates_used, budget_s)
               + (f"; at most --epochs {cfg.epochs}" if plan.total_steps == cfg.epochs * steps_per_epoch else ""))
     clock.done("probe and plan")
-    return backend, ("true" if channels_last else "false"), plan.total_steps, plan.epoch_count
+    return backend, ("true" if channels_last else "false"), amp, plan.total_steps, plan.epoch_count
 
 
 def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
@@ -384,6 +399,9 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
     # Model: the scene head only when asked for and the training data has scene labels.
     use_scenes = cfg.scene_head and cfg.scene_weight != 0 and bool((train_set.scene >= 0).any())
     scene_names = list(train_set.scene_names) if use_scenes else []
+    # seeded here again: the initial weights must not depend on whether the scene helper was
+    # trained in this run (drawing from the generator) or taken from the cache
+    engine.seed_everything(cfg.seed)
     model = GeoModel(cfg.arch, [len(p) for p in partitions], len(scene_names),
                      pretrained="none" if resume is not None else cfg.pretrained)
     if resume is not None:
@@ -396,11 +414,12 @@ def train(cfg: TrainConfig, resume: dict | None = None) -> dict:
     # so a resumed run follows the same plan); else epochs x steps per epoch.
     if budget_s and not cfg.total_steps:
         after = len(val_set) + (len(train_set) if cfg.retrieval else 0) + (len(test_set) if test_set is not None else 0)
-        cfg.backend, cfg.channels_last, cfg.total_steps, cfg.epochs = plan_run(
+        cfg.backend, cfg.channels_last, cfg.amp, cfg.total_steps, cfg.epochs = plan_run(
             cfg, info, clock, budget_s, model, criterion, train_loader,
             lambda other: split_loader(other, partitions, train_set, info, True), amp_dtype,
             steps_per_epoch, n_val=len(val_set), after_images=after,
             n_fitted=len(val_set) + (len(test_set) if test_set is not None else 0))
+        amp_dtype = training_autocast_dtype(info.device, cfg.amp)  # kept in the config: a resumed run keeps it
         if cfg.backend != train_loader.backend:  # the probe found the other loader faster here
             train_loader, val_loader, test_loader = make_loaders(cfg, partitions, train_set, val_set, test_set, info)
     channels_last = on_gpu if cfg.channels_last == "auto" else str(cfg.channels_last).lower() == "true"
