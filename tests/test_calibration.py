@@ -15,7 +15,7 @@ from geocell.cells import EARTH_RADIUS_KM, great_circle_km  # noqa: E402
 from geocell.model.records import Calibration  # noqa: E402
 from geocell.infer.mixture import Mixture, combined_log_probs, fit_calibration  # noqa: E402
 from geocell.infer.metrics import expected_calibration_error  # noqa: E402
-from geocell.infer.conformal import region_groups  # noqa: E402
+from geocell.infer.conformal import band_envelope, region_groups  # noqa: E402
 
 R = EARTH_RADIUS_KM
 
@@ -221,6 +221,43 @@ def test_conformal_groups_hold_when_the_test_set_is_farther_than_validation():
     for cal, expected, tolerance in ((pooled, 0.82, 0.02), (grouped, 0.90, 0.02)):
         held = np.mean([m <= cal.region_mass(0.9, s) for s, m in zip(test_sims, test_masses)])
         assert abs(held - expected) <= tolerance, (cal.region_edges, held)
+
+
+def test_band_envelope_by_hand():
+    """Ten near images (truth masses 0.01 ... 0.10) and ten far ones (0.1 ... 1.0); n = 20. The
+    80 % region is the ceil(21 * 0.8) = 17th score: pooled 0.7, which holds 7 of the 10 far
+    images; the envelope's 17th is the far band's own ceil(11 * 17 / 21) = 9th, 0.9."""
+    near, far = np.arange(1, 11) / 100, np.arange(1, 11) / 10
+    masses, bands = np.concatenate([near, far]), np.array([0] * 10 + [2] * 10)
+    pooled = Calibration(weights=(1.0,), kernel_km=100.0, region_scores=tuple(np.sort(masses)))
+    envelope = band_envelope(masses, bands, min_images=10)
+    fitted = dataclasses.replace(pooled, region_scores=tuple(envelope))
+    assert pooled.region_mass(0.8) == pytest.approx(0.7) and fitted.region_mass(0.8) == pytest.approx(0.9)
+    assert np.all(np.diff(envelope) >= 0) and np.all(envelope >= np.sort(masses))
+    assert fitted.region_mass(0.95) == 1.0       # the far band's ceil(11 * 20 / 21) = 11th: none, everything
+    assert np.array_equal(band_envelope(masses, bands, min_images=11), np.sort(masses))  # bands too small: pooled
+    assert np.array_equal(band_envelope(masses, None), np.sort(masses))
+
+
+def test_band_envelope_holds_in_each_band_when_the_groups_mix_them():
+    """Near and far images with the same similarities (no statistic tells them apart), far ones
+    with larger truth masses; validation 70 % near, the test set 20 % near. Grouped by similarity
+    alone the 90 % region is the mix's quantile, 0.67 (0.7 m / 0.5 + 0.3 m = 0.9), which holds
+    for 67 % of the far test images; with the bands' envelope it holds for about 90 % of each."""
+    rng = np.random.default_rng(2)
+
+    def images(n_near, n_far):
+        sims = rng.uniform(0.5, 1.0, n_near + n_far)
+        masses = np.concatenate([rng.uniform(0, 0.5, n_near), rng.uniform(0, 1, n_far)])
+        return sims, masses, np.array([0] * n_near + [2] * n_far)
+
+    val, test = images(2800, 1200), images(800, 3200)
+    grouped = Calibration(weights=(1.0,), kernel_km=100.0, **region_groups(val[1], val[0]))
+    banded = Calibration(weights=(1.0,), kernel_km=100.0, **region_groups(val[1], val[0], bands=val[2]))
+    for cal, far_range in ((grouped, (0.0, 0.85)), (banded, (0.88, 0.93))):
+        held = np.array([m <= cal.region_mass(0.9, s) for s, m in zip(test[0], test[1])])
+        assert far_range[0] <= held[test[2] == 2].mean() <= far_range[1], held[test[2] == 2].mean()
+        assert held[test[2] == 0].mean() >= 0.88
 
 
 def test_conformal_regions_repair_an_overconfident_mixture():

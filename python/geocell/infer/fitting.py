@@ -160,6 +160,7 @@ def fit_regions(held_out: HeldOut, calibration: Calibration, partitions, hierarc
     hybrid = calibration.hybrid
     neighbours = index.neighbours(held_out.embeddings, hybrid.k) if hybrid is not None else None
     coarse = partitions[0]
+    bands = image_bands(true, index.lat, index.lng) if index is not None else None
     if refit_background:
         weight, kernel, scores = fit_background(
             truth_densities(log_q, fine, calibration.kernel_km, true, hybrid, neighbours),
@@ -180,7 +181,6 @@ def fit_regions(held_out: HeldOut, calibration: Calibration, partitions, hierarc
         # where retrieval is blind (a low top similarity) the cells' guess, if that is better
         cells_points = np.asarray(fine, dtype=np.float64)[np.argmax(log_q, axis=1)]
         top = neighbours[0][:, 0]
-        bands = image_bands(true, index.lat, index.lng)
         threshold, by_threshold = choose_fallback(points[radius], cells_points, top, true, bands)
         log(f"the best guess falls back to the cells below a top similarity of {threshold:.3f} "
             f"({100 * np.mean(top < threshold):.1f}% of the {held_out.name}; mean accuracy "
@@ -191,7 +191,9 @@ def fit_regions(held_out: HeldOut, calibration: Calibration, partitions, hierarc
             hybrid, point_radius_km=float(radius), fallback_similarity=float(threshold)))
         errors = great_circle_errors_km(np.where((top < threshold)[:, None], cells_points, points[radius]), true)
     top_similarity = neighbours[0][:, 0] if neighbours is not None else None
-    calibration = dataclasses.replace(calibration, **region_groups(masses, top_similarity))
+    # the distance bands make the regions hold in every band; without an index there is no
+    # record of the training photos here
+    calibration = dataclasses.replace(calibration, **region_groups(masses, top_similarity, bands=bands))
     return Fitted(calibration=calibration, truth_mass=masses, hybrid_errors_km=errors)
 
 

@@ -154,11 +154,9 @@ class Calibration:
         scores = self.region_scores
         if self.region_group_scores and top_similarity is not None:
             scores = self.region_group_scores[int(region_group(self.region_edges, top_similarity))]
-        n = len(scores)
-        if n == 0:
+        if len(scores) == 0:
             return float(mass)
-        rank = math.ceil((n + 1) * float(mass))
-        return 1.0 if rank > n else float(min(1.0, max(scores[rank - 1], 1e-6)))
+        return min(1.0, max(conformal_mass(scores, mass), 1e-6))
 
     def check(self, n_partitions: int) -> "Calibration":
         """Every stored field within its range (a stored kernel of 1e300 km made lat = nan)."""
@@ -210,6 +208,14 @@ class Calibration:
                    background_weight=float(d.get("background_weight", 0.0)),
                    background_kernel_km=float(d.get("background_kernel_km", 0.0)),
                    **region_groups_from_dict(d)).check(n_partitions)
+
+def conformal_mass(sorted_scores, level: float) -> float:
+    """Split conformal prediction's rule: the ceil((n + 1) * level)-th smallest of n sorted
+    scores, or the whole mixture (1.0) where that rank passes n."""
+    n = len(sorted_scores)
+    rank = max(1, math.ceil((n + 1) * float(level)))
+    return 1.0 if rank > n else float(sorted_scores[rank - 1])
+
 
 def region_group(edges, top_similarity):
     """The conformal group of each top similarity (array or scalar): the number of edges at or
