@@ -173,7 +173,7 @@ def test_a_second_run_reuses_the_scene_helper_of_the_first(earth_dir, tmp_path, 
 
 
 @pytest.mark.parametrize("bf16_rate, float32_rate, expected", [(100.0, 160.0, "none"), (160.0, 100.0, "bf16")])
-def test_the_probe_keeps_float32_where_native_bf16_is_slower(monkeypatch, bf16_rate, float32_rate, expected):
+def test_the_probe_keeps_float32_where_native_bf16_is_slower(monkeypatch, capsys, bf16_rate, float32_rate, expected):
     # bf16 autocast is a rule only where it is emulated: with native bf16 on a CPU and --amp auto,
     # float32 is timed on the chosen path and kept when faster (as for EfficientNet-Lite0), and
     # the choice goes into the config a resumed run follows; an --amp given is not probed
@@ -195,12 +195,28 @@ def test_the_probe_keeps_float32_where_native_bf16_is_slower(monkeypatch, bf16_r
 
     def plan(amp):
         cfg = TrainConfig(backend="torch", channels_last="false", amp=amp, progress=False)
-        return trainer.plan_run(cfg, engine.DistInfo(), quiet, 600.0, None, None, loader, None,
+        # a budget short enough that --epochs does not cap the steps
+        return trainer.plan_run(cfg, engine.DistInfo(), quiet, 150.0, None, None, loader, None,
                                 trainer.training_autocast_dtype(torch.device("cpu"), "bf16"), 100,
                                 n_val=10, after_images=10, n_fitted=10)
 
+    capsys.readouterr()
     backend, channels_last, amp, steps, _ = plan("auto")
     assert (backend, channels_last, amp) == ("torch", "false", expected) and steps > 0
     assert calls == [torch.bfloat16, None]
+    # both precisions are printed as measured, and the plan follows the faster one (the stub's
+    # 160 images/s, whichever precision it was): more steps than 100 images/s would give
+    printed = capsys.readouterr().out
+    assert f"torch loader NCHW {bf16_rate:.0f} images/s" in printed
+    assert f"float32 on that path {float32_rate:.0f} images/s" in printed
+    slower = trainer.plan_steps(budget_s=150.0, elapsed_s=0.0, rates=trainer.Rates(100.0, 500.0),
+                                steps_per_epoch=100, batch_images=TrainConfig().batch_size, n_val=10,
+                                after_images=10, after_fixed_s=trainer.FIT_SECONDS_PER_IMAGE * 10,
+                                max_steps=TrainConfig().epochs * 100).total_steps
+    faster = trainer.plan_steps(budget_s=150.0, elapsed_s=0.0, rates=trainer.Rates(160.0, 500.0),
+                                steps_per_epoch=100, batch_images=TrainConfig().batch_size, n_val=10,
+                                after_images=10, after_fixed_s=trainer.FIT_SECONDS_PER_IMAGE * 10,
+                                max_steps=TrainConfig().epochs * 100).total_steps
+    assert slower < steps <= faster
     calls.clear()
     assert plan("bf16")[2] == "bf16" and calls == [torch.bfloat16]

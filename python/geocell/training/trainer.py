@@ -311,6 +311,7 @@ def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, loaders
         if other[best] > rates[backend, channels_last]:
             (backend, channels_last), eval_rate = best, other_eval
     amp, float32_note = cfg.amp, ""
+    chosen_rate = rates[backend, channels_last]
     if amp_dtype is not None and cfg.amp == "auto" and info.device.type == "cpu":
         # Native bf16 is not faster for every trunk: EfficientNet-Lite0's depthwise convolutions
         # ran at 0.6x float32's images/s under bf16 autocast on the AVX512-BF16 CPU.
@@ -318,8 +319,8 @@ def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, loaders
         bf16_rate, f32_rate = rates[backend, channels_last], f32[backend, channels_last]
         float32_note = f"; float32 on that path {f32_rate:.0f} images/s ({'float32' if f32_rate > bf16_rate else 'bf16'} chosen)"
         if f32_rate > bf16_rate:
-            amp_dtype, eval_rate = None, f32_eval
-            rates = {key: (f32_rate if key == (backend, channels_last) else r) for key, r in rates.items()}
+            # the printed rates stay bf16's as measured; the plan uses float32's
+            amp_dtype, eval_rate, chosen_rate = None, f32_eval, f32_rate
         amp = "none" if amp_dtype is None else "bf16"
     if float32_note:
         precision = "bf16 autocast"
@@ -333,7 +334,7 @@ def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, loaders
                           for (b, cl), r in rates.items())
               + (f" ({backend}, {'channels_last' if channels_last else 'NCHW'} chosen)" if len(rates) > 1 else "")
               + float32_note + f"; evaluation {eval_rate:.0f} images/s")
-    rates_used = Rates(rates[backend, channels_last], eval_rate)
+    rates_used = Rates(chosen_rate, eval_rate)
     plan = plan_steps(budget_s=budget_s, elapsed_s=clock.elapsed, rates=rates_used,
                       steps_per_epoch=steps_per_epoch, batch_images=cfg.batch_size * info.world, n_val=n_val,
                       after_images=after_images, after_fixed_s=FIT_SECONDS_PER_IMAGE * n_fitted,
