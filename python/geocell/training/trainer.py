@@ -1,7 +1,8 @@
 """Train the multitask geolocation network (``geocell train`` or ``python train/run.py``).
 
-With no arguments it builds the small Earth dataset (./data/earth) if missing, trains a ResNet-18
-for a few minutes and prints the accuracy table. Multi-GPU / multi-node: launch with torchrun, e.g.
+With no arguments it builds the small Earth dataset (./data/earth) if missing, trains the default
+trunk (EfficientNet-Lite0 from its ImageNet weights) within a ten-minute budget and prints the
+accuracy table. Multi-GPU / multi-node: launch with torchrun, e.g.
 ``torchrun --nproc_per_node 8 train/run.py --manifest mp16.csv --arch resnet50 --image-size 224``.
 
 Reads top to bottom: configuration -> data -> partitionings -> model -> optimiser -> loop -> report.
