@@ -208,7 +208,8 @@ def test_the_probe_keeps_float32_where_native_bf16_is_slower(monkeypatch, capsys
     # 160 images/s, whichever precision it was): more steps than 100 images/s would give
     printed = capsys.readouterr().out
     assert f"torch loader NCHW {bf16_rate:.0f} images/s" in printed
-    assert f"float32 on that path {float32_rate:.0f} images/s" in printed
+    assert f"float32 on the torch loader: NCHW {float32_rate:.0f} images/s" in printed
+    assert f"({'float32' if expected == 'none' else 'bf16'}, torch, NCHW chosen)" in printed
     slower = trainer.plan_steps(budget_s=150.0, elapsed_s=0.0, rates=trainer.Rates(100.0, 500.0),
                                 steps_per_epoch=100, batch_images=TrainConfig().batch_size, n_val=10,
                                 after_images=10, after_fixed_s=trainer.FIT_SECONDS_PER_IMAGE * 10,
@@ -220,3 +221,33 @@ def test_the_probe_keeps_float32_where_native_bf16_is_slower(monkeypatch, capsys
     assert slower < steps <= faster
     calls.clear()
     assert plan("bf16")[2] == "bf16" and calls == [torch.bfloat16]
+
+
+def test_the_probe_times_float32_in_each_memory_format(monkeypatch, capsys):
+    # bf16's faster layout need not be float32's: bf16 NCHW 140 beats channels_last 139, but
+    # float32 runs 129 in NCHW and 200 in channels_last; the plan takes float32 in channels_last
+    from geocell.training import engine, trainer
+    from geocell.training.budget import StageClock
+    from geocell.training.config import TrainConfig
+
+    measured = {(torch.bfloat16, False): 140.0, (torch.bfloat16, True): 139.0, (None, False): 129.0, (None, True): 200.0}
+
+    def fake_probe(model, criterion, loaders, *, info, amp_dtype, channels_last_options=(False,)):
+        rates = {(b, cl): measured[amp_dtype, cl] for b in loaders for cl in channels_last_options}
+        return rates, 500.0, max(rates, key=rates.get)
+
+    monkeypatch.setattr(engine, "probe_rates", fake_probe)
+    loader = type("Loader", (), {"backend": "torch"})()
+    cfg = TrainConfig(backend="torch", channels_last="auto", amp="auto", progress=False)
+    capsys.readouterr()
+    backend, channels_last, amp, steps, _ = trainer.plan_run(
+        cfg, engine.DistInfo(), StageClock(600.0, log=lambda *_: None), 150.0, None, None, loader, None,
+        trainer.training_autocast_dtype(torch.device("cpu"), "bf16"), 100, n_val=10, after_images=10, n_fitted=10)
+    assert (backend, channels_last, amp) == ("torch", "true", "none")
+    printed = capsys.readouterr().out
+    assert "float32 on the torch loader: NCHW 129, channels_last 200 images/s (float32, torch, channels_last chosen)" \
+        in printed
+    at_200 = trainer.plan_steps(budget_s=150.0, elapsed_s=0.0, rates=trainer.Rates(200.0, 500.0), steps_per_epoch=100,
+                                batch_images=cfg.batch_size, n_val=10, after_images=10,
+                                after_fixed_s=trainer.FIT_SECONDS_PER_IMAGE * 10, max_steps=cfg.epochs * 100)
+    assert steps == at_200.total_steps

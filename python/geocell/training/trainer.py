@@ -292,7 +292,8 @@ def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, loaders
     --channels-last is auto on a CPU), the fastest kept, then as many steps as finish the run
     within the budget, at most --epochs epochs. bf16 autocast is a candidate only where it is
     native (training_autocast_dtype), as emulated bf16 is several times slower; there, with
-    --amp auto on a CPU, float32 is timed too on the fastest path and kept if faster.
+    --amp auto on a CPU, float32 is timed too on the fastest loader in each memory format and
+    kept, in its faster format, if faster.
     ``loaders_for(cfg)`` builds the training loader of another backend. Returns
     (backend, channels_last, amp, total steps, epochs)."""
     if cfg.channels_last == "auto":
@@ -316,13 +317,19 @@ def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, loaders
     if amp_dtype is not None and cfg.amp == "auto" and info.device.type == "cpu":
         # Native bf16 is not faster for every trunk: EfficientNet-Lite0's depthwise convolutions
         # ran at 0.6x float32's images/s under bf16 autocast on the AVX512-BF16 CPU.
-        f32, f32_eval, _ = probe({backend: loaders[backend]}, amp_dtype=None, channels_last_options=(channels_last,))
-        bf16_rate, f32_rate = rates[backend, channels_last], f32[backend, channels_last]
-        float32_note = f"; float32 on that path {f32_rate:.0f} images/s ({'float32' if f32_rate > bf16_rate else 'bf16'} chosen)"
+        # Each memory format again: the layout bf16 prefers need not be float32's (bf16 NCHW
+        # 140 against channels_last 139 images/s, where float32 ran 129 in NCHW and about 200
+        # in channels_last, on the AVX512-BF16 CPU).
+        f32, f32_eval, f32_best = probe({backend: loaders[backend]}, amp_dtype=None, channels_last_options=formats)
+        bf16_rate, f32_rate = rates[backend, channels_last], f32[f32_best]
         if f32_rate > bf16_rate:
-            # the printed rates stay bf16's as measured; the plan uses float32's
-            amp_dtype, eval_rate, chosen_rate = None, f32_eval, f32_rate
+            # the printed rates stay bf16's as measured; the plan uses float32's, in its own format
+            amp_dtype, eval_rate, chosen_rate, channels_last = None, f32_eval, f32_rate, f32_best[1]
         amp = "none" if amp_dtype is None else "bf16"
+        float32_note = (f"; float32 on the {backend} loader: "
+                        + ", ".join(f"{'channels_last' if cl else 'NCHW'} {r:.0f}" for (_, cl), r in f32.items())
+                        + f" images/s ({'float32' if amp == 'none' else 'bf16'}, {backend}, "
+                        + f"{'channels_last' if channels_last else 'NCHW'} chosen)")
     if float32_note:
         precision = "bf16 autocast"
     elif amp_dtype is None:
@@ -333,7 +340,8 @@ def plan_run(cfg, info, clock, budget_s, model, criterion, train_loader, loaders
     log(info, "measured on this machine, training steps in " + precision + ": "
               + ", ".join(f"{b} loader {'channels_last' if cl else 'NCHW'} {r:.0f} images/s"
                           for (b, cl), r in rates.items())
-              + (f" ({backend}, {'channels_last' if channels_last else 'NCHW'} chosen)" if len(rates) > 1 else "")
+              + (f" ({backend}, {'channels_last' if channels_last else 'NCHW'} chosen)"
+                 if len(rates) > 1 and not float32_note else "")
               + float32_note + f"; evaluation {eval_rate:.0f} images/s")
     rates_used = Rates(chosen_rate, eval_rate)
     plan = plan_steps(budget_s=budget_s, elapsed_s=clock.elapsed, rates=rates_used,
