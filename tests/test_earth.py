@@ -123,13 +123,14 @@ def test_scene_dataset_beside_the_gps_dataset(tmp_path):
     build_earth(tmp_path / "both", n=80, size=16, seed=2, progress=False, workers=1)
     assert not (tmp_path / "both" / "scenes.csv").exists()
     # the command builds both, with the recipe the main job looks for before reusing a folder
-    from geocell.data.earth import build_recipe, built_with, default_far
+    from geocell.data.earth import build_recipe, built_with, default_far, default_land
 
     assert data_main(["earth", "-o", str(tmp_path / "cli"), "--n", "40", "--scenes", "20", "--size", "16",
                       "--workers", "1", "-q"]) == 0
     assert len(read_manifest(tmp_path / "cli" / "scenes.csv")) == 20
-    # by default as many far places per patch as the default build's 1,500 for 18,000
-    assert built_with(tmp_path / "cli") == build_recipe(40, 16, 0, "held-out", n_scenes=20, n_far=default_far(40))
+    # by default as many far (land) places per patch as the default build's 1,500 (2,500) for 18,000
+    assert built_with(tmp_path / "cli") == build_recipe(40, 16, 0, "held-out", n_scenes=20, n_far=default_far(40),
+                                                        n_land=default_land(40))
 
 
 def test_bad_locations_file(tmp_path):

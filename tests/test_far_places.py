@@ -1,5 +1,6 @@
 """Far places: distances to the nearest training photo by hand, the distance bands at their edges,
-land places drawn by area, the Earth dataset's far places in val and test, and the per-band report."""
+land places drawn by area, the Earth dataset's far places in val and test and its land places in
+train, and the per-band report."""
 
 from __future__ import annotations
 
@@ -116,9 +117,9 @@ def far_build(tmp_path_factory):
     from geocell.data.earth import build_earth
 
     root = tmp_path_factory.mktemp("far")
-    # the command's --far flag builds the one with far places
-    assert data_main(["earth", "-o", str(root / "far"), "--n", "60", "--scenes", "0", "--far", "14", "--size", "32",
-                      "--seed", "3", "--workers", "1", "-q"]) == 0
+    # the command's --far flag builds the one with far places (and no land places)
+    assert data_main(["earth", "-o", str(root / "far"), "--n", "60", "--scenes", "0", "--far", "14", "--land", "0",
+                      "--size", "32", "--seed", "3", "--workers", "1", "-q"]) == 0
     plain = build_earth(root / "plain", n=60, size=32, seed=3, progress=False, workers=1)
     return read_manifest(root / "far" / "manifest.csv"), read_manifest(plain), root
 
@@ -142,6 +143,40 @@ def test_earth_far_places_in_val_and_test_only(far_build):
     assert built_with(root / "far") == build_recipe(60, 32, 3, "held-out", n_far=14) != \
         build_recipe(60, 32, 3, "held-out")
     assert built_with(root / "plain") == build_recipe(60, 32, 3, "held-out")
+
+
+def test_earth_land_places_train_without_moving_any_val_test_place_to_another_band(far_build):
+    from geocell.commands.data import main as data_main
+    from geocell.data.earth import LAND_BUFFER_KM, build_recipe, built_with
+
+    far, _, root = far_build
+    assert data_main(["earth", "-o", str(root / "land"), "--n", "60", "--scenes", "0", "--far", "14", "--land", "9",
+                      "--size", "32", "--seed", "3", "--workers", "1", "-q"]) == 0
+    m = read_manifest(root / "land" / "manifest.csv")
+    land = m.place == "land"
+    assert land.sum() == 9 and np.flatnonzero(land).min() == len(far)
+    assert (m.split[land] == "train").all() and (land_fraction(m.lat[land], m.lng[land]) >= 0.5).all()
+    # the photo and far rows are those of the build without land places
+    np.testing.assert_array_equal(m.lat[~land], far.lat)
+    np.testing.assert_array_equal(m.split[~land], far.split)
+    held = m.split != "train"
+    assert min_distance_km(m.lat[land], m.lng[land], m.lat[held], m.lng[held]).min() >= LAND_BUFFER_KM
+    # the buffer is the far band's edge: no val/test place is nearer a band with them than without
+    assert LAND_BUFFER_KM == DISTANCE_BANDS_KM[-1]
+    train, old_train = m.split == "train", far.split == "train"
+    places = np.stack([m.lat[held], m.lng[held]], 1)
+    np.testing.assert_array_equal(image_bands(places, m.lat[train], m.lng[train]),
+                                  image_bands(places, far.lat[old_train], far.lng[old_train]))
+    assert built_with(root / "land") == build_recipe(60, 32, 3, "held-out", n_far=14, n_land=9) != \
+        build_recipe(60, 32, 3, "held-out", n_far=14)
+
+
+def test_default_land_count_and_a_negative_one(tmp_path):
+    from geocell.data.earth import DEFAULT_N, DEFAULT_N_LAND, build_earth, default_land
+
+    assert default_land(DEFAULT_N) == DEFAULT_N_LAND == 2500 and default_land(72) == 10
+    with pytest.raises(ValueError, match="n_land must be >= 0"):
+        build_earth(tmp_path / "bad", n=10, size=16, progress=False, n_land=-1)
 
 
 def test_default_far_count_and_a_negative_one(tmp_path):

@@ -4,7 +4,7 @@
     geocell data pack manifest.csv -o shards/ [--shorter-side 320] [--max-side N] [--workers 2]
     geocell data pack --from-msgpack DIR --metadata META.csv -o shards/
     geocell data download URLS.csv -o shards/ [--metadata META.csv] [--threads 4]
-    geocell data earth -o DIR [--n 18000] [--scenes 3600] [--far 1500] [--size 128] [--seed 0] [--locations FILE]
+    geocell data earth -o DIR [--n 18000] [--scenes 3600] [--far 1500] [--land 2500] [--size 128] [--seed 0] [--locations FILE]
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from geocell.data.earth import DEFAULT_N, DEFAULT_N_FAR, DEFAULT_N_SCENES, SPLIT_RULES, default_far
+from geocell.data.earth import (DEFAULT_N, DEFAULT_N_FAR, DEFAULT_N_LAND, DEFAULT_N_SCENES, SPLIT_RULES, default_far,
+                                default_land)
 
 
 def _from_exif(args) -> int:
@@ -104,9 +105,11 @@ def _earth(args) -> int:
     from geocell.data.earth import build_earth, scene_dataset_path
 
     n_far = default_far(args.n) if args.far is None else args.far
+    n_land = default_land(args.n) if args.land is None else args.land
     path = build_earth(args.output, n=args.n, size=args.size, seed=args.seed, split_rule=args.split,
                        locations=args.locations, progress=not args.quiet, workers=args.workers,
-                       n_scenes=0 if args.locations else args.scenes, n_far=0 if args.locations else n_far)
+                       n_scenes=0 if args.locations else args.scenes, n_far=0 if args.locations else n_far,
+                       n_land=0 if args.locations else n_land)
     scenes = scene_dataset_path(args.output)
     print(f"Earth dataset written: {path}" + (f" (scene dataset for the scene helper: {scenes})" if scenes else ""))
     return 0
@@ -176,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--far", type=int, default=None,
                    help=f"far places added to val and test: drawn over the land, away from every training photo "
                         f"(default: {DEFAULT_N_FAR} for {DEFAULT_N} patches, as many per patch otherwise; 0: none; "
+                        "default locations only)")
+    p.add_argument("--land", type=int, default=None,
+                   help=f"land places added to train: drawn over the land, at least 200 km from every val/test place "
+                        f"(default: {DEFAULT_N_LAND} for {DEFAULT_N} patches, as many per patch otherwise; 0: none; "
                         "default locations only)")
     p.add_argument("--size", type=int, default=128, help="patch size in pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the locations and the split (default 0)")

@@ -20,6 +20,13 @@ manifest's ``place`` column, the photos' rows ``photo``): places drawn uniformly
 and half in test by whole S2 blocks (:mod:`geocell.data.places`). The photo pool alone cannot
 give them: its held-out places are where photos cluster, near training photos, while users ask
 about any place.
+
+Its training split also holds land places (``n_land``, ``place`` = ``land``): drawn the same way
+over the land, each at least ``LAND_BUFFER_KM`` (200 km, the far band's edge) from every val and
+test place. Photos leave most of the land without a single training image, so without them the
+network has no cell and no terrain to learn there; with them it does, while every val/test place
+keeps its distance band (the nearest training image of a place more than 200 km from all photos
+is still more than 200 km away).
 """
 
 from __future__ import annotations
@@ -41,8 +48,8 @@ from geocell._internal.progress import progress_bar
 from geocell.data.splits import MAX_BLOCK_SHARE, held_out_split, min_distance_km
 from geocell.data.terrain import (FOOTPRINT_KM, KM_PER_DEG, SCENE_NAMES, basemap_file, footprint_boxes, pad_sphere,
                                   scene_labels)
-from geocell.data.manifest import (LAT_COLUMNS, LNG_COLUMNS, PLACE_FAR, PLACE_PHOTO, Manifest, find_column, parse_coord,
-                                   write_manifest)
+from geocell.data.manifest import (LAT_COLUMNS, LNG_COLUMNS, PLACE_FAR, PLACE_LAND, PLACE_PHOTO, Manifest, find_column,
+                                   parse_coord, write_manifest)
 from geocell.data.places import MIN_LAND, SOUTH_LIMIT_DEG, SPLIT_BLOCK_LEVEL, land_places, split_places
 
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train
@@ -52,6 +59,11 @@ DEFAULT_N, DEFAULT_N_SCENES = 18000, 3600
 # Far places of the default build: 1,500 (about 750 in val, 750 in test, beside 1,800 photos in
 # each), enough for a few hundred per distance band; a build of n photos gets the same share.
 DEFAULT_N_FAR = 1500
+# Land places of the default build's training split (a sixth more training images), and how far
+# they stay from every val/test place: the far band's edge (geocell.infer.bands.DISTANCE_BANDS_KM),
+# so that no val/test place changes band.
+DEFAULT_N_LAND = 2500
+LAND_BUFFER_KM = 200.0
 JPEG_QUALITY = 90
 
 
@@ -190,9 +202,14 @@ def default_far(n: int) -> int:
     return int(round(int(n) * DEFAULT_N_FAR / DEFAULT_N))
 
 
-# The far places draw from their own stream of the seed, so the photo rows (and the scene
-# dataset) are the same whatever n_far is.
-_FAR_STREAM = 26
+def default_land(n: int) -> int:
+    """The land places a build of ``n`` photo patches gets by default: DEFAULT_N_LAND for DEFAULT_N."""
+    return int(round(int(n) * DEFAULT_N_LAND / DEFAULT_N))
+
+
+# The far and the land places draw from their own streams of the seed, so the photo rows (and the
+# scene dataset) are the same whatever n_far and n_land are, and the far places whatever n_land is.
+_FAR_STREAM, _LAND_STREAM = 26, 27
 
 
 def _far_places(n_far: int, seed: int, latlng, split, unused, buffer_km: float, footprint_km: float):
@@ -205,6 +222,12 @@ def _far_places(n_far: int, seed: int, latlng, split, unused, buffer_km: float, 
     rng = np.random.default_rng([int(seed), _FAR_STREAM])
     far = land_places(n_far, rng, away_from=ref, min_km=buffer_km, footprint_km=footprint_km)
     return far, split_places(far, rng)
+
+
+def _land_places(n_land: int, seed: int, held_latlng, footprint_km: float) -> np.ndarray:
+    """(n_land, 2) training places on land, at least LAND_BUFFER_KM from every val/test place."""
+    rng = np.random.default_rng([int(seed), _LAND_STREAM])
+    return land_places(n_land, rng, away_from=held_latlng, min_km=LAND_BUFFER_KM, footprint_km=footprint_km)
 
 
 def _assign_splits(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -222,7 +245,7 @@ def _assign_splits(n: int, rng: np.random.Generator) -> np.ndarray:
 def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locations=None,
                 progress: bool = True, workers: Optional[int] = None,
                 footprint_km: float = FOOTPRINT_KM, split_rule: str = "held-out", n_scenes: int = 0,
-                n_far: int = 0) -> Path:
+                n_far: int = 0, n_land: int = 0) -> Path:
     """Writes ``out_dir/images/NNNNNN.jpg`` and ``out_dir/manifest.csv``
     (``path,lat,lng,scene,split``, and ``place`` for the default locations); returns the manifest path.
 
@@ -233,6 +256,11 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     location (5 km for "held-out" and "random", the footprint for "remote"). The photo rows are
     the same whatever ``n_far`` is. ``geocell data earth`` and the main job add
     :func:`default_far` of ``n`` (1,500 for the default 18,000).
+
+    ``n_land`` > 0 (default locations only) adds that many land places to the training split
+    (rows after the far places', ``place`` = ``land``): drawn like the far places, each at least
+    LAND_BUFFER_KM from every val/test place (photos and far places), so no val/test place moves
+    to a nearer distance band. The main job adds :func:`default_land` of ``n`` (2,500).
 
     ``n_scenes`` > 0 (default locations only) also writes the scene dataset:
     ``out_dir/scene_images/NNNNNN.jpg`` and ``out_dir/scenes.csv`` (splits train and val, 90/10),
@@ -260,6 +288,8 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
     unused, place = None, None
     if n_far < 0:
         raise ValueError(f"n_far must be >= 0, got {n_far}")
+    if n_land < 0:
+        raise ValueError(f"n_land must be >= 0, got {n_land}")
     if locations is None:
         if split_rule == "random":
             latlng = _sample_locations(int(n), rng)
@@ -283,6 +313,10 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
                                          footprint_km if buffer_km is None else buffer_km, footprint_km)
             latlng, split = np.concatenate([latlng, far]), np.concatenate([split, far_split]).astype(str)
             place = np.concatenate([place, np.full(len(far), PLACE_FAR, dtype=object)])
+        if n_land > 0:
+            land = _land_places(int(n_land), seed, latlng[split != "train"], footprint_km)
+            latlng, split = np.concatenate([latlng, land]), np.concatenate([split, np.full(len(land), "train")])
+            place = np.concatenate([place, np.full(len(land), PLACE_LAND, dtype=object)])
     n_gps = len(latlng)
     names = _image_names(img_dir, n_gps)
     scene_split = None
@@ -328,7 +362,7 @@ def build_earth(out_dir, n: int = 20000, size: int = 128, seed: int = 0, locatio
         (out_dir / SCENES_FILE).unlink()  # a scene set of an earlier build would not match this one
     if locations is None:
         (out_dir / BUILD_FILE).write_text(
-            json.dumps(build_recipe(n, size, seed, split_rule, footprint_km, n_scenes, n_far)) + "\n")
+            json.dumps(build_recipe(n, size, seed, split_rule, footprint_km, n_scenes, n_far, n_land)) + "\n")
     return path
 
 
@@ -350,7 +384,7 @@ BUILD_FILE = "build.json"
 
 
 def build_recipe(n: int, size: int, seed: int, split_rule: str, footprint_km: float = FOOTPRINT_KM,
-                 n_scenes: int = 0, n_far: int = 0) -> dict:
+                 n_scenes: int = 0, n_far: int = 0, n_land: int = 0) -> dict:
     """What a default-locations build depends on, saved beside its manifest (``build.json``), so a
     folder built by other settings (or by an older split rule) is rebuilt rather than reused."""
     levels, buffer_km = HELD_OUT_RULES.get(split_rule, ((), None))
@@ -359,7 +393,9 @@ def build_recipe(n: int, size: int, seed: int, split_rule: str, footprint_km: fl
             "max_block_share": MAX_BLOCK_SHARE if levels else None, "footprint_km": float(footprint_km),
             "n_scenes": int(n_scenes), "scenes": list(SCENE_NAMES),
             # the far places' rule: (count, land share, southern limit, val/test block level)
-            "n_far": int(n_far), "far_rule": [MIN_LAND, SOUTH_LIMIT_DEG, SPLIT_BLOCK_LEVEL]}
+            "n_far": int(n_far), "far_rule": [MIN_LAND, SOUTH_LIMIT_DEG, SPLIT_BLOCK_LEVEL],
+            # the land places' rule: (count, distance from every val/test place)
+            "n_land": int(n_land), "land_rule": [LAND_BUFFER_KM]}
 
 
 def built_with(out_dir) -> dict | None:

@@ -7,8 +7,9 @@ Two layouts are read:
   (``IMG_ID`` relative to an image root; ``S3_Label`` 0/1/2 = indoor/natural/urban).
 - plain: ``path,lat,lng[,scene][,split][,place][,scene_prob_<name>...]`` (``lon``/``longitude``,
   ``latitude`` and ``image``/``img_id`` are accepted as column names). ``place`` says where a
-  row's location comes from: ``photo`` (a photo's location) or ``far`` (a far place of the
-  Earth dataset's val/test splits, see :mod:`geocell.data.places`).
+  row's location comes from: ``photo`` (a photo's location), ``far`` (a far place of the
+  Earth dataset's val/test splits, see :mod:`geocell.data.places`) or ``land`` (a land place of
+  its training split, at least 200 km from every val/test place).
 
 A folder written by ``geocell data pack`` is a dataset too, but not a manifest file: open either
 with :func:`geocell.data.dataset.read_dataset` (this module knows nothing of shards).
@@ -40,7 +41,7 @@ _KNOWN_SCENE_ORDERS = (GEOESTIMATION_SCENES, ["water", "ice", "coast", "mountain
 PATH_COLUMNS = ("path", "image", "img_id", "file", "filename")
 LAT_COLUMNS = ("lat", "latitude")
 LNG_COLUMNS = ("lng", "lon", "long", "longitude")
-PLACE_PHOTO, PLACE_FAR = "photo", "far"  # the values of a manifest's place column
+PLACE_PHOTO, PLACE_FAR, PLACE_LAND = "photo", "far", "land"  # the values of a manifest's place column
 # Integer scene ids index a name list built as range(max + 1): a bound keeps a hostile id
 # (e.g. 999999999) from allocating a list of a billion names.
 MAX_SCENE_ID = 100_000
@@ -65,7 +66,7 @@ class Manifest:
     # sample id in its tars.
     shards: Optional[str] = None
     ids: Optional[np.ndarray] = None
-    place: Optional[np.ndarray] = None  # PLACE_PHOTO / PLACE_FAR per row, when the file has the column
+    place: Optional[np.ndarray] = None  # PLACE_PHOTO / PLACE_FAR / PLACE_LAND per row, when the file has the column
 
     def __post_init__(self):
         n = len(self.paths)

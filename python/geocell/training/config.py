@@ -8,7 +8,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from geocell.data.earth import DEFAULT_N, DEFAULT_N_SCENES, SPLIT_RULES, default_far
+from geocell.data.earth import DEFAULT_N, DEFAULT_N_SCENES, SPLIT_RULES, default_far, default_land
 from geocell.loading.preprocess import Preprocess
 from geocell.training.budget import parse_budget
 
@@ -32,6 +32,7 @@ class TrainConfig:
     earth_size: int = 128
     earth_scenes: int = DEFAULT_N_SCENES  # the scene dataset built beside it (scenes.csv), for the scene helper
     earth_far: int | None = None  # far places in its val and test (None: default_far(earth_n), 1,500 by default)
+    earth_land: int | None = None  # land places in its training split (None: default_land(earth_n), 2,500 by default)
     # "held-out": places never seen, blocks of 15-1,000 km (geocell.data.earth.HELD_OUT_RULES);
     # "remote": 1,000 km blocks, no overlap with a training patch; "random": memorisation
     earth_split: str = "held-out"
@@ -214,6 +215,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"far places (drawn over the land, away from every training photo) added to the Earth "
                         f"val and test splits (default {default_far(d.earth_n)}, as many per image for other "
                         "--earth-n)")
+    g.add_argument("--earth-land", type=int,
+                   help=f"land places (drawn over the land, at least 200 km from every val/test place) added to "
+                        f"the Earth training split (default {default_land(d.earth_n)}, as many per image for "
+                        "other --earth-n)")
     g.add_argument("--earth-split", choices=SPLIT_RULES,
                    help="Earth val/test: 'held-out' places never seen in training, in blocks of 15 to 1,000 km "
                         "(default); 'remote': 1,000 km blocks, no patch overlapping a training one; 'random'")

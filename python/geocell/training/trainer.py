@@ -82,23 +82,25 @@ def load_data(cfg: TrainConfig, info):
     """(train, val, test) manifests; test is None when there is no test split."""
     manifest_path = cfg.manifest
     if manifest_path is None:
-        from geocell.data.earth import build_earth, build_recipe, built_with, default_far
+        from geocell.data.earth import build_earth, build_recipe, built_with, default_far, default_land
 
         manifest_path = os.path.join(cfg.data_dir, "manifest.csv")
         found = built_with(cfg.data_dir) if os.path.isfile(manifest_path) else None
         n_far = default_far(cfg.earth_n) if cfg.earth_far is None else cfg.earth_far
-        wanted = build_recipe(cfg.earth_n, cfg.earth_size, 0, cfg.earth_split, n_scenes=cfg.earth_scenes, n_far=n_far)
+        n_land = default_land(cfg.earth_n) if cfg.earth_land is None else cfg.earth_land
+        wanted = build_recipe(cfg.earth_n, cfg.earth_size, 0, cfg.earth_split, n_scenes=cfg.earth_scenes, n_far=n_far,
+                              n_land=n_land)
         if found != wanted:
             if info.is_main:
                 if os.path.isfile(manifest_path):
                     print(f"{cfg.data_dir} was built with other settings ({found or 'no build.json'}); rebuilding",
                           flush=True)
-                print(f"building the Earth dataset ({cfg.earth_n} images and {n_far} far places, {cfg.earth_size} px, "
-                      f"{cfg.earth_split} split) in {cfg.data_dir}", flush=True)
+                print(f"building the Earth dataset ({cfg.earth_n} images, {n_far} far places and {n_land} land places, "
+                      f"{cfg.earth_size} px, {cfg.earth_split} split) in {cfg.data_dir}", flush=True)
                 t0 = time.perf_counter()
                 manifest_path = str(build_earth(os.path.abspath(cfg.data_dir), n=cfg.earth_n, size=cfg.earth_size, seed=0,
                                                 split_rule=cfg.earth_split, n_scenes=cfg.earth_scenes, n_far=n_far,
-                                                progress=cfg.progress))
+                                                n_land=n_land, progress=cfg.progress))
                 print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
             engine.barrier(info)
     full = read_dataset(manifest_path, image_root=cfg.image_root)
