@@ -174,7 +174,7 @@ def test_earth_land_places_train_without_moving_any_val_test_place_to_another_ba
 def test_default_land_count_and_a_negative_one(tmp_path):
     from geocell.data.earth import DEFAULT_N, DEFAULT_N_LAND, build_earth, default_land
 
-    assert default_land(DEFAULT_N) == DEFAULT_N_LAND == 2500 and default_land(72) == 10
+    assert default_land(DEFAULT_N) == DEFAULT_N_LAND == 5000 and default_land(72) == 20
     with pytest.raises(ValueError, match="n_land must be >= 0"):
         build_earth(tmp_path / "bad", n=10, size=16, progress=False, n_land=-1)
 

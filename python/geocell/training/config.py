@@ -32,7 +32,7 @@ class TrainConfig:
     earth_size: int = 128
     earth_scenes: int = DEFAULT_N_SCENES  # the scene dataset built beside it (scenes.csv), for the scene helper
     earth_far: int | None = None  # far places in its val and test (None: default_far(earth_n), 1,500 by default)
-    earth_land: int | None = None  # land places in its training split (None: default_land(earth_n), 2,500 by default)
+    earth_land: int | None = None  # land places in its training split (None: default_land(earth_n), 5,000 by default)
     # "held-out": places never seen, blocks of 15-1,000 km (geocell.data.earth.HELD_OUT_RULES);
     # "remote": 1,000 km blocks, no overlap with a training patch; "random": memorisation
     earth_split: str = "held-out"
