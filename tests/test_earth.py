@@ -128,7 +128,7 @@ def test_scene_dataset_beside_the_gps_dataset(tmp_path):
     assert data_main(["earth", "-o", str(tmp_path / "cli"), "--n", "40", "--scenes", "20", "--size", "16",
                       "--workers", "1", "-q"]) == 0
     assert len(read_manifest(tmp_path / "cli" / "scenes.csv")) == 20
-    # by default as many far (land) places per patch as the default build's 1,500 (2,500) for 18,000
+    # by default as many far (land) places per patch as the default build's 1,500 (5,000) for 18,000
     assert built_with(tmp_path / "cli") == build_recipe(40, 16, 0, "held-out", n_scenes=20, n_far=default_far(40),
                                                         n_land=default_land(40))
 

@@ -4,7 +4,7 @@
     geocell data pack manifest.csv -o shards/ [--shorter-side 320] [--max-side N] [--workers 2]
     geocell data pack --from-msgpack DIR --metadata META.csv -o shards/
     geocell data download URLS.csv -o shards/ [--metadata META.csv] [--threads 4]
-    geocell data earth -o DIR [--n 18000] [--scenes 3600] [--far 1500] [--land 2500] [--size 128] [--seed 0] [--locations FILE]
+    geocell data earth -o DIR [--n 18000] [--scenes 3600] [--far 1500] [--land 5000] [--size 128] [--seed 0] [--locations FILE]
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from geocell.data.earth import (DEFAULT_N, DEFAULT_N_FAR, DEFAULT_N_LAND, DEFAULT_N_SCENES, SPLIT_RULES, default_far,
-                                default_land)
+from geocell.data.earth import (DEFAULT_N, DEFAULT_N_FAR, DEFAULT_N_LAND, DEFAULT_N_SCENES, LAND_BUFFER_KM, SPLIT_RULES,
+                                default_far, default_land)
 
 
 def _from_exif(args) -> int:
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {DEFAULT_N_FAR} for {DEFAULT_N} patches, as many per patch otherwise; 0: none; "
                         "default locations only)")
     p.add_argument("--land", type=int, default=None,
-                   help=f"land places added to train: drawn over the land, at least 200 km from every val/test place "
+                   help=f"land places added to train: drawn over the land, at least {LAND_BUFFER_KM:g} km from every val/test place "
                         f"(default: {DEFAULT_N_LAND} for {DEFAULT_N} patches, as many per patch otherwise; 0: none; "
                         "default locations only)")
     p.add_argument("--size", type=int, default=128, help="patch size in pixels")

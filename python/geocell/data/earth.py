@@ -198,14 +198,19 @@ def _held_out_locations(n: int, rng: np.random.Generator, seed: int, levels, buf
     return latlng[keep], split[keep].astype(str), unused
 
 
+def _per_photo_patch(n: int, default_count: int) -> int:
+    """``default_count`` for DEFAULT_N photo patches, the same share for ``n``."""
+    return int(round(int(n) * default_count / DEFAULT_N))
+
+
 def default_far(n: int) -> int:
     """The far places a build of ``n`` photo patches gets by default: DEFAULT_N_FAR for DEFAULT_N."""
-    return int(round(int(n) * DEFAULT_N_FAR / DEFAULT_N))
+    return _per_photo_patch(n, DEFAULT_N_FAR)
 
 
 def default_land(n: int) -> int:
     """The land places a build of ``n`` photo patches gets by default: DEFAULT_N_LAND for DEFAULT_N."""
-    return int(round(int(n) * DEFAULT_N_LAND / DEFAULT_N))
+    return _per_photo_patch(n, DEFAULT_N_LAND)
 
 
 # The far and the land places draw from their own streams of the seed, so the photo rows (and the

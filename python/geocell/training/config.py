@@ -8,7 +8,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from geocell.data.earth import DEFAULT_N, DEFAULT_N_SCENES, SPLIT_RULES, default_far, default_land
+from geocell.data.earth import DEFAULT_N, DEFAULT_N_SCENES, LAND_BUFFER_KM, SPLIT_RULES, default_far, default_land
 from geocell.loading.preprocess import Preprocess
 from geocell.training.budget import parse_budget
 
@@ -216,7 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"val and test splits (default {default_far(d.earth_n)}, as many per image for other "
                         "--earth-n)")
     g.add_argument("--earth-land", type=int,
-                   help=f"land places (drawn over the land, at least 200 km from every val/test place) added to "
+                   help=f"land places (drawn over the land, at least {LAND_BUFFER_KM:g} km from every val/test place) added to "
                         f"the Earth training split (default {default_land(d.earth_n)}, as many per image for "
                         "other --earth-n)")
     g.add_argument("--earth-split", choices=SPLIT_RULES,
